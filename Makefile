@@ -1,0 +1,30 @@
+# make setup: .venv from nothing; make test: the test suite (offline); make demo: ETHER+ on the tiny model.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+
+.PHONY: setup test demo bench clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -c constraints.txt torch torchvision
+	$(PY) -m pip install -q -c constraints.txt -e ".[dev]"
+	touch $@
+
+test: setup
+	$(PY) -m pytest tests
+
+demo: setup
+	$(VENV)/bin/accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no \
+		train_dreambooth.py --config configs/dreambooth/demo.yaml
+
+bench: setup
+	$(PY) benchmarks/adapter_overhead.py
+
+clean:
+	rm -rf $(VENV) demo-output

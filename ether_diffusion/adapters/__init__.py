@@ -1,0 +1,175 @@
+"""One API over every method: `AdapterConfig`, `inject_adapters`, `merge_adapters`.
+
+ETHER, ETHER+, OFT and Naive are our own wrapper layers (one module each); LoRA and HRA are PEFT's own
+layers, injected with `peft.inject_adapter_in_model`. Either way the wrapper keeps the frozen base Linear
+and only adapter parameters require grad. We wrap modules rather than replace attention processors, so
+every diffusers processor (SDPA, xformers, sliced, plain) that calls `attn.to_q(...)` goes through us.
+"""
+import re
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn as nn
+
+from ..errors import UserError
+from .ether import ETHERLinear
+from .naive import NaiveLinear
+from .oft import BlockDiagonalLinear, OFTLinear
+
+METHODS = ("ether", "ether+", "oft", "naive", "lora", "hra")
+PEFT_METHODS = ("lora", "hra")
+ATTENTION_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+CONTROL_TARGETS = ATTENTION_TARGETS + ("ff.net.0.proj",)
+OWN_WRAPPERS = (ETHERLinear, BlockDiagonalLinear)
+
+
+@dataclass
+class AdapterConfig:
+    method: str = "ether+"
+    n_blocks: int = 1  # ETHER, ETHER+, OFT, Naive: block-diagonal transforms with n blocks
+    target_modules: list[str] = field(default_factory=lambda: list(ATTENTION_TARGETS))
+    rank: int = 4  # LoRA rank / number of HRA reflections
+    alpha: float | None = None  # LoRA alpha; None means alpha = rank (scale 1)
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise UserError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
+        if isinstance(self.target_modules, str):
+            self.target_modules = [t for t in self.target_modules.split(",") if t]
+        self.target_modules = list(self.target_modules)
+        if not self.target_modules:
+            raise UserError("target_modules is empty")
+        for name, value in (("n_blocks", self.n_blocks), ("rank", self.rank)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise UserError(f"{name} must be a positive integer, got {value!r}")
+
+    def to_dict(self):
+        return asdict(self)
+
+
+def _matches(name: str, targets) -> bool:
+    # PEFT's rule, so one list means the same for our methods and for LoRA/HRA: a target matches a module
+    # whose name is the target or ends with "." + target.
+    return any(name == t or name.endswith("." + t) for t in targets)
+
+
+def find_targets(model: nn.Module, targets) -> list[tuple[str, nn.Linear]]:
+    found = []
+    for name, module in model.named_modules():
+        if _matches(name, targets):
+            if not isinstance(module, nn.Linear):
+                raise UserError(f"target {name} is a {type(module).__name__}, not a Linear layer")
+            found.append((name, module))
+    if not found:
+        raise UserError(f"no layer of the model matches target_modules {list(targets)}")
+    return found
+
+
+def check_divisible(name: str, layer: nn.Linear, cfg: AdapterConfig):
+    n = cfg.n_blocks
+    sizes = [("input", layer.in_features)]
+    if cfg.method == "ether+":
+        sizes.append(("output", layer.out_features))
+    for side, size in sizes:
+        if size % n:
+            raise UserError(f"layer {name}: {side} size {size} is not divisible by n_blocks={n}")
+
+
+def _wrap(layer: nn.Linear, cfg: AdapterConfig) -> nn.Module:
+    if cfg.method == "ether":
+        return ETHERLinear(layer, cfg.n_blocks, plus=False)
+    if cfg.method == "ether+":
+        return ETHERLinear(layer, cfg.n_blocks, plus=True)
+    if cfg.method == "oft":
+        return OFTLinear(layer, cfg.n_blocks)
+    return NaiveLinear(layer, cfg.n_blocks)
+
+
+def _peft_config(cfg: AdapterConfig):
+    from peft import HRAConfig, LoraConfig
+
+    if cfg.method == "lora":
+        alpha = cfg.alpha if cfg.alpha is not None else cfg.rank
+        return LoraConfig(r=cfg.rank, lora_alpha=alpha, target_modules=cfg.target_modules, init_lora_weights=True)
+    return HRAConfig(r=cfg.rank, target_modules=cfg.target_modules, init_weights=True)
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module):
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
+
+
+def adapter_config_of(model: nn.Module) -> AdapterConfig | None:
+    return getattr(model, "ether_adapter_config", None)
+
+
+def inject_adapters(model: nn.Module, cfg: AdapterConfig) -> list[str]:
+    """Wrap every target Linear of `model` with `cfg.method`; freeze everything else.
+
+    Returns the wrapped module names. Adapter parameters are float32 whatever the model's dtype.
+    """
+    if adapter_config_of(model) is not None:
+        raise UserError("the model already has adapters; merge them (merge_adapters) or load a fresh model")
+    targets = find_targets(model, cfg.target_modules)
+    model.requires_grad_(False)
+    if cfg.method in PEFT_METHODS:
+        from peft import inject_adapter_in_model
+
+        inject_adapter_in_model(_peft_config(cfg), model)
+    else:
+        for name, layer in targets:
+            check_divisible(name, layer, cfg)
+        for name, layer in targets:
+            _set_submodule(model, name, _wrap(layer, cfg))
+    model.ether_adapter_config = cfg
+    for p in adapter_parameters(model):
+        p.data = p.data.float()
+        p.requires_grad_(True)
+    return [name for name, _ in targets]
+
+
+def adapter_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, OWN_WRAPPERS + (BaseTunerLayer,))]
+
+
+def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The adapter tensors by their full parameter names (base weights excluded)."""
+    state = {}
+    for name, module in adapter_modules(model):
+        for pname, p in module.named_parameters():
+            if not pname.startswith("base_layer."):
+                state[f"{name}.{pname}"] = p
+    return state
+
+
+def adapter_parameters(model: nn.Module) -> list[nn.Parameter]:
+    return list(adapter_state_dict(model).values())
+
+
+@torch.no_grad()
+def merge_adapters(model: nn.Module) -> list[str]:
+    """Fold every adapter into its base weight and put the plain Linear back (exact up to rounding).
+
+    Afterwards the model is a stock diffusers model again: `save_pretrained` writes the usual keys and
+    plain diffusers loads it.
+    """
+    merged = []
+    for name, module in adapter_modules(model):
+        if isinstance(module, OWN_WRAPPERS):
+            base = module.base_layer
+            base.weight.copy_(module.merged_weight().to(base.weight.dtype))
+        else:
+            module.merge()
+            base = module.get_base_layer()
+        _set_submodule(model, name, base)
+        merged.append(name)
+    for attr in ("ether_adapter_config", "peft_config"):
+        if hasattr(model, attr):
+            delattr(model, attr)
+    return merged
+
+
+def count_adapter_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in adapter_parameters(model))

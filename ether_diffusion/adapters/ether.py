@@ -1,0 +1,119 @@
+"""ETHER and ETHER+: finetuning by hyperplane reflections (Bini et al., ICML 2024).
+
+`nn.Linear` computes `y = x W^T + b` with `W` of shape (out, in). The paper's weight is `W^T`, so its
+transforms read, on our `W`:
+
+    ETHER    W' = W H,         H = I - 2 u u^T              (u unit, one per block of the input)
+    ETHER+   W' = H~ W H,      H = I - u u^T + v v^T         (input side), H~ the same on the output side
+
+H is symmetric, so `x W'^T = (x H) W^T`: the reflection can be applied to the activations, O(d) per
+token, instead of building the d x d matrix and multiplying weights every step as the reference code and
+PEFT's HRA do. The frozen weight never receives a gradient and nothing of size out x in is formed.
+
+All transforms are block-diagonal with `n` blocks: the input is split into n chunks of in/n features and
+each chunk is reflected by its own vector. Vectors are stored unnormalised and normalised in every forward.
+"""
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def _unit(vectors: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    # Normalise in float32 (the parameters' dtype) and only then cast to the activations' dtype, so fp16
+    # training does not lose the vector's direction in the norm.
+    return F.normalize(vectors.float(), dim=-1).to(dtype)
+
+
+def reflect(x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """`x H` for the block-diagonal Householder reflection `H = I - 2 u u^T`, u of shape (n, d/n)."""
+    n, k = u.shape
+    u = _unit(u, x.dtype)
+    xb = x.unflatten(-1, (n, k))
+    proj = (xb * u).sum(-1, keepdim=True)  # (..., n, 1): one dot product per block
+    return (xb - 2 * proj * u).flatten(-2)
+
+
+def reflect_plus(x: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """`x H+` for the block-diagonal `H+ = I - u u^T + v v^T` (ETHER+), u and v of shape (n, d/n)."""
+    n, k = u.shape
+    u, v = _unit(u, x.dtype), _unit(v, x.dtype)
+    xb = x.unflatten(-1, (n, k))
+    pu = (xb * u).sum(-1, keepdim=True)
+    pv = (xb * v).sum(-1, keepdim=True)
+    return (xb - pu * u + pv * v).flatten(-2)
+
+
+def block_matrix(u: torch.Tensor, v: torch.Tensor | None = None) -> torch.Tensor:
+    """The dense block-diagonal transform (for merging checks and analysis, never for training)."""
+    n, k = u.shape
+    u = F.normalize(u.double(), dim=-1)
+    eye = torch.eye(k, dtype=torch.float64, device=u.device)
+    if v is None:
+        blocks = eye - 2 * torch.einsum("ni,nj->nij", u, u)
+    else:
+        v = F.normalize(v.double(), dim=-1)
+        blocks = eye - torch.einsum("ni,nj->nij", u, u) + torch.einsum("ni,nj->nij", v, v)
+    return torch.block_diag(*blocks)
+
+
+class ETHERLinear(nn.Module):
+    """Wraps a frozen `nn.Linear`; `plus=False` is ETHER, `plus=True` is ETHER+.
+
+    ETHER starts from a random reflection (the method: the transform is never the identity).
+    ETHER+ starts with `v = u` on both sides, i.e. exactly the base layer.
+    """
+
+    def __init__(self, base_layer: nn.Linear, n_blocks: int, plus: bool, generator=None):
+        super().__init__()
+        self.base_layer = base_layer
+        self.n_blocks = n_blocks
+        self.plus = plus
+        base_layer.requires_grad_(False)
+        d_in, d_out = base_layer.in_features, base_layer.out_features
+        dev = base_layer.weight.device
+
+        def random_vectors(d):
+            # Parameters stay float32 whatever the base dtype; mixed precision casts in forward.
+            return torch.randn(n_blocks, d // n_blocks, generator=generator).to(dev)
+
+        self.ether_u = nn.Parameter(random_vectors(d_in))
+        if plus:
+            self.ether_v = nn.Parameter(self.ether_u.detach().clone())
+            self.ether_u_out = nn.Parameter(random_vectors(d_out))
+            self.ether_v_out = nn.Parameter(self.ether_u_out.detach().clone())
+
+    # The wrapper stands in for the Linear: code that reads `.weight`/`.bias` keeps working.
+    @property
+    def weight(self):
+        return self.base_layer.weight
+
+    @property
+    def bias(self):
+        return self.base_layer.bias
+
+    def forward(self, x):
+        w, b = self.base_layer.weight, self.base_layer.bias
+        if not self.plus:
+            return F.linear(reflect(x, self.ether_u), w, b)
+        y = F.linear(reflect_plus(x, self.ether_u, self.ether_v), w)
+        y = reflect_plus(y, self.ether_u_out, self.ether_v_out)
+        return y if b is None else y + b
+
+    def input_transform(self) -> torch.Tensor:
+        return block_matrix(self.ether_u, self.ether_v if self.plus else None)
+
+    def output_transform(self) -> torch.Tensor | None:
+        return block_matrix(self.ether_u_out, self.ether_v_out) if self.plus else None
+
+    @torch.no_grad()
+    def merged_weight(self) -> torch.Tensor:
+        """`W' = H~ W H` through the same O(d) updates as forward: W's rows are reflected on the input
+        side (`W H`), then its columns on the output side (`H~ W` = `(W^T H~)^T`)."""
+        w = self.base_layer.weight.float()
+        if not self.plus:
+            return reflect(w, self.ether_u)
+        w = reflect_plus(w, self.ether_u, self.ether_v)
+        return reflect_plus(w.T, self.ether_u_out, self.ether_v_out).T
+
+    def extra_repr(self):
+        return f"n_blocks={self.n_blocks}, plus={self.plus}"

@@ -1,0 +1,20 @@
+"""One exception type for user mistakes.
+
+Library code raises `UserError` for anything a user can fix (a wrong path, a bad value, a mismatched
+adapter file). Command-line entry points catch it in `run_cli` and print one line with exit code 2, so a
+user never sees a traceback for their own mistake, while programming errors still show one.
+"""
+import sys
+
+
+class UserError(Exception):
+    """A mistake in the user's input: the message names the file, value or layer."""
+
+
+def run_cli(main, argv=None):
+    """Call `main(argv)`; turn a `UserError` into `error: <message>` on stderr and exit code 2."""
+    try:
+        return main(argv)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

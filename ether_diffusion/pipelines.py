@@ -1,0 +1,46 @@
+"""Loading a stock `StableDiffusionPipeline` with an adapter, and sample grids."""
+import math
+
+import torch
+from PIL import Image
+
+from .adapter_file import load_adapter
+from .errors import UserError
+from .tiny_sd import resolve_model_path
+
+
+def load_pipeline(model: str, adapter=None, device="cpu", torch_dtype=torch.float32, merge: bool = False):
+    """A stock diffusers `StableDiffusionPipeline` from a hub id, a folder or `builtin:tiny-sd`, with the
+    adapter file (if any) injected into its UNet. `merge=True` folds it into the weights (faster
+    sampling, and the pipeline is then plain diffusers: `save_pretrained` writes a normal folder)."""
+    from diffusers import StableDiffusionPipeline
+
+    path = resolve_model_path(model)
+    try:
+        pipe = StableDiffusionPipeline.from_pretrained(path, torch_dtype=torch_dtype, safety_checker=None,
+                                                       requires_safety_checker=False)
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot load the model {model!r}: {str(e).splitlines()[0]}") from None
+    if adapter is not None:
+        load_adapter(pipe.unet, adapter)
+        if merge:
+            from .adapters import merge_adapters
+
+            merge_adapters(pipe.unet)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+def image_grid(images, rows: int | None = None, cols: int | None = None) -> Image.Image:
+    """Paste equally sized images into a rows x cols grid (row-major)."""
+    if not images:
+        raise ValueError("image_grid needs at least one image")
+    if cols is None:
+        cols = math.ceil(len(images) / rows) if rows else len(images)
+    if rows is None:
+        rows = math.ceil(len(images) / cols)
+    w, h = images[0].size
+    grid = Image.new("RGB", (cols * w, rows * h), "white")
+    for i, im in enumerate(images):
+        grid.paste(im.convert("RGB").resize((w, h)), ((i % cols) * w, (i // cols) * h))
+    return grid
