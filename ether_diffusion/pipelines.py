@@ -17,7 +17,7 @@ def load_pipeline(model: str, adapter=None, device="cpu", torch_dtype=torch.floa
 
     path = resolve_model_path(model)
     try:
-        pipe = StableDiffusionPipeline.from_pretrained(path, torch_dtype=torch_dtype, safety_checker=None,
+        pipe = StableDiffusionPipeline.from_pretrained(path, dtype=torch_dtype, safety_checker=None,
                                                        requires_safety_checker=False)
     except (OSError, ValueError) as e:
         raise UserError(f"cannot load the model {model!r}: {str(e).splitlines()[0]}") from None

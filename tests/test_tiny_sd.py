@@ -1,0 +1,43 @@
+"""The tiny offline SD: a normal diffusers folder, SD's module names, SD-1.5's token ids."""
+import json
+
+import torch
+
+from ether_diffusion.tiny_sd import BUILTIN_TINY, build_tiny_sd, resolve_model_path
+
+
+def test_builtin_name_resolves_to_a_diffusers_folder(tiny_sd_path):
+    assert resolve_model_path(BUILTIN_TINY) == tiny_sd_path
+    index = json.loads((__import__("pathlib").Path(tiny_sd_path) / "model_index.json").read_text())
+    assert index["_class_name"] == "StableDiffusionPipeline"
+    assert resolve_model_path("runwayml/stable-diffusion-v1-5") == "runwayml/stable-diffusion-v1-5"
+
+
+def test_tokenizer_ids_match_sd15(tiny_sd_path):
+    from transformers import CLIPTokenizer
+
+    tok = CLIPTokenizer.from_pretrained(tiny_sd_path, subfolder="tokenizer")
+    # Ids of SD-1.5's tokenizer (openai/clip-vit-large-patch14) for these words.
+    assert tok("a photo of a dog").input_ids == [49406, 320, 1125, 539, 320, 1929, 49407]
+    assert len(tok) == 49408 and tok.model_max_length == 77
+    assert tok("a dog", padding="max_length").input_ids[-1] == 49407  # SD pads with <|endoftext|>
+
+
+def test_unet_keeps_sd_module_names(tiny_unet):
+    names = {n for n, _ in tiny_unet.named_modules()}
+    for name in (
+        "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q",
+        "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k",
+        "mid_block.attentions.0.transformer_blocks.0.attn1.to_out.0",
+        "up_blocks.1.attentions.1.transformer_blocks.0.ff.net.0.proj",
+    ):
+        assert name in names
+
+
+def test_build_is_seeded(tmp_path):
+    from safetensors.torch import load_file
+
+    a, b = build_tiny_sd(tmp_path / "a", seed=3), build_tiny_sd(tmp_path / "b", seed=3)
+    wa = load_file(a / "unet" / "diffusion_pytorch_model.safetensors")
+    wb = load_file(b / "unet" / "diffusion_pytorch_model.safetensors")
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
