@@ -36,3 +36,13 @@ def unet_inputs():
         torch.tensor([10, 700]),
         torch.randn(2, 7, 32, generator=g),
     )
+
+
+@pytest.fixture(scope="session")
+def shared_dir():
+    """The project's shared/ folder (datasets), which sits beside the repository (../shared)."""
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "shared"
+    assert (path / "datasets").is_dir(), f"shared datasets not found at {path}"
+    return path
