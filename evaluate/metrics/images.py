@@ -1,4 +1,4 @@
-"""Reading images for evaluation: one clear error per unreadable file, and the all-black check."""
+"""Reading images for evaluation (one clear error per unreadable file), the all-black check, and error text."""
 from pathlib import Path
 
 import numpy as np
@@ -32,3 +32,9 @@ def is_all_black(image: Image.Image) -> bool:
     """True when every pixel is 0: what SD's safety checker returns for an image it blocks.
     Such images are skipped by the metrics and counted instead."""
     return int(np.asarray(image).max()) == 0
+
+
+def first_line(error) -> str:
+    """Library errors often span lines (hub hints, tracebacks of causes); a CLI error is one line."""
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__

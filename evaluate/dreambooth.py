@@ -1,0 +1,323 @@
+#!/usr/bin/env python
+"""DreamBooth evaluation: generate the protocol's images with trained adapters, then score them.
+
+    accelerate launch --num_processes 8 evaluate/dreambooth.py \
+        --dataset ../shared/datasets/dreambooth --pretrained_model_name_or_path runwayml/stable-diffusion-v1-5 \
+        --adapters runs/ether_plus --output_dir eval/ether_plus
+
+Jobs are the (subject, prompt) pairs of the protocol (30 x 25 = 750). They are split across processes;
+images land in `OUT/<subject>/<prompt_idx>/NN.png` and a rerun skips the jobs whose images all exist.
+Each job's seed depends only on the job, so splits and resumed runs draw the same images.
+Once every process is done, the main process scores all images (DINO, CLIP-I, CLIP-T, LPIPS real-vs-generated
+and LPIPS diversity within a prompt; all-black images are skipped and counted) and writes
+`metrics.json`, `per_subject.csv`, `per_prompt.csv`, `summary.md` and `grids/<subject>.png`.
+
+Averaging follows the OFT evaluation code the paper reused: DINO, CLIP-I and LPIPS average over every
+(real photo, generated image) pair, CLIP-T over generated images, all pooled over subjects. LPIPS diversity
+averages over the pairs of images generated for the same prompt.
+"""
+import argparse
+import csv
+import json
+import math
+import os
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script (accelerate launch / torchrun evaluate/dreambooth.py)
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch
+
+from ether_diffusion.errors import UserError, run_cli
+from evaluate.metrics import (DEFAULT_CLIP, DEFAULT_DINO, DEFAULT_LPIPS, ClipEmbedder, DinoEmbedder, LpipsDistance,
+                              cosine_matrix, is_all_black, load_rgb)
+from evaluate.protocol import adapters_from_dir, adapters_from_manifest, load_protocol
+
+METRICS = ("dino", "clip_i", "clip_t", "lpips", "lpips_diversity")
+GENERATION_LOG = "generation_log.jsonl"
+
+# Paper Table 2 (SD-1.5, DreamBooth): (method, #params, DINO, CLIP-I, CLIP-T, LPIPS). Left empty on purpose:
+# the numbers could not be checked against the paper when this was written, and none are made up.
+PAPER_TABLE_2: list[tuple] = []
+PAPER = "Bini et al., ETHER, ICML 2024 (arXiv 2405.20271)"
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--dataset", required=True, help="DreamBooth dataset folder (<subject>/*.jpg + prompts_and_classes.txt)")
+    parser.add_argument("--pretrained_model_name_or_path", "--model", default=None,
+                        help="base model: hub id, local folder or builtin:tiny-sd (needed unless --skip_generation)")
+    adapters = parser.add_mutually_exclusive_group()
+    adapters.add_argument("--adapters", help="folder with one adapter per subject: DIR/<subject>/adapter.safetensors")
+    adapters.add_argument("--manifest", help="CSV with columns subject,prompt_index,adapter (one adapter per job)")
+    parser.add_argument("--output_dir", required=True)
+    parser.add_argument("--token", default="qwe", help="the identifier used in training")
+    parser.add_argument("--images_per_prompt", type=int, default=4)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--num_inference_steps", type=int, default=50)
+    parser.add_argument("--guidance_scale", type=float, default=7.5)
+    parser.add_argument("--resolution", type=int, default=None, help="default: the model's own (512 for SD-1.5)")
+    parser.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default="no", help="dtype for generation")
+    parser.add_argument("--subjects", default=None, help="comma-separated subset of subjects (default: all)")
+    parser.add_argument("--prompts", default=None, help="comma-separated subset of prompt indices (default: all 25)")
+    parser.add_argument("--dino", default=DEFAULT_DINO, help="ViT hub id or local folder")
+    parser.add_argument("--clip", default=DEFAULT_CLIP, help="open_clip MODEL:PRETRAINED, hf-hub:ORG/REPO or local folder")
+    parser.add_argument("--lpips_net", default=DEFAULT_LPIPS, help="vgg|alex|squeeze or a local LPIPS folder")
+    parser.add_argument("--lpips_resolution", type=int, default=512, help="images are resized to this square size for LPIPS")
+    parser.add_argument("--clip_t_with_token", action="store_true",
+                        help="score CLIP-T against the prompt with the identifier (default: without it)")
+    parser.add_argument("--skip_generation", action="store_true", help="only score the images already in --output_dir")
+    parser.add_argument("--skip_metrics", action="store_true", help="only generate")
+    args = parser.parse_args(argv)
+
+    if args.images_per_prompt < 1:
+        raise UserError(f"--images_per_prompt must be at least 1, got {args.images_per_prompt}")
+    if not args.skip_generation:
+        if args.pretrained_model_name_or_path is None:
+            raise UserError("--pretrained_model_name_or_path is required to generate (or pass --skip_generation)")
+        if args.adapters is None and args.manifest is None:
+            raise UserError("pass --adapters DIR or --manifest CSV (or --skip_generation to score existing images)")
+    args.subjects = [s.strip() for s in args.subjects.split(",") if s.strip()] if args.subjects else None
+    if args.prompts:
+        try:
+            args.prompts = [int(p) for p in args.prompts.split(",") if p.strip()]
+        except ValueError:
+            raise UserError(f"--prompts {args.prompts!r}: expected comma-separated integers") from None
+    return args
+
+
+# ---------------------------------------------------------------------------------------------- files
+def image_paths(output_dir: Path, job, count: int) -> list[Path]:
+    return [output_dir / job.subject / str(job.prompt_index) / f"{i:02d}.png" for i in range(count)]
+
+
+def is_done(output_dir: Path, job, count: int) -> bool:
+    return all(p.is_file() for p in image_paths(output_dir, job, count))
+
+
+def save_images(images, paths):
+    """Write through a temporary name, so an interrupted run never leaves a partial PNG that counts as done."""
+    paths[0].parent.mkdir(parents=True, exist_ok=True)
+    for image, path in zip(images, paths):
+        tmp = path.with_name(path.name + ".tmp")
+        image.save(tmp, format="PNG")
+        os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------------------------- generation
+def generate(args, jobs, adapters, accelerator):
+    """Generate the jobs not done yet, split across processes. Returns how many this process generated."""
+    from tqdm.auto import tqdm
+
+    from ether_diffusion import load_adapter
+    from ether_diffusion.pipelines import load_pipeline
+
+    output_dir = Path(args.output_dir)
+    pending = [job for job in jobs if not is_done(output_dir, job, args.images_per_prompt)]
+    # Everyone lists the pending jobs before anyone writes, so all processes split the same list.
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        print(f"{len(jobs) - len(pending)} of {len(jobs)} jobs already done; generating {len(pending)} "
+              f"on {accelerator.num_processes} process(es)")
+    if not pending:
+        return 0
+
+    # Jobs sharing an adapter stay together, so each process loads each adapter once.
+    pending.sort(key=lambda job: (str(adapters[(job.subject, job.prompt_index)]), job.subject, job.prompt_index))
+    with accelerator.split_between_processes(pending) as my_jobs:
+        my_jobs = list(my_jobs)
+    if not my_jobs:
+        return 0
+
+    dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.mixed_precision]
+    pipe = load_pipeline(args.pretrained_model_name_or_path, device=accelerator.device, torch_dtype=dtype)
+    size = args.resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
+    log_path = output_dir / GENERATION_LOG
+    loaded = None
+    for job in tqdm(my_jobs, desc=f"jobs (process {accelerator.process_index})", disable=not accelerator.is_local_main_process):
+        adapter = adapters[(job.subject, job.prompt_index)]
+        if adapter != loaded:
+            load_adapter(pipe.unet, adapter)  # same method and layers: reuses the wrappers, copies the tensors
+            loaded = adapter
+        seed = job.seed(args.seed)
+        images = pipe(job.prompt(args.token), num_images_per_prompt=args.images_per_prompt, height=size, width=size,
+                      num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
+                      generator=torch.Generator("cpu").manual_seed(seed)).images
+        save_images(images, image_paths(output_dir, job, args.images_per_prompt))
+        # One short line per job, appended (atomic for small writes): which process, seed and adapter made it.
+        with open(log_path, "a") as f:
+            f.write(json.dumps({"subject": job.subject, "prompt_index": job.prompt_index, "seed": seed,
+                                "adapter": str(adapter), "process": accelerator.process_index}) + "\n")
+    return len(my_jobs)
+
+
+# ---------------------------------------------------------------------------------------------- metrics
+class Tally:
+    """Sums and counts per metric, so means can be pooled at any level (prompt, subject, all)."""
+
+    def __init__(self):
+        self.sums = dict.fromkeys(METRICS, 0.0)
+        self.counts = dict.fromkeys(METRICS, 0)
+        self.images = self.black = 0
+
+    def add(self, metric, values: torch.Tensor):
+        self.sums[metric] += float(values.double().sum())
+        self.counts[metric] += values.numel()
+
+    def merge(self, other):
+        for m in METRICS:
+            self.sums[m] += other.sums[m]
+            self.counts[m] += other.counts[m]
+        self.images += other.images
+        self.black += other.black
+
+    def means(self) -> dict:
+        return {m: (self.sums[m] / self.counts[m] if self.counts[m] else float("nan")) for m in METRICS}
+
+
+def score(args, protocol, jobs, real_images, device):
+    """Per-job tallies {(subject, prompt_index): Tally}."""
+    output_dir = Path(args.output_dir)
+    for job in jobs:  # before loading any backbone
+        missing = [p for p in image_paths(output_dir, job, args.images_per_prompt) if not p.is_file()]
+        if missing:
+            raise UserError(f"{missing[0]} does not exist: generation is incomplete for {job.subject} prompt "
+                            f"{job.prompt_index} (rerun without --skip_generation)")
+    dino = DinoEmbedder(args.dino, device)
+    clip = ClipEmbedder(args.clip, device)
+    lpips = LpipsDistance(args.lpips_net, device, resolution=args.lpips_resolution)
+
+    tallies = {}
+    for subject in dict.fromkeys(job.subject for job in jobs):
+        real = real_images[subject]
+        real_dino, real_clip, real_lpips = dino.images(real), clip.images(real), lpips.prepare(real)
+        subject_jobs = [job for job in jobs if job.subject == subject]
+        texts = clip.texts([job.prompt(args.token if args.clip_t_with_token else None) for job in subject_jobs])
+        for job, text in zip(subject_jobs, texts):
+            tally = Tally()
+            images = [load_rgb(p) for p in image_paths(output_dir, job, args.images_per_prompt)]
+            tally.images = len(images)
+            images = [im for im in images if not is_all_black(im)]
+            tally.black = tally.images - len(images)
+            if images:
+                tally.add("dino", cosine_matrix(real_dino, dino.images(images)).flatten())
+                generated_clip = clip.images(images)
+                tally.add("clip_i", cosine_matrix(real_clip, generated_clip).flatten())
+                tally.add("clip_t", cosine_matrix(generated_clip, text[None]).flatten())
+                generated = lpips.prepare(images)
+                tally.add("lpips", lpips.pairs(real_lpips, generated, [(r, g) for r in range(len(real)) for g in range(len(images))]))
+                tally.add("lpips_diversity", lpips.pairs(generated, generated,
+                                                         [(i, j) for i in range(len(images)) for j in range(i + 1, len(images))]))
+            tallies[(job.subject, job.prompt_index)] = tally
+    return tallies
+
+
+# ---------------------------------------------------------------------------------------------- reports
+def fmt(value) -> str:
+    return "" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.4f}"
+
+
+def write_reports(args, protocol, jobs, tallies):
+    output_dir = Path(args.output_dir)
+    total, per_subject = Tally(), {}
+    for job in jobs:
+        per_subject.setdefault(job.subject, Tally()).merge(tallies[(job.subject, job.prompt_index)])
+        total.merge(tallies[(job.subject, job.prompt_index)])
+    means = total.means()
+
+    with open(output_dir / "per_prompt.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["subject", "prompt_index", "prompt", "images", "black_skipped", *METRICS])
+        for job in jobs:
+            t = tallies[(job.subject, job.prompt_index)]
+            writer.writerow([job.subject, job.prompt_index, job.prompt(args.token), t.images, t.black,
+                             *(fmt(v) for v in t.means().values())])
+    with open(output_dir / "per_subject.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["subject", "class", "live", "images", "black_skipped", *METRICS])
+        for name, t in per_subject.items():
+            s = protocol.subjects[name]
+            writer.writerow([name, s.class_name, int(s.live), t.images, t.black, *(fmt(v) for v in t.means().values())])
+
+    settings = {k: getattr(args, k) for k in ("dataset", "pretrained_model_name_or_path", "adapters", "manifest", "token",
+                                              "images_per_prompt", "seed", "num_inference_steps", "guidance_scale",
+                                              "resolution", "dino", "clip", "lpips_net", "lpips_resolution",
+                                              "clip_t_with_token", "subjects", "prompts")}
+    report = {
+        "metrics": means,
+        "averaging": "DINO, CLIP-I, LPIPS: mean over (real, generated) pairs; CLIP-T: over generated images; "
+                     "lpips_diversity: over pairs of images of the same prompt; all pooled over subjects",
+        "jobs": len(jobs), "subjects": len(per_subject),
+        "images": total.images, "black_skipped": total.black,
+        "settings": settings,
+    }
+    (output_dir / "metrics.json").write_text(json.dumps(report, indent=2) + "\n")
+
+    rows = ["| method | #params | DINO | CLIP-I | CLIP-T | LPIPS | LPIPS diversity |", "|---|---|---|---|---|---|---|"]
+    if PAPER_TABLE_2:
+        rows += [f"| {m} (paper) | {p} | {d} | {ci} | {ct} | {lp} | |" for m, p, d, ci, ct, lp in PAPER_TABLE_2]
+    else:
+        rows.append(f"| paper | see paper Table 2 ({PAPER}) | | | | | |")
+    name = Path(args.adapters or args.manifest or args.output_dir).name
+    rows.append(f"| ours: {name} | | {fmt(means['dino'])} | {fmt(means['clip_i'])} | {fmt(means['clip_t'])} "
+                f"| {fmt(means['lpips'])} | {fmt(means['lpips_diversity'])} |")
+    summary = [
+        "# DreamBooth evaluation", "",
+        f"{len(jobs)} jobs over {len(per_subject)} subjects, {total.images} images "
+        f"({total.black} all-black images skipped), identifier `{args.token}`.", "",
+        *rows, "",
+        "LPIPS is real-vs-generated (what the reference code computes); LPIPS diversity compares the images of one "
+        "prompt with each other (what the paper's text describes). CLIP-T is scored against the prompt "
+        + ("with" if args.clip_t_with_token else "without") + " the identifier.",
+        f"Backbones: DINO `{args.dino}`, CLIP `{args.clip}`, LPIPS `{args.lpips_net}` at {args.lpips_resolution} px.",
+        "", "Per subject: `per_subject.csv`; per prompt: `per_prompt.csv`; grids: `grids/`.", "",
+    ]
+    (output_dir / "summary.md").write_text("\n".join(summary))
+    return report
+
+
+def write_grids(args, jobs):
+    """One grid per subject: a row per prompt, a column per image."""
+    from ether_diffusion.pipelines import image_grid
+
+    output_dir = Path(args.output_dir)
+    (output_dir / "grids").mkdir(exist_ok=True)
+    for subject in dict.fromkeys(job.subject for job in jobs):
+        subject_jobs = [job for job in jobs if job.subject == subject]
+        images = [load_rgb(p) for job in subject_jobs for p in image_paths(output_dir, job, args.images_per_prompt)]
+        image_grid(images, rows=len(subject_jobs), cols=args.images_per_prompt).save(output_dir / "grids" / f"{subject}.png")
+
+
+# ---------------------------------------------------------------------------------------------- main
+def main(argv=None):
+    from accelerate import Accelerator
+
+    args = parse_args(argv)
+    accelerator = Accelerator()
+
+    protocol = load_protocol(args.dataset)
+    jobs = protocol.jobs(args.subjects, args.prompts)
+    # Read the real photos first: a corrupt one stops the run before hours of generation.
+    real_images = {name: [load_rgb(p) for p in protocol.subjects[name].images] for name in dict.fromkeys(j.subject for j in jobs)}
+    Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+
+    if not args.skip_generation:
+        adapters = adapters_from_manifest(args.manifest, jobs) if args.manifest else adapters_from_dir(args.adapters, jobs)
+        generate(args, jobs, adapters, accelerator)
+    accelerator.wait_for_everyone()
+
+    report = None
+    if accelerator.is_main_process and not args.skip_metrics:
+        tallies = score(args, protocol, jobs, real_images, accelerator.device)
+        report = write_reports(args, protocol, jobs, tallies)
+        write_grids(args, jobs)
+        print(json.dumps(report["metrics"]))
+        print(f"wrote {Path(args.output_dir) / 'summary.md'}")
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return report
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,276 @@
+#!/usr/bin/env python
+"""S2I evaluation: generate from the ADE20K validation maps with a trained control encoder + adapter, then
+score semantic fidelity (mIoU, pixel accuracy with a UperNet) and image quality (FID).
+
+    accelerate launch --num_processes 8 evaluate/s2i.py \
+        --dataset data/ADEChallengeData2016 --caption_file data/ade20k_captions.jsonl \
+        --pretrained_model_name_or_path runwayml/stable-diffusion-v1-5 --control_dir runs/s2i_ether_plus \
+        --output_dir eval/s2i_ether_plus
+
+Each validation pair (2000 in the real set; `--limit` for fewer) is resized and centre-cropped to
+`--resolution` exactly as in training (`ether_diffusion.ade20k.ADE20KDataset`); one image is generated per
+map into `OUT/images/<name>.png`, split across processes, and a rerun skips images that exist. Each image's
+seed depends only on its file name. The main process then segments the generated images and compares them
+with the cropped label maps (150 classes, label 0 ignored, accuracy over labelled pixels; summed over the
+whole set, mmsegmentation's definitions), computes FID against the cropped real images at the same
+resolution, and writes `metrics.json`, `per_image.csv`, `summary.md` and `grids/` (map | generated | real).
+The segmenter is also run on the real images: its score there is the ceiling the generated images can reach.
+"""
+import argparse
+import csv
+import json
+import math
+import os
+import sys
+import zlib
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script (accelerate launch / torchrun evaluate/s2i.py)
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch
+import torchvision.transforms.functional as TF
+
+from ether_diffusion.errors import UserError, run_cli
+from evaluate.metrics import (DEFAULT_INCEPTION, DEFAULT_SEGMENTER, SegmentationScores, UperNetSegmenter, is_all_black,
+                              load_rgb, make_fid)
+
+GRID_ROWS = 8
+
+# Paper Table 3 (S2I on ADE20K): (method, #params, mIoU, Acc, FID). Left empty on purpose: the numbers could
+# not be checked against the paper when this was written, and none are made up.
+PAPER_TABLE_3: list[tuple] = []
+PAPER = "Bini et al., ETHER, ICML 2024 (arXiv 2405.20271)"
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--dataset", required=True, help="ADEChallengeData2016 folder (or its parent)")
+    parser.add_argument("--caption_file", default=None, help="metadata.jsonl captions; default: class-name captions")
+    parser.add_argument("--conditioning_is_rgb", action="store_true", help="annotations are palette-coloured maps")
+    parser.add_argument("--pretrained_model_name_or_path", "--model", default=None,
+                        help="base model: hub id, local folder or builtin:tiny-sd (needed unless --skip_generation)")
+    parser.add_argument("--control_dir", default=None,
+                        help="S2I training output folder (adapter.safetensors + control_encoder.*)")
+    parser.add_argument("--output_dir", required=True)
+    parser.add_argument("--limit", type=int, default=None, help="use the first N validation pairs (default: all)")
+    parser.add_argument("--resolution", type=int, default=512)
+    parser.add_argument("--batch_size", type=int, default=4, help="maps per pipeline call")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--num_inference_steps", type=int, default=50)
+    parser.add_argument("--guidance_scale", type=float, default=7.5)
+    parser.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default="no", help="dtype for generation")
+    parser.add_argument("--segmenter", default=DEFAULT_SEGMENTER, help="UperNet hub id or local folder (150 ADE20K classes)")
+    parser.add_argument("--inception", default=DEFAULT_INCEPTION,
+                        help="FID features: inception-v3-compat, a torch-fidelity weights file, or a local stand-in folder")
+    parser.add_argument("--skip_generation", action="store_true", help="only score the images already in --output_dir")
+    parser.add_argument("--skip_metrics", action="store_true", help="only generate")
+    args = parser.parse_args(argv)
+    if args.limit is not None and args.limit < 1:
+        raise UserError(f"--limit must be at least 1, got {args.limit}")
+    if not args.skip_generation and (args.pretrained_model_name_or_path is None or args.control_dir is None):
+        raise UserError("--pretrained_model_name_or_path and --control_dir are needed to generate "
+                        "(or pass --skip_generation to score existing images)")
+    return args
+
+
+# ---------------------------------------------------------------------------------------------- data
+def load_dataset(args):
+    from ether_diffusion.ade20k import ADE20KDataset
+
+    return ADE20KDataset(args.dataset, split="validation", resolution=args.resolution, caption_file=args.caption_file,
+                         conditioning_is_rgb=args.conditioning_is_rgb, max_samples=args.limit, center_crop=True)
+
+
+def name_of(dataset, index) -> str:
+    return dataset.pairs[index][0].stem
+
+
+def generated_path(args, dataset, index) -> Path:
+    return Path(args.output_dir) / "images" / f"{name_of(dataset, index)}.png"
+
+
+def seed_of(args, name) -> int:
+    """Depends only on the map's name, so any split or resumed run draws the same image."""
+    return (args.seed + zlib.crc32(name.encode())) % 2**31
+
+
+def to_uint8(item_pixels: torch.Tensor) -> torch.Tensor:
+    """Dataset pixel values in [-1, 1] -> uint8 (3, H, W), what FID is fed."""
+    return ((item_pixels.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
+# ---------------------------------------------------------------------------------------------- generation
+def generate(args, dataset, accelerator):
+    from tqdm.auto import tqdm
+
+    from ether_diffusion.control import S2IPipeline
+
+    pending = [i for i in range(len(dataset)) if not generated_path(args, dataset, i).is_file()]
+    accelerator.wait_for_everyone()  # everyone lists before anyone writes, so all split the same list
+    if accelerator.is_main_process:
+        print(f"{len(dataset) - len(pending)} of {len(dataset)} images already done; generating {len(pending)} "
+              f"on {accelerator.num_processes} process(es)")
+    with accelerator.split_between_processes(pending) as my_indices:
+        my_indices = list(my_indices)
+    if not my_indices:
+        return 0
+
+    dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.mixed_precision]
+    pipe = S2IPipeline.from_output(args.pretrained_model_name_or_path, args.control_dir, device=accelerator.device,
+                                   torch_dtype=dtype)
+    (Path(args.output_dir) / "images").mkdir(parents=True, exist_ok=True)
+    batches = [my_indices[i:i + args.batch_size] for i in range(0, len(my_indices), args.batch_size)]
+    progress = tqdm(total=len(my_indices), desc=f"maps (process {accelerator.process_index})",
+                    disable=not accelerator.is_local_main_process)
+    for batch in batches:
+        items = [dataset[i] for i in batch]
+        maps = [TF.to_pil_image(item["conditioning_pixel_values"]) for item in items]
+        generators = [torch.Generator("cpu").manual_seed(seed_of(args, name_of(dataset, i))) for i in batch]
+        images = pipe([item["caption"] for item in items], maps, num_inference_steps=args.num_inference_steps,
+                      guidance_scale=args.guidance_scale, generator=generators,
+                      height=args.resolution, width=args.resolution)
+        for index, image in zip(batch, images):
+            path = generated_path(args, dataset, index)
+            tmp = path.with_name(path.name + ".tmp")  # never leave a partial PNG that counts as done
+            image.save(tmp, format="PNG")
+            os.replace(tmp, path)
+        progress.update(len(batch))
+    progress.close()
+    return len(my_indices)
+
+
+# ---------------------------------------------------------------------------------------------- metrics
+def score(args, dataset, device):
+    for index in range(len(dataset)):  # before loading any backbone
+        if not generated_path(args, dataset, index).is_file():
+            raise UserError(f"{generated_path(args, dataset, index)} does not exist: generation is incomplete "
+                            f"(rerun without --skip_generation)")
+    segmenter = UperNetSegmenter(args.segmenter, device)
+    fid = make_fid(args.inception, device)
+    generated_scores, real_scores = SegmentationScores(), SegmentationScores()
+    rows, black = [], 0
+    for start in range(0, len(dataset), args.batch_size):
+        indices = list(range(start, min(start + args.batch_size, len(dataset))))
+        items = [dataset[i] for i in indices]
+        paths = [generated_path(args, dataset, i) for i in indices]
+        generated = [load_rgb(p) for p in paths]
+        for path, image in zip(paths, generated):
+            if image.size != (args.resolution, args.resolution):
+                raise UserError(f"{path}: image is {image.width}x{image.height}, expected {args.resolution} px "
+                                f"(generated with another --resolution?)")
+        real = [TF.to_pil_image(to_uint8(item["pixel_values"])) for item in items]
+        kept = [k for k, image in enumerate(generated) if not is_all_black(image)]
+        black += len(indices) - len(kept)
+
+        fid.update(torch.stack([to_uint8(item["pixel_values"]) for item in items]).to(device), real=True)
+        if kept:
+            fid.update(torch.stack([TF.pil_to_tensor(generated[k]) for k in kept]).to(device), real=False)
+        predicted = segmenter([generated[k] for k in kept])
+        predicted_real = segmenter(real)
+        for k, item in enumerate(items):
+            labels = item["labels"].numpy()
+            real_scores.update(predicted_real[k], labels)
+            row = {"name": name_of(dataset, indices[k]), "caption": item["caption"], "black": int(k not in kept)}
+            if k in kept:
+                prediction = predicted[kept.index(k)]
+                generated_scores.update(prediction, labels)
+                one = SegmentationScores()
+                one.update(prediction, labels)
+                row.update({key: one.compute()[key] for key in ("miou", "accuracy")})
+            rows.append(row)
+
+    scored = len(dataset) - black
+    metrics = {key: generated_scores.compute()[key] for key in ("miou", "accuracy")}
+    metrics["fid"] = float(fid.compute()) if scored >= 2 else float("nan")
+    metrics.update({f"real_{key}": real_scores.compute()[key] for key in ("miou", "accuracy")})
+    return metrics, rows, black
+
+
+# ---------------------------------------------------------------------------------------------- reports
+def fmt(value, scale=1.0, digits=4) -> str:
+    return "" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value * scale:.{digits}f}"
+
+
+def write_reports(args, dataset, metrics, rows, black):
+    output_dir = Path(args.output_dir)
+    with open(output_dir / "per_image.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["name", "caption", "black", "miou", "accuracy"])
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({**row, "miou": fmt(row.get("miou")), "accuracy": fmt(row.get("accuracy"))})
+
+    settings = {k: getattr(args, k) for k in ("dataset", "caption_file", "pretrained_model_name_or_path", "control_dir",
+                                              "limit", "resolution", "seed", "num_inference_steps", "guidance_scale",
+                                              "segmenter", "inception")}
+    report = {"metrics": metrics, "images": len(dataset), "black_skipped": black, "settings": settings,
+              "definitions": "mIoU/accuracy summed over all images (label 0 ignored, 150 classes); FID vs the "
+                             "cropped real validation images at the same resolution; real_* = segmenter on real images"}
+    (output_dir / "metrics.json").write_text(json.dumps(report, indent=2) + "\n")
+
+    rows_md = ["| method | #params | mIoU (%) | Acc (%) | FID |", "|---|---|---|---|---|"]
+    if PAPER_TABLE_3:
+        rows_md += [f"| {m} (paper) | {p} | {miou} | {acc} | {fid} |" for m, p, miou, acc, fid in PAPER_TABLE_3]
+    else:
+        rows_md.append(f"| paper | see paper Table 3 ({PAPER}) | | | |")
+    name = Path(args.control_dir or args.output_dir).name
+    rows_md.append(f"| ours: {name} | | {fmt(metrics['miou'], 100, 2)} | {fmt(metrics['accuracy'], 100, 2)} "
+                   f"| {fmt(metrics['fid'], 1, 2)} |")
+    rows_md.append(f"| real images (segmenter ceiling) | | {fmt(metrics['real_miou'], 100, 2)} "
+                   f"| {fmt(metrics['real_accuracy'], 100, 2)} | |")
+    summary = [
+        "# S2I evaluation (ADE20K validation)", "",
+        f"{len(dataset)} maps at {args.resolution} px ({black} all-black generated images skipped).", "",
+        *rows_md, "",
+        "mIoU and pixel accuracy are summed over the whole set (150 classes, label 0 ignored, accuracy over "
+        "labelled pixels); FID compares with the real validation images cropped the same way.",
+        f"Segmenter `{args.segmenter}`; FID features `{args.inception}`.", "",
+        "Per image: `per_image.csv`; grids (map | generated | real): `grids/`.", "",
+    ]
+    (output_dir / "summary.md").write_text("\n".join(summary))
+    return report
+
+
+def write_grids(args, dataset, count=4 * GRID_ROWS):
+    """Grids of GRID_ROWS rows, each row map | generated | real, for the first `count` maps."""
+    from ether_diffusion.pipelines import image_grid
+
+    grid_dir = Path(args.output_dir) / "grids"
+    grid_dir.mkdir(exist_ok=True)
+    indices = list(range(min(count, len(dataset))))
+    for number, start in enumerate(range(0, len(indices), GRID_ROWS)):
+        cells = []
+        for i in indices[start:start + GRID_ROWS]:
+            item = dataset[i]
+            cells += [TF.to_pil_image(item["conditioning_pixel_values"]), load_rgb(generated_path(args, dataset, i)),
+                      TF.to_pil_image(to_uint8(item["pixel_values"]))]
+        image_grid(cells, cols=3).save(grid_dir / f"grid_{number:02d}.png")
+
+
+# ---------------------------------------------------------------------------------------------- main
+def main(argv=None):
+    from accelerate import Accelerator
+
+    args = parse_args(argv)
+    accelerator = Accelerator()
+    dataset = load_dataset(args)
+    Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+
+    if not args.skip_generation:
+        generate(args, dataset, accelerator)
+    accelerator.wait_for_everyone()
+
+    report = None
+    if accelerator.is_main_process and not args.skip_metrics:
+        metrics, rows, black = score(args, dataset, accelerator.device)
+        report = write_reports(args, dataset, metrics, rows, black)
+        write_grids(args, dataset)
+        print(json.dumps(metrics))
+        print(f"wrote {Path(args.output_dir) / 'summary.md'}")
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return report
+
+
+if __name__ == "__main__":
+    run_cli(main)

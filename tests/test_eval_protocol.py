@@ -1,0 +1,140 @@
+"""The DreamBooth protocol as read from the dataset: subjects, classes, prompts, jobs and adapter lookup."""
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from ether_diffusion.errors import UserError
+from evaluate.protocol import PROMPTS_FILE, adapters_from_dir, adapters_from_manifest, load_protocol
+
+DATASET = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "dreambooth"
+LIVE = {"cat", "cat2", "dog", "dog2", "dog3", "dog5", "dog6", "dog7", "dog8"}
+
+
+@pytest.fixture(scope="module")
+def protocol():
+    return load_protocol(DATASET)
+
+
+def test_real_dataset_subjects_and_classes(protocol):
+    assert len(protocol.subjects) == 30
+    assert {name for name, s in protocol.subjects.items() if s.live} == LIVE
+    assert sum(not s.live for s in protocol.subjects.values()) == 21
+    assert protocol.subjects["bear_plushie"].class_name == "stuffed animal"
+    assert protocol.subjects["pink_sunglasses"].class_name == "glasses"
+    assert protocol.subjects["dog"].class_name == "dog"
+    assert all(s.images and all(p.suffix == ".jpg" for p in s.images) for s in protocol.subjects.values())
+    assert sum(len(s.images) for s in protocol.subjects.values()) == 158
+
+
+def test_real_dataset_prompt_lists(protocol):
+    assert len(protocol.object_prompts) == len(protocol.live_prompts) == 25
+    # the first ten and the last five are shared; 10..19 differ (accessories/outfits vs. backgrounds)
+    assert protocol.object_prompts[:10] == protocol.live_prompts[:10]
+    assert protocol.object_prompts[20:] == protocol.live_prompts[20:]
+    dog, backpack = protocol.jobs(["dog"]), protocol.jobs(["backpack"])
+    assert dog[10].prompt("qwe") == "a qwe dog wearing a red hat"
+    assert dog[19].prompt("qwe") == "a qwe dog in a purple wizard outfit"
+    assert backpack[10].prompt("qwe") == "a qwe backpack with a wheat field in the background"
+    assert backpack[24].prompt("qwe") == "a cube shaped qwe backpack"
+    # without the identifier (CLIP-T's default): no double space left behind
+    assert dog[0].prompt(None) == "a dog in the jungle"
+    assert protocol.jobs(["bear_plushie"])[22].prompt("") == "a shiny stuffed animal"
+
+
+def test_real_dataset_has_750_distinct_jobs(protocol):
+    jobs = protocol.jobs()
+    assert len(jobs) == 750
+    assert len({(j.subject, j.prompt_index) for j in jobs}) == 750
+    for name in protocol.subjects:  # each subject's 25 prompts differ (subjects of one class share them)
+        assert len({j.prompt("qwe") for j in jobs if j.subject == name}) == 25
+
+
+def test_job_subsets_and_bad_selections(protocol):
+    jobs = protocol.jobs(["cat", "teapot"], [0, 24])
+    assert [(j.subject, j.prompt_index) for j in jobs] == [("cat", 0), ("cat", 24), ("teapot", 0), ("teapot", 24)]
+    with pytest.raises(UserError, match="unknown subject 'cats'"):
+        protocol.jobs(["cats"])
+    with pytest.raises(UserError, match="prompt index 25 is out of range"):
+        protocol.jobs(["cat"], [25])
+
+
+def test_job_seed_depends_only_on_the_job(protocol):
+    full = {(j.subject, j.prompt_index): j.seed(7) for j in protocol.jobs()}
+    subset = protocol.jobs(["dog5"], [3])
+    assert subset[0].seed(7) == full[("dog5", 3)]
+    assert len(set(full.values())) == 750
+    assert subset[0].seed(8) != subset[0].seed(7)
+
+
+# ------------------------------------------------------------------------------------------- bad datasets
+def _write_dataset(root, classes="subject_name,class\ndog,dog\nbackpack,backpack\n", drop_section=None):
+    text = (DATASET / PROMPTS_FILE).read_text()
+    head, rest = text.split("Prompts\n", 1)
+    text = "Classes\n\n" + classes + "\nPrompts\n" + rest
+    if drop_section:
+        text = text.replace(drop_section, "Something else")
+    root.mkdir(parents=True, exist_ok=True)
+    (root / PROMPTS_FILE).write_text(text)
+    for name in ("dog", "backpack"):
+        (root / name).mkdir(exist_ok=True)
+        Image.new("RGB", (16, 16), "red").save(root / name / "00.jpg")
+    return root
+
+
+def test_small_dataset_parses(tmp_path):
+    protocol = load_protocol(_write_dataset(tmp_path))
+    assert list(protocol.subjects) == ["dog", "backpack"]
+    assert protocol.subjects["dog"].live and not protocol.subjects["backpack"].live
+    assert len(protocol.jobs()) == 50
+
+
+def test_dataset_errors_name_the_problem(tmp_path):
+    with pytest.raises(UserError, match=f"{PROMPTS_FILE} does not exist"):
+        load_protocol(tmp_path)
+    root = _write_dataset(tmp_path / "a", classes="subject_name,class\ndog,dog\nrobot,toy\n")
+    with pytest.raises(UserError, match="subject robot .* has no image folder"):
+        load_protocol(root)
+    root = _write_dataset(tmp_path / "b", drop_section="Live Subject Prompts")
+    with pytest.raises(UserError, match="no 'Live Subject Prompts' section"):
+        load_protocol(root)
+
+
+# ------------------------------------------------------------------------------------------- adapters
+def test_adapters_from_dir(tmp_path):
+    protocol = load_protocol(_write_dataset(tmp_path / "data"))
+    jobs = protocol.jobs(prompt_indices=[0, 1])
+    (tmp_path / "ad" / "dog").mkdir(parents=True)
+    (tmp_path / "ad" / "dog" / "adapter.safetensors").write_bytes(b"x")
+    with pytest.raises(UserError, match=r"missing adapter for subject backpack: .*backpack/adapter.safetensors does not exist"):
+        adapters_from_dir(tmp_path / "ad", jobs)
+    adapters = adapters_from_dir(tmp_path / "ad", protocol.jobs(["dog"], [0, 1]))
+    assert adapters == {("dog", 0): tmp_path / "ad" / "dog" / "adapter.safetensors",
+                        ("dog", 1): tmp_path / "ad" / "dog" / "adapter.safetensors"}
+
+
+def test_adapters_from_manifest(tmp_path):
+    protocol = load_protocol(_write_dataset(tmp_path / "data"))
+    jobs = protocol.jobs(["dog"], [0, 1])
+    (tmp_path / "runs").mkdir()
+    for i in (0, 1):
+        (tmp_path / "runs" / f"dog-{i}.safetensors").write_bytes(b"x")
+    manifest = tmp_path / "manifest.csv"
+    manifest.write_text(f"subject,prompt_index,adapter\ndog,0,runs/dog-0.safetensors\ndog,1,{tmp_path}/runs/dog-1.safetensors\n")
+    assert adapters_from_manifest(manifest, jobs) == {("dog", 0): tmp_path / "runs" / "dog-0.safetensors",
+                                                      ("dog", 1): tmp_path / "runs" / "dog-1.safetensors"}
+
+    with pytest.raises(UserError, match="has no adapter for subject dog, prompt 2"):
+        adapters_from_manifest(manifest, protocol.jobs(["dog"], [0, 1, 2]))
+    manifest.write_text("subject,prompt_index,adapter\ndog,0,runs/dog-0.safetensors\ndog,0,runs/dog-1.safetensors\n")
+    with pytest.raises(UserError, match=r"line 3: \(dog, 0\) appears twice"):
+        adapters_from_manifest(manifest, jobs)
+    manifest.write_text("subject,prompt_index,adapter\ndog,0,runs/dog-0.safetensors\ndog,1,runs/gone.safetensors\n")
+    with pytest.raises(UserError, match="missing adapter for subject dog, prompt 1: .*gone.safetensors does not exist"):
+        adapters_from_manifest(manifest, jobs)
+    manifest.write_text("subject,prompt,adapter\n")
+    with pytest.raises(UserError, match="header must name the columns"):
+        adapters_from_manifest(manifest, jobs)
+    manifest.write_text("subject,prompt_index,adapter\ndog,first,runs/dog-0.safetensors\n")
+    with pytest.raises(UserError, match="line 2: prompt_index 'first' is not an integer"):
+        adapters_from_manifest(manifest, jobs)

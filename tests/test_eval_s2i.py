@@ -1,0 +1,133 @@
+"""evaluate/s2i.py end to end on the tiny SD, a tiny ADE20K folder and the offline stand-in backbones."""
+import copy
+import csv
+import json
+
+import pytest
+from PIL import Image
+
+from ether_diffusion import AdapterConfig, inject_adapters, save_adapter
+from ether_diffusion.control import make_control_encoder, save_control_encoder
+from ether_diffusion.errors import run_cli
+from evaluate.testing import write_tiny_backbones
+from ether_diffusion.testing_ade20k import write_tiny_ade20k
+from evaluate import s2i
+
+TINY_FACTOR = 4  # tiny SD: 32 px images, 8x8 latents
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, _tiny_unet):
+    """A training-output-like folder (adapter + control encoder), 4 validation maps and the stand-ins."""
+    root = tmp_path_factory.mktemp("s2i_eval")
+    unet = copy.deepcopy(_tiny_unet)
+    inject_adapters(unet, AdapterConfig(method="ether", n_blocks=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    save_adapter(unet, root / "control" / "adapter.safetensors")
+    save_control_encoder(make_control_encoder(unet, TINY_FACTOR), root / "control")
+    return {"root": root, "control": root / "control", "dataset": write_tiny_ade20k(root / "ade", n_train=1, n_val=4, size=48),
+            "backbones": write_tiny_backbones(root / "backbones")}
+
+
+def _args(setup, output_dir, extra=()):
+    b = setup["backbones"]
+    return ["--dataset", str(setup["dataset"]), "--model", "builtin:tiny-sd", "--control_dir", str(setup["control"]),
+            "--output_dir", str(output_dir), "--limit", "3", "--resolution", "32", "--batch_size", "2",
+            "--num_inference_steps", "2", "--segmenter", str(b["upernet"]), "--inception", str(b["inception"]), *extra]
+
+
+@pytest.fixture(scope="module")
+def run(setup):
+    output_dir = setup["root"] / "out"
+    return output_dir, s2i.main(_args(setup, output_dir))
+
+
+def test_generates_each_map_and_reports(run):
+    output_dir, report = run
+    names = [f"ADE_val_{i:08d}" for i in (1, 2, 3)]  # --limit 3 of 4
+    assert sorted(p.stem for p in (output_dir / "images").iterdir()) == names
+    assert all(Image.open(output_dir / "images" / f"{n}.png").size == (32, 32) for n in names)
+
+    saved = json.loads((output_dir / "metrics.json").read_text())
+    assert saved["metrics"] == report["metrics"]
+    assert set(report["metrics"]) == {"miou", "accuracy", "fid", "real_miou", "real_accuracy"}
+    assert 0 <= report["metrics"]["miou"] <= 1 and 0 <= report["metrics"]["accuracy"] <= 1
+    assert report["images"] == 3 and report["black_skipped"] == 0
+    with open(output_dir / "per_image.csv", newline="") as f:
+        assert [row["name"] for row in csv.DictReader(f)] == names
+    assert "see paper Table 3" in (output_dir / "summary.md").read_text()
+    assert Image.open(output_dir / "grids" / "grid_00.png").size == (3 * 32, 3 * 32)  # map | generated | real
+
+
+def test_rerun_generates_nothing(run, setup, capsys):
+    output_dir, _ = run
+    before = {p: p.stat().st_mtime_ns for p in (output_dir / "images").iterdir()}
+    s2i.main(_args(setup, output_dir, extra=["--skip_metrics"]))
+    assert "3 of 3 images already done; generating 0" in capsys.readouterr().out
+    assert {p: p.stat().st_mtime_ns for p in (output_dir / "images").iterdir()} == before
+
+
+def test_black_images_are_skipped_and_counted(run, setup, tmp_path):
+    import shutil
+
+    output_dir = tmp_path / "out"
+    shutil.copytree(run[0] / "images", output_dir / "images")
+    Image.new("RGB", (32, 32)).save(output_dir / "images" / "ADE_val_00000002.png")
+    report = s2i.main(_args(setup, output_dir, extra=["--skip_generation"]))
+    assert report["black_skipped"] == 1
+
+
+def _cli(argv, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(s2i.main, argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return err
+
+
+def test_bad_inputs_are_clear_errors(setup, tmp_path, capsys):
+    err = _cli(_args(setup, tmp_path / "a", extra=["--control_dir", str(tmp_path / "nothing")]), capsys)
+    assert "control_encoder.safetensors does not exist" in err
+    err = _cli(_args(setup, tmp_path / "b", extra=["--skip_generation"]), capsys)
+    assert "ADE_val_00000001.png does not exist: generation is incomplete" in err
+    err = _cli(_args(setup, tmp_path / "c", extra=["--limit", "0"]), capsys)
+    assert "--limit must be at least 1" in err
+
+
+class PaletteOracle:
+    """Stands in for UperNet: labels each pixel with the nearest palette colour among the fixture's classes.
+    On an image that *is* the coloured map, that is exactly the map."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __call__(self, images):
+        import numpy as np
+
+        from ether_diffusion.ade20k import load_palette
+        from ether_diffusion.testing_ade20k import FIXTURE_CLASSES
+
+        colors = load_palette()[0][list(FIXTURE_CLASSES)].astype(np.int64)
+        maps = []
+        for image in images:
+            pixels = np.asarray(image).astype(np.int64)[..., None, :]
+            nearest = ((pixels - colors) ** 2).sum(-1).argmin(-1)
+            maps.append(np.asarray(FIXTURE_CLASSES, dtype=np.uint8)[nearest])
+        return maps
+
+
+def test_scores_align_labels_with_generated_images(setup, tmp_path, monkeypatch):
+    """'Generated' images that are the coloured maps themselves, and a segmenter that reads colours back:
+    mIoU and accuracy must be exactly 1 (same crop, same resize, label offset right, label 0 ignored)."""
+    import torchvision.transforms.functional as TF
+
+    output_dir = tmp_path / "out"
+    args = s2i.parse_args(_args(setup, output_dir, extra=["--skip_generation"]))
+    dataset = s2i.load_dataset(args)
+    (output_dir / "images").mkdir(parents=True)
+    for i in range(len(dataset)):
+        TF.to_pil_image(dataset[i]["conditioning_pixel_values"]).save(s2i.generated_path(args, dataset, i))
+    monkeypatch.setattr(s2i, "UperNetSegmenter", PaletteOracle)
+    report = s2i.main(_args(setup, output_dir, extra=["--skip_generation"]))
+    assert report["metrics"]["miou"] == pytest.approx(1.0)
+    assert report["metrics"]["accuracy"] == pytest.approx(1.0)
