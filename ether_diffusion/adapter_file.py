@@ -13,7 +13,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .adapters import AdapterConfig, adapter_config_of, adapter_state_dict, inject_adapters
+from .adapters import PEFT_METHODS, AdapterConfig, adapter_config_of, adapter_state_dict, inject_adapters
 from .errors import UserError
 
 FORMAT = "ether-diffusion-adapter"
@@ -74,7 +74,9 @@ def config_from_metadata(meta: dict) -> AdapterConfig:
 
 
 def _check_same_config(file_cfg: AdapterConfig, cfg: AdapterConfig, path: Path):
-    for key in ("method", "n_blocks", "rank", "target_modules"):
+    # n_blocks only shapes the block-diagonal methods, rank only PEFT's: compare what the method uses.
+    shape_key = "rank" if file_cfg.method in PEFT_METHODS else "n_blocks"
+    for key in ("method", shape_key, "target_modules"):
         want, got = getattr(cfg, key), getattr(file_cfg, key)
         if want != got:
             raise UserError(f"{path}: adapter has {key}={got!r} but the model/config expects {key}={want!r}")

@@ -1,0 +1,323 @@
+"""train_dreambooth.py: real `accelerate launch` runs on the tiny model (few, 32 px, a few steps), every bad
+input in-process (exit code 2, one line), and the DreamBooth data code."""
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from ether_diffusion import dreambooth_data
+from ether_diffusion.demo_subject import draw_demo_subject, write_demo_subject
+from ether_diffusion.errors import UserError, run_cli
+
+REPO = Path(__file__).resolve().parents[1]
+DOG = REPO.parent / "shared" / "datasets" / "dreambooth" / "dog"
+TINY = "builtin:tiny-sd"
+
+
+def launch(*args, timeout=300):
+    """`accelerate launch train_dreambooth.py ...` as `make demo` runs it; returns the finished process."""
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "train_dreambooth.py", *map(str, args)]
+    # One thread: tiny models run faster so, and two runs that must agree to 1e-6 use the same kernels.
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc
+
+
+@pytest.fixture(scope="module")
+def script():
+    spec = importlib.util.spec_from_file_location("train_dreambooth", REPO / "train_dreambooth.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def subject(tmp_path):
+    return write_demo_subject(tmp_path / "subject")
+
+
+def adapter_tensors(path):
+    return load_file(str(path))
+
+
+# ------------------------------------------------------------------------------------------ end to end
+def test_demo_config_with_prior_preservation_and_validation(tmp_path):
+    out = tmp_path / "demo"
+    launch("--config", "configs/dreambooth/demo.yaml", "--output_dir", out, "--max_train_steps", 4,
+           "--validation_steps", 2, "--num_validation_images", 2, "--validation_inference_steps", 2,
+           "--num_class_images", 2, "--sample_batch_size", 2, "--class_inference_steps", 2, "--checkpointing_steps", 3,
+           "--mixed_precision", "bf16")
+    # the drawn subject and the generated class images are saved for the next run
+    assert len(list((out / "demo-subject").glob("*.png"))) == 5
+    assert len(list((out / "class-images").glob("*.jpg"))) == 2
+    # validation grids: 2 prompts (from the config) x 2 images of 32 px; the final grid is the last one
+    for name in ("step-000002.png", "step-000004.png", "final.png"):
+        assert Image.open(out / "samples" / name).size == (64, 64), name
+    assert (out / "samples" / "final.png").read_bytes() == (out / "samples" / "step-000004.png").read_bytes()
+    with safe_open(str(out / "adapter.safetensors"), framework="pt") as f:
+        meta = f.metadata()
+    assert (meta["method"], meta["instance_prompt"], meta["steps"]) == ("ether+", "a photo of qwe toy", "4")
+    # bf16 frozen weights, float32 adapter: had validation (step 2) cast the UNet, steps 3-4 would have left
+    # values that bf16 represents exactly
+    tensors = adapter_tensors(out / "adapter.safetensors")
+    assert any(not torch.equal(t, t.bfloat16().float()) for t in tensors.values())
+    assert [p.name for p in out.glob("checkpoint-*")] == ["checkpoint-3"]
+    log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert [d["step"] for d in log] == [1, 2, 3, 4] and all(d["loss"] > 0 and d["lr"] == 6e-3 for d in log)
+    # TensorBoard by default: loss, lr and the grids
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = [EventAccumulator(str(p.parent)).Reload() for p in out.glob("logs/**/events.out.tfevents.*")]
+    scalars = {tag: len(e.Scalars(tag)) for e in events for tag in e.Tags()["scalars"]}
+    images = {tag: len(e.Images(tag)) for e in events for tag in e.Tags()["images"]}
+    assert scalars["loss"] == 4 and scalars["lr"] == 4
+    assert images["validation"] == 2
+
+
+@pytest.fixture(scope="module")
+def resumed_runs(tmp_path_factory):
+    """An uninterrupted 6-step run, and the same run stopped after step 4 and resumed from its checkpoint."""
+    root = tmp_path_factory.mktemp("resume")
+    subject = write_demo_subject(root / "subject")  # 5 images, batch 1, accumulation 2: 3 steps per epoch
+    common = ["--pretrained_model_name_or_path", TINY, "--instance_data_dir", subject, "--instance_prompt",
+              "a photo of qwe toy", "--resolution", 32, "--train_batch_size", 1, "--gradient_accumulation_steps", 2,
+              "--max_train_steps", 6, "--checkpointing_steps", 2, "--checkpoints_total_limit", 2,
+              "--lr_scheduler", "linear", "--lr_warmup_steps", 2, "--learning_rate", "1e-2", "--seed", 3,
+              "--method", "ether+", "--n_blocks", 2, "--report_to", "none"]
+    full = root / "full"
+    launch(*common, "--output_dir", full)
+    # "Stop" the run after step 4: what it would have left behind is the full run's checkpoint-4.
+    stopped = root / "stopped"
+    stopped.mkdir()
+    shutil.copytree(full / "checkpoint-4", stopped / "checkpoint-4")
+    lines = (full / "train_log.jsonl").read_text().splitlines()
+    (stopped / "train_log.jsonl").write_text("\n".join(lines[:5]) + "\n")  # a crash after step 5's log line
+    launch(*common, "--output_dir", stopped, "--resume_from_checkpoint", "latest")
+    return full, stopped
+
+
+def test_checkpoints_are_pruned_to_the_limit(resumed_runs):
+    full, _ = resumed_runs
+    assert sorted(p.name for p in full.iterdir() if p.name.startswith("checkpoint")) == ["checkpoint-4", "checkpoint-6"]
+    assert json.loads((full / "checkpoint-6" / "state.json").read_text())["global_step"] == 6
+
+
+def test_stop_and_resume_ends_with_the_same_adapter(resumed_runs):
+    full, resumed = resumed_runs
+    a, b = adapter_tensors(full / "adapter.safetensors"), adapter_tensors(resumed / "adapter.safetensors")
+    assert a.keys() == b.keys() and len(a) == 32 * 4  # ETHER+: u, v, u_out, v_out in 32 layers
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
+    # and it did train: the adapter moved away from checkpoint-4
+    c4 = adapter_tensors(full / "checkpoint-4" / "adapter.safetensors")
+    assert max((a[k] - c4[k]).abs().max().item() for k in a) > 1e-4
+    logs = [json.loads(line) for line in (resumed / "train_log.jsonl").read_text().splitlines()]
+    full_logs = [json.loads(line) for line in (full / "train_log.jsonl").read_text().splitlines()]
+    assert [d["step"] for d in logs] == [1, 2, 3, 4, 5, 6]
+    assert [d["lr"] for d in logs] == [d["lr"] for d in full_logs]  # the linear schedule resumed in place
+    assert logs[-1]["loss"] == pytest.approx(full_logs[-1]["loss"], abs=1e-6)
+
+
+def test_real_photos_of_mixed_sizes_train_and_export_a_stock_pipeline(tmp_path):
+    photos = tmp_path / "dog"
+    shutil.copytree(DOG, photos)
+    assert len({Image.open(p).size for p in photos.glob("*.jpg")}) > 1  # unequal sizes
+    (photos / "notes.txt").write_text("not an image")
+    out, merged = tmp_path / "out", tmp_path / "merged"
+    proc = launch("--pretrained_model_name_or_path", TINY, "--instance_data_dir", photos, "--instance_prompt",
+                  "a photo of qwe dog", "--output_dir", out, "--resolution", 32, "--train_batch_size", 2,
+                  "--max_train_steps", 2, "--method", "ether", "--n_blocks", 4, "--prediction_type", "v_prediction",
+                  "--report_to", "none", "--export_merged", merged)
+    assert f"skipping {photos / 'notes.txt'}: not an image file" in proc.stderr
+    assert Image.open(out / "samples" / "final.png").size == (4 * 32, 32)  # the instance prompt, 4 images
+    # the merged folder is plain diffusers and computes what base model + adapter compute
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+
+    from ether_diffusion import load_adapter
+    from ether_diffusion.tiny_sd import resolve_model_path
+
+    pipe = StableDiffusionPipeline.from_pretrained(merged)
+    assert type(pipe.unet.down_blocks[0].attentions[0].transformer_blocks[0].attn1.to_q) is torch.nn.Linear
+    base = UNet2DConditionModel.from_pretrained(resolve_model_path(TINY), subfolder="unet")
+    load_adapter(base, out / "adapter.safetensors")
+    x, t, text = torch.randn(1, 4, 8, 8), torch.tensor([500]), torch.randn(1, 77, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(pipe.unet(x, t, text).sample, base(x, t, text).sample, atol=1e-4, rtol=1e-4)
+
+
+# ------------------------------------------------------------------------------------------ bad input
+def fails(script, argv, capsys) -> str:
+    """Run main in-process: must exit 2 with a one-line error and no traceback; returns the line."""
+    with pytest.raises(SystemExit) as e:
+        run_cli(script.main, [str(a) for a in argv])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("error: ")
+    return last
+
+
+def base_args(instance_dir, out):
+    return ["--pretrained_model_name_or_path", TINY, "--instance_data_dir", instance_dir, "--instance_prompt",
+            "a photo of qwe toy", "--output_dir", out, "--resolution", 32, "--report_to", "none"]
+
+
+def test_missing_and_empty_instance_folders(script, tmp_path, capsys):
+    line = fails(script, base_args(tmp_path / "nope", tmp_path / "o"), capsys)
+    assert f"instance image folder not found: {tmp_path / 'nope'}" in line
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "readme.md").write_text("no images here")
+    assert f"instance image folder {empty} has no images" in fails(script, base_args(empty, tmp_path / "o"), capsys)
+    assert not (tmp_path / "o").exists()  # nothing written for a run that cannot start
+
+
+def test_corrupt_and_truncated_images_are_named(script, subject, tmp_path, capsys):
+    (subject / "broken.png").write_bytes(b"\x89PNG not really")
+    assert f"cannot read image {subject / 'broken.png'}" in fails(script, base_args(subject, tmp_path / "o"), capsys)
+    (subject / "broken.png").unlink()
+    jpg = (DOG / "00.jpg").read_bytes()
+    (subject / "half.jpg").write_bytes(jpg[: len(jpg) // 2])
+    assert f"cannot read image {subject / 'half.jpg'}" in fails(script, base_args(subject, tmp_path / "o"), capsys)
+
+
+def test_bad_arguments(script, subject, tmp_path, capsys):
+    args = base_args(subject, tmp_path / "o")
+    assert "--with_prior_preservation needs --class_prompt" in fails(script, args + ["--with_prior_preservation"], capsys)
+    assert "--resolution 30 is not a positive multiple of 8" in fails(script, args + ["--resolution", 30], capsys)
+    assert "argument --method: invalid choice: 'dora'" in fails(script, args + ["--method", "dora"], capsys)
+    assert "--instance_prompt is required" in fails(script, args[:4] + args[6:], capsys)
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text("method: ether\nnum_class_image: 200\n")
+    assert f"{cfg}: unknown key 'num_class_image' (did you mean 'num_class_images'?)" in fails(
+        script, args + ["--config", cfg], capsys)
+
+
+def test_n_blocks_that_does_not_divide_a_layer_names_it(script, subject, tmp_path, capsys):
+    line = fails(script, base_args(subject, tmp_path / "o") + ["--method", "ether+", "--n_blocks", 3], capsys)
+    layer = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
+    assert f"layer {layer}: input size 32 is not divisible by n_blocks=3" in line
+
+
+def test_resuming_with_another_method_is_an_error(script, resumed_runs, subject, tmp_path, capsys):
+    full, _ = resumed_runs
+    out = tmp_path / "o"
+    shutil.copytree(full / "checkpoint-6", out / "checkpoint-6")
+    line = fails(script, base_args(subject, out) + ["--method", "oft", "--n_blocks", 2, "--resume_from_checkpoint",
+                                                    "latest"], capsys)
+    assert "checkpoint-6 was trained with method='ether+' but this run asks for method='oft'" in line
+
+
+# ------------------------------------------------------------------------------------------ data
+def test_non_image_files_are_skipped_with_a_warning(tmp_path, caplog):
+    write_demo_subject(tmp_path)
+    (tmp_path / "notes.txt").write_text("x")
+    (tmp_path / ".DS_Store").write_text("x")
+    (tmp_path / "sub").mkdir()
+    images = dreambooth_data.list_images(tmp_path)
+    assert [p.name for p in images] == [f"qwe-toy-{i:02d}.png" for i in range(5)]
+    assert [r.getMessage() for r in caplog.records] == [f"skipping {tmp_path / 'notes.txt'}: not an image file"]
+
+
+def test_subject_dataset_crops_from_the_sample_seed(tmp_path):
+    gradient = np.zeros((40, 64, 3), np.uint8)
+    gradient[..., 0] = np.arange(64)[None, :] * 4  # red grows left to right: every crop offset looks different
+    Image.fromarray(gradient).save(tmp_path / "wide.png")
+    ds = dreambooth_data.SubjectDataset(sorted(DOG.glob("*.jpg")) + [tmp_path / "wide.png"], size=32)
+    for i in range(len(ds)):
+        x = ds[i]["instance_images"]
+        assert x.shape == (3, 32, 32) and x.min() >= -1 and x.max() <= 1
+    crops = [ds[(5, seed)]["instance_images"] for seed in range(8)]
+    assert torch.equal(ds[(5, 3)]["instance_images"], crops[3])
+    assert any(not torch.equal(crops[0], c) for c in crops[1:])
+    centered = dreambooth_data.SubjectDataset([tmp_path / "wide.png"], size=32, center_crop=True)
+    assert torch.equal(centered[(0, 1)]["instance_images"], centered[(0, 2)]["instance_images"])
+
+
+def test_prior_preservation_batches_put_instances_first(tmp_path):
+    write_demo_subject(tmp_path / "inst", num_images=2)
+    Image.new("RGB", (32, 32), "black").save(tmp_path / "class.png")
+    ds = dreambooth_data.SubjectDataset(sorted((tmp_path / "inst").glob("*.png")), [tmp_path / "class.png"], size=32)
+    assert len(ds) == 2
+    batch = dreambooth_data.collate_fn(True)([ds[0], ds[1]])
+    assert batch["pixel_values"].shape == (4, 3, 32, 32) and batch["num_instance"] == 2
+    assert torch.all(batch["pixel_values"][2:] == -1)  # the black class image, twice
+
+
+def test_class_images_are_generated_once_and_reused(tmp_path):
+    calls = []
+
+    class FakePipe:
+        def set_progress_bar_config(self, **kw):
+            pass
+
+        def __call__(self, prompts, generator, **kw):
+            calls.append(len(prompts))
+            return type("Out", (), {"images": [Image.new("RGB", (8, 8), (g.initial_seed() % 256, 0, 0))
+                                               for g in generator]})
+
+    def load_pipe():
+        return FakePipe()
+
+    made = dreambooth_data.generate_class_images(load_pipe, tmp_path / "cls", "a dog", 5, sample_batch_size=2, seed=10)
+    assert made == 5 and calls == [2, 2, 1]
+    files = sorted(p.name for p in (tmp_path / "cls").iterdir())
+    assert len(files) == 5 and all(f.endswith(".jpg") and not f.startswith(".") for f in files)
+    assert dreambooth_data.generate_class_images(load_pipe, tmp_path / "cls", "a dog", 5) == 0
+    assert dreambooth_data.generate_class_images(load_pipe, tmp_path / "cls", "a dog", 6, seed=10) == 1
+    assert calls == [2, 2, 1, 1]
+
+
+def test_demo_subject_is_drawn_once_and_deterministically(tmp_path):
+    folder = write_demo_subject(tmp_path / "a")
+    files = sorted(folder.iterdir())
+    assert [p.name for p in files] == [f"qwe-toy-{i:02d}.png" for i in range(5)]
+    assert all(Image.open(p).size == (64, 64) for p in files)
+    assert [p.read_bytes() for p in files] == [p.read_bytes() for p in sorted(write_demo_subject(tmp_path / "b").iterdir())]
+    images = draw_demo_subject(5)
+    assert len({im.tobytes() for im in images}) == 5  # five different pictures
+    assert dreambooth_data.resolve_instance_dir("builtin:demo-subject", tmp_path / "out") == tmp_path / "out" / "demo-subject"
+    assert dreambooth_data.resolve_instance_dir("photos/dog", tmp_path) == Path("photos/dog")
+    with pytest.raises(UserError, match="cannot read image"):
+        (folder / "qwe-toy-00.png").write_bytes(b"")
+        dreambooth_data.check_images(dreambooth_data.list_images(folder))
+
+
+# ------------------------------------------------------------------------------------------ configs
+PAPER = {  # config: (method, n_blocks or rank, learning rate, trainable parameters on SD-1.5)
+    "ether": ("ether", 1, 6e-3, 99_456),  # the paper's 0.1M
+    "etherplus": ("ether+", 1, 6e-3, 398_592),  # 0.4M
+    "oft": ("oft", 4, 6e-5, 23_304_192),  # the paper prints half (11.6M): OFT's storage convention, App. C
+    "naive": ("naive", 4, 6e-5, 23_304_192),
+    "lora": ("lora", 4, 6e-4, 797_184),  # 0.8M
+}
+
+
+@pytest.mark.parametrize("name", sorted(PAPER))
+def test_paper_configs_hold_the_papers_settings_and_fit_sd15(script, name):
+    from ether_diffusion import inject_adapters, training
+    from ether_diffusion.adapters import count_adapter_parameters
+    from ether_diffusion.tiny_sd import build_sd15_unet
+
+    args = script.parse_args(["--config", f"configs/dreambooth/{name}.yaml", "--instance_data_dir", "dog",
+                              "--instance_prompt", "a photo of qwe dog", "--class_prompt", "a photo of dog"])
+    method, n, lr, count = PAPER[name]
+    assert (args.method, args.n_blocks if method != "lora" else args.rank, args.learning_rate) == (method, n, lr)
+    assert (args.max_train_steps, args.train_batch_size, args.resolution) == (1400, 1, 512)
+    assert (args.with_prior_preservation, args.num_class_images) == (True, 200)
+    assert args.target_modules == ["to_q", "to_k", "to_v", "to_out.0"]
+    unet = build_sd15_unet()  # on the meta device: no weights allocated
+    inject_adapters(unet, training.adapter_config_from_args(args))
+    assert count_adapter_parameters(unet) == count

@@ -1,0 +1,328 @@
+#!/usr/bin/env python
+"""DreamBooth with ETHER / ETHER+ (and the paper's baselines OFT, Naive, LoRA, plus HRA) on Stable Diffusion.
+
+An accelerate script in the style of diffusers' examples/dreambooth/train_dreambooth_lora.py, with the same
+argument names and defaults, plus --method, --n_blocks, --target_modules and --config FILE.yaml:
+
+    accelerate launch train_dreambooth.py --config configs/dreambooth/etherplus.yaml \\
+        --instance_data_dir ../shared/datasets/dreambooth/dog --instance_prompt "a photo of qwe dog" \\
+        --class_prompt "a photo of dog" --class_data_dir class-images/dog --output_dir runs/etherplus-dog
+
+Writes <output_dir>/adapter.safetensors (load it with ether_diffusion.load_adapter or
+`python -m ether_diffusion.sample`), samples/ (validation grids and the final grid), checkpoint-N/ folders,
+train_log.jsonl and TensorBoard logs; with --export_merged DIR also a stock diffusers pipeline folder.
+"""
+import logging
+import math
+import shutil
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from ether_diffusion import dreambooth_data, training
+from ether_diffusion.adapters import inject_adapters
+from ether_diffusion.adapter_file import save_adapter
+from ether_diffusion.errors import UserError, run_cli
+from ether_diffusion.pipelines import load_pipeline
+from ether_diffusion.sample import sample_grid
+from ether_diffusion.tiny_sd import resolve_model_path
+
+logger = logging.getLogger(__name__)
+
+# The paper's DreamBooth learning rates (App. C.1) when --learning_rate is not given. HRA is not in the paper:
+# it gets LoRA's rate.
+PAPER_LEARNING_RATES = {"ether": 6e-3, "ether+": 6e-3, "oft": 6e-5, "naive": 6e-5, "lora": 6e-4, "hra": 6e-4}
+
+
+def parse_args(argv=None):
+    parser = training.ArgumentParser(description="DreamBooth with ETHER / ETHER+ and the paper's baselines.")
+    training.add_config_arg(parser)
+    training.add_model_args(parser, output_dir="dreambooth-adapter")
+    g = parser.add_argument_group("dreambooth")
+    g.add_argument("--instance_data_dir", type=str, default=None,
+                   help="A folder with the subject's images (`builtin:demo-subject`: the project's drawn subject).")
+    g.add_argument("--instance_prompt", type=str, default=None, help='Prompt with the identifier, e.g. "a photo of qwe dog".')
+    g.add_argument("--class_data_dir", type=str, default=None,
+                   help="Class images for prior preservation; missing ones are generated and saved here "
+                        "(default: <output_dir>/class-images).")
+    g.add_argument("--class_prompt", type=str, default=None, help='Prompt of the class, e.g. "a photo of dog".')
+    g.add_argument("--with_prior_preservation", action="store_true", help="Add the prior preservation loss.")
+    g.add_argument("--prior_loss_weight", type=float, default=1.0, help="The weight of the prior preservation loss.")
+    g.add_argument("--num_class_images", type=int, default=100,
+                   help="Minimal class images for prior preservation; missing ones are sampled with class_prompt.")
+    g.add_argument("--sample_batch_size", type=int, default=4, help="Batch size for generating class images.")
+    g.add_argument("--class_inference_steps", type=int, default=50, help="Denoising steps per class image.")
+    g.add_argument("--prior_generation_precision", type=str, default=None, choices=["fp32", "fp16", "bf16"],
+                   help="Precision of class-image generation (default: fp16 on GPU, fp32 on CPU).")
+    g.add_argument("--center_crop", action="store_true",
+                   help="Center crop to the resolution (default: random crop) after resizing the shorter side.")
+    g.add_argument("--export_merged", type=str, default=None, metavar="DIR",
+                   help="Also write a stock diffusers pipeline folder with the adapter merged into the UNet.")
+    training.add_adapter_args(parser)
+    training.add_training_args(parser, learning_rate=None, learning_rate_help=(
+        "Learning rate; default: the paper's for the method (ETHER/ETHER+ 6e-3, OFT/Naive 6e-5, LoRA/HRA 6e-4)."))
+    training.add_checkpoint_args(parser)
+    training.add_validation_args(parser)
+    training.add_logging_args(parser)
+    args = training.parse_args(parser, argv)
+
+    training.check_common_args(args, required=("pretrained_model_name_or_path", "instance_data_dir", "instance_prompt"))
+    if args.learning_rate is None:
+        args.learning_rate = PAPER_LEARNING_RATES[args.method]
+    if args.with_prior_preservation:
+        if not args.class_prompt:
+            raise UserError("--with_prior_preservation needs --class_prompt (the prompt of the class images)")
+        if args.num_class_images < 1 or args.sample_batch_size < 1 or args.class_inference_steps < 1:
+            raise UserError("--num_class_images, --sample_batch_size and --class_inference_steps must be at least 1")
+        args.class_data_dir = args.class_data_dir or str(Path(args.output_dir, "class-images"))
+    elif args.class_data_dir or args.class_prompt:
+        logger.warning("--class_data_dir / --class_prompt are only used with --with_prior_preservation")
+    return args
+
+
+def load_models(args, model_path):
+    """Tokenizer, text encoder, VAE, UNet (frozen, on CPU, float32) and the training noise scheduler."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    kw = dict(revision=args.revision)
+    try:
+        tokenizer = CLIPTokenizer.from_pretrained(model_path, subfolder="tokenizer", **kw)
+        text_encoder = CLIPTextModel.from_pretrained(model_path, subfolder="text_encoder", variant=args.variant, **kw)
+        vae = AutoencoderKL.from_pretrained(model_path, subfolder="vae", variant=args.variant, **kw)
+        unet = UNet2DConditionModel.from_pretrained(model_path, subfolder="unet", variant=args.variant, **kw)
+        noise_scheduler = DDPMScheduler.from_pretrained(model_path, subfolder="scheduler", **kw)
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot load the model {args.pretrained_model_name_or_path!r}: {str(e).splitlines()[0]}") from None
+    for module in (text_encoder, vae, unet):
+        module.requires_grad_(False)
+    return tokenizer, text_encoder, vae, unet, noise_scheduler
+
+
+def prepare_class_images(args, accelerator, model_path) -> list[Path]:
+    """Generate the missing class images with the base model (a separate pipeline, freed afterwards)."""
+    if args.prior_generation_precision:
+        dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.prior_generation_precision]
+    else:
+        dtype = torch.float16 if accelerator.device.type == "cuda" else torch.float32
+
+    def load_base_pipeline():
+        return load_pipeline(model_path, device=accelerator.device, torch_dtype=dtype)
+
+    dreambooth_data.generate_class_images(
+        load_base_pipeline, args.class_data_dir, args.class_prompt, args.num_class_images,
+        sample_batch_size=args.sample_batch_size, num_inference_steps=args.class_inference_steps,
+        resolution=args.resolution, seed=args.seed or 0, accelerator=accelerator)
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    class_images = dreambooth_data.list_images(args.class_data_dir, what="class")[: args.num_class_images]
+    dreambooth_data.check_images(class_images)
+    return class_images
+
+
+@torch.no_grad()
+def encode_prompt(tokenizer, text_encoder, prompt: str, device) -> torch.Tensor:
+    ids = tokenizer(prompt, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                    return_tensors="pt").input_ids
+    return text_encoder(ids.to(device))[0]
+
+
+def validation_pipeline(accelerator, tokenizer, text_encoder, vae, unet, noise_scheduler):
+    """A pipeline around the in-memory modules: nothing is reloaded and nothing is cast."""
+    from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=accelerator.unwrap_model(unet),
+        scheduler=DPMSolverMultistepScheduler.from_config(noise_scheduler.config), safety_checker=None,
+        feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def export_merged_pipeline(model, adapter_file, out_dir):
+    """A stock diffusers pipeline folder (float32) with the adapter folded into the UNet weights."""
+    pipe = load_pipeline(model, adapter=adapter_file, merge=True)
+    pipe.save_pretrained(out_dir, safe_serialization=True)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    training.setup_logging()
+
+    # Everything that can be wrong with the input fails here, before a model is loaded.
+    instance_dir = dreambooth_data.resolve_instance_dir(args.instance_data_dir, args.output_dir)
+    instance_images = dreambooth_data.list_images(instance_dir, what="instance")
+    dreambooth_data.check_images(instance_images)
+    adapter_config = training.adapter_config_from_args(args)
+    resume_from = training.find_resume_checkpoint(args.output_dir, args.resume_from_checkpoint)
+    if resume_from is not None:
+        training.check_checkpoint_matches(resume_from, adapter_config)
+
+    accelerator = training.setup_accelerator(args)
+    if args.seed is not None:
+        from accelerate.utils import set_seed
+
+        set_seed(args.seed)
+    if accelerator.is_main_process:
+        Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+
+    # Models: frozen; the adapter must fit the UNet before class images are generated.
+    model_path = resolve_model_path(args.pretrained_model_name_or_path)
+    tokenizer, text_encoder, vae, unet, noise_scheduler = load_models(args, model_path)
+    training.check_adapter_fits(unet, adapter_config)
+    training.configure_prediction_type(noise_scheduler, args.prediction_type)
+
+    class_images = prepare_class_images(args, accelerator, model_path) if args.with_prior_preservation else None
+
+    # Frozen weights in the mixed-precision dtype; the adapter is injected afterwards, so it stays float32.
+    weight_dtype = training.weight_dtype_of(accelerator)
+    for module in (text_encoder, vae, unet):
+        module.to(accelerator.device, dtype=weight_dtype)
+    inject_adapters(unet, adapter_config)
+    if args.enable_xformers_memory_efficient_attention:
+        try:
+            unet.enable_xformers_memory_efficient_attention()
+        except (ImportError, ModuleNotFoundError, ValueError) as e:
+            raise UserError(f"--enable_xformers_memory_efficient_attention: {e}") from None
+    if args.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+
+    # The two prompts never change: encode them once.
+    instance_embeds = encode_prompt(tokenizer, text_encoder, args.instance_prompt, accelerator.device)
+    class_embeds = (encode_prompt(tokenizer, text_encoder, args.class_prompt, accelerator.device)
+                    if args.with_prior_preservation else None)
+
+    if args.scale_lr:
+        args.learning_rate *= args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes
+    optimizer = training.make_optimizer(args, [training.adapter_param_group(unet, adapter_config, args)])
+
+    dataset = dreambooth_data.SubjectDataset(instance_images, class_images, size=args.resolution,
+                                             center_crop=args.center_crop)
+    train_dataloader, sampler = training.resumable_dataloader(
+        dataset, training.shared_seed(accelerator, args.seed), batch_size=args.train_batch_size,
+        num_workers=args.dataloader_num_workers, collate_fn=dreambooth_data.collate_fn(args.with_prior_preservation))
+    # Plan with the per-process length the prepared (sharded) loader will have: the scheduler needs it now.
+    training.plan_steps(args, math.ceil(len(train_dataloader) / accelerator.num_processes))
+    lr_scheduler = training.make_lr_scheduler(args, optimizer, accelerator.num_processes)
+
+    unet, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(unet, optimizer, train_dataloader, lr_scheduler)
+    steps_per_epoch = training.plan_steps(args, len(train_dataloader))
+
+    if accelerator.is_main_process:
+        accelerator.init_trackers("dreambooth", config=training.tracker_config(args))
+
+    # Resume: adapter, optimizer, scheduler, RNG; the data order is a function of (seed, epoch).
+    global_step = 0
+    if resume_from is not None:
+        state = training.load_checkpoint(accelerator, resume_from, unet, optimizer, lr_scheduler, adapter_config)
+        global_step, sampler.seed = state["global_step"], state["data_seed"]
+        accelerator.print(f"resumed from {resume_from} at step {global_step}")
+    first_epoch = global_step // steps_per_epoch
+    train_log = training.TrainLog(Path(args.output_dir, training.TRAIN_LOG),
+                                  resume_step=global_step if resume_from else None) if accelerator.is_main_process else None
+    adapter_metadata = {"instance_prompt": args.instance_prompt, "class_prompt": args.class_prompt or "",
+                        "base_model": args.pretrained_model_name_or_path, "resolution": args.resolution}
+
+    def validate(step, prompts, name=None, tag="validation"):
+        pipe = validation_pipeline(accelerator, tokenizer, text_encoder, vae, unet, noise_scheduler)
+        with training.evaluation_mode(accelerator, unet):
+            grid, _ = sample_grid(pipe, prompts, args.num_validation_images, seed=args.seed or 0,
+                                  num_inference_steps=args.validation_inference_steps,
+                                  height=args.resolution, width=args.resolution)
+        return training.save_samples(accelerator, grid, args.output_dir, step, tag=tag, name=name)
+
+    logger.info("***** Running training *****")
+    logger.info(f"  Num examples = {len(dataset)}, batches per epoch = {len(train_dataloader)}")
+    logger.info(f"  Method = {args.method}, n_blocks = {args.n_blocks}, trainable parameters = "
+                f"{sum(p.numel() for p in unet.parameters() if p.requires_grad):,}")
+    logger.info(f"  Batch size per device = {args.train_batch_size}, accumulation = {args.gradient_accumulation_steps}")
+    logger.info(f"  Total optimization steps = {args.max_train_steps}, learning rate = {args.learning_rate:g}")
+
+    from tqdm.auto import tqdm
+
+    progress_bar = tqdm(range(args.max_train_steps), initial=global_step, desc="Steps",
+                        disable=not accelerator.is_local_main_process)
+    trainable = [p for p in unet.parameters() if p.requires_grad]
+    last_validation = None
+    unet.train()
+    for epoch in range(first_epoch, args.num_train_epochs):
+        # Skip what this epoch already consumed before the checkpoint, without loading it.
+        done = global_step - epoch * steps_per_epoch if epoch == first_epoch else 0
+        sampler.start_epoch(epoch, skip=done * args.gradient_accumulation_steps * args.train_batch_size
+                          * accelerator.num_processes)
+        step_loss = 0.0
+        for batch in train_dataloader:
+            with accelerator.accumulate(unet):
+                pixel_values = batch["pixel_values"].to(dtype=weight_dtype)
+                latents = vae.encode(pixel_values).latent_dist.sample() * vae.config.scaling_factor
+                n = batch["num_instance"]
+                embeds = instance_embeds.expand(n, -1, -1)
+                if args.with_prior_preservation:
+                    embeds = torch.cat([embeds, class_embeds.expand(n, -1, -1)])
+                noisy_latents, timesteps, target = training.noisy_latents_and_target(noise_scheduler, latents)
+                model_pred = unet(noisy_latents, timesteps, embeds).sample
+
+                if args.with_prior_preservation:
+                    # instances first, class images second (see dreambooth_data.collate_fn)
+                    model_pred, model_pred_prior = model_pred.float().chunk(2)
+                    target, target_prior = target.float().chunk(2)
+                    loss = (F.mse_loss(model_pred, target)
+                            + args.prior_loss_weight * F.mse_loss(model_pred_prior, target_prior))
+                else:
+                    loss = F.mse_loss(model_pred.float(), target.float())
+
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    accelerator.clip_grad_norm_(trainable, args.max_grad_norm)
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad()
+            step_loss += accelerator.gather(loss.detach()).mean().item() / args.gradient_accumulation_steps
+
+            if not accelerator.sync_gradients:
+                continue
+            # One optimizer step done.
+            global_step += 1
+            progress_bar.update(1)
+            logs = {"loss": step_loss, "lr": lr_scheduler.get_last_lr()[0]}
+            step_loss = 0.0
+            # (Per-step values from other helpers, e.g. the adapter's transformation distance, go into `logs`.)
+            progress_bar.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{logs['lr']:.2e}")
+            accelerator.log(logs, step=global_step)
+            if train_log is not None:
+                train_log.write(global_step, logs)
+
+            if global_step % args.checkpointing_steps == 0:
+                training.save_checkpoint(
+                    accelerator, args.output_dir, global_step, unet, optimizer, lr_scheduler,
+                    state={"epoch": epoch, "data_seed": sampler.seed, "method": args.method,
+                           "n_blocks": args.n_blocks, "args": vars(args)},
+                    total_limit=args.checkpoints_total_limit, adapter_metadata=adapter_metadata)
+            if args.validation_prompt and global_step % args.validation_steps == 0 and accelerator.is_main_process:
+                last_validation = (global_step, validate(global_step, args.validation_prompt))
+            if global_step >= args.max_train_steps:
+                break
+        if global_step >= args.max_train_steps:
+            break
+    progress_bar.close()
+
+    # The adapter, a final grid and (optionally) a merged pipeline.
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        adapter_file = save_adapter(accelerator.unwrap_model(unet), Path(args.output_dir, "adapter.safetensors"),
+                                    extra_metadata={**adapter_metadata, "steps": global_step})
+        final = Path(args.output_dir, training.SAMPLES_DIR, "final.png")
+        if last_validation is not None and last_validation[0] == global_step:
+            shutil.copyfile(last_validation[1], final)  # the same modules, prompts and seed: no need to sample twice
+        else:
+            validate(global_step, args.validation_prompt or [args.instance_prompt], name="final.png", tag="final")
+        accelerator.print(f"wrote {adapter_file} and {final}")
+        if args.export_merged:
+            export_merged_pipeline(model_path, adapter_file, args.export_merged)
+            accelerator.print(f"wrote a merged diffusers pipeline to {args.export_merged}")
+    accelerator.end_training()
+
+
+if __name__ == "__main__":
+    run_cli(main)
