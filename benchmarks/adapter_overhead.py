@@ -6,8 +6,8 @@ LoRA r=4, plus the activation memory autograd keeps for backward (bytes of saved
 storage; a device-independent stand-in for peak memory, and `torch.cuda.max_memory_allocated` on GPU).
 
 Variants: frozen Linear (input gradient only), LoRA r=4 (PEFT), ETHER and ETHER+ for n in {1, 4, 32},
-OFT n=4 (exact Cayley) and "dense-H ETHER": the paper's reference implementation, which builds the
-d x d block-diagonal H each step and multiplies the weight by it.
+OFT n=4 (exact Cayley) and "dense-H ETHER/ETHER+": the paper's reference implementation, which builds
+the block-diagonal H each step and multiplies the weight by it (`analysis.DenseETHERLinear`).
 
     python benchmarks/adapter_overhead.py              # SD-1.5 attention shapes + a mid-size UNet
     python benchmarks/adapter_overhead.py --quick      # fewer repeats
@@ -19,10 +19,9 @@ import time
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from ether_diffusion import AdapterConfig, inject_adapters
-from ether_diffusion.adapters.ether import ETHERLinear
+from ether_diffusion.analysis import use_dense_h
 
 # (name, in, out, tokens): SD-1.5 self-attention projections at the three widths and their token counts at
 # 512 px, and the cross-attention key/value projections from the 768-wide text embedding.
@@ -35,29 +34,15 @@ LAYER_SHAPES = [
 ]
 
 
-class DenseHETHER(nn.Module):
-    """ETHER as the paper's code computes it: build block-diagonal H (d x d), then W H, then F.linear."""
-
-    def __init__(self, base: nn.Linear, n_blocks: int):
-        super().__init__()
-        self.base = base.requires_grad_(False)
-        self.u = nn.Parameter(torch.randn(n_blocks, base.in_features // n_blocks))
-
-    def forward(self, x):
-        u = F.normalize(self.u, dim=-1)
-        k = u.shape[1]
-        blocks = torch.eye(k) - 2 * torch.einsum("ni,nj->nij", u, u)
-        h = torch.block_diag(*blocks)
-        return F.linear(x, self.base.weight @ h, self.base.bias)
-
-
 def variants_for(base: nn.Linear):
     """name -> module (wrapping a copy of `base`), in table order."""
 
-    def wrap(method, n=1):
+    def wrap(method, n=1, dense_h=False):
         holder = nn.Module()
         holder.layer = copy.deepcopy(base)
         inject_adapters(holder, AdapterConfig(method=method, n_blocks=n, target_modules=["layer"]))
+        if dense_h:
+            use_dense_h(holder)
         return holder.layer
 
     out = {"frozen": copy.deepcopy(base).requires_grad_(False), "lora r=4": wrap("lora")}
@@ -66,8 +51,9 @@ def variants_for(base: nn.Linear):
             out[f"ether n={n}"] = wrap("ether", n)
             out[f"ether+ n={n}"] = wrap("ether+", n)
     out["oft n=4"] = wrap("oft", 4)
-    out["dense-H ether n=1"] = DenseHETHER(copy.deepcopy(base), 1)
-    out["dense-H ether n=4"] = DenseHETHER(copy.deepcopy(base), 4)
+    for n in (1, 4):
+        out[f"dense-H ether n={n}"] = wrap("ether", n, dense_h=True)
+        out[f"dense-H ether+ n={n}"] = wrap("ether+", n, dense_h=True)
     return out
 
 

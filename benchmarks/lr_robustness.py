@@ -218,11 +218,10 @@ def markdown(args, rows, flops) -> str:
         "elementwise ops and `linalg.solve` count zero. *Dense H* is the paper's code path: build the "
         "block-diagonal H every step, multiply the weight, plain linear; its product costs `2·out·in²/n` and it "
         "needs the weight gradient (as costly as the layer's forward), so it falls with n towards a floor. Our "
-        "ETHER runs the reflection on the activations as two skinny matmuls with a (d × n) block-column matrix "
-        "that is zero off its blocks; FlopCounterMode counts those dense, `12·d·n` FLOPs per token and side "
-        "(fwd+bwd; `24·d·n` for ETHER+), which is why our counted cost rises slowly with n. The last column is "
-        "the arithmetic the reflections need (4·d per token and side forward for ETHER, 8·d for ETHER+, backward "
-        "2x): independent of n.",
+        "ETHER applies the reflection to the activations with elementwise ops (a dot product and a fused "
+        "multiply-add per block), which FlopCounterMode does not count, so its counted cost is the frozen "
+        "UNet's for every n. The last column adds what the counter leaves out: the arithmetic the reflections "
+        "need (4·d per token and side forward for ETHER, 8·d for ETHER+, backward 2x), also independent of n.",
         "",
         "| method | n | TFLOPs counted | essential reflection GFLOPs |",
         "|---|---|---|---|",

@@ -188,9 +188,8 @@ def essential_reflection_flops(model: nn.Module, run) -> int:
     `I - 2uu^T`, 8 for ETHER+'s `I - uu^T + vv^T`, independent of n; backward counted as twice forward.
 
     `run()` performs the step; tokens are read off the ETHER layers' inputs by forward hooks.
-    (Our `ETHERLinear` runs the reflection as two skinny matmuls with a (d, n) block-column matrix that
-    is mostly zeros; FlopCounterMode counts those dense, 12 d n FLOPs per token and side for fwd+bwd,
-    24 d n for ETHER+. That part grows with n; this count is what a block-sparse kernel would do.)"""
+    (FlopCounterMode counts matmul-like ops only, so it sees none of our elementwise reflection: this
+    count is the honest number to print beside it.)"""
     counts = []
 
     def hook(module, args):

@@ -117,9 +117,9 @@ def test_dense_h_cost_falls_with_n_and_ether_avoids_the_weight_gradient():
     assert dense[1] > dense[4] > dense[32]  # the paper's Table 1: W H costs 2 out in^2 / n
     for n in (1, 4, 32):
         assert dense[n] >= 2 * t * d * d  # dL/dW' = x^T dL/dy: as costly as the layer's forward
-        # ours has no weight-sized term: at most the two skinny (d x n) matmuls, fwd + bwd
-        assert ours[n] <= 12 * t * d * n
         assert ours[n] < dense[n]
+    # ours has no weight-sized term and no matmul at all: the same count for every n
+    assert ours[1] == ours[4] == ours[32]
 
 
 def test_dense_h_reference_computes_the_same_layer():
