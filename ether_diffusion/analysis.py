@@ -25,11 +25,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .adapters import AdapterConfig, adapter_modules, adapter_parameters, inject_adapters
+from .adapters import OWN_WRAPPERS, AdapterConfig, adapter_modules, adapter_parameters, inject_adapters
 from .adapters.ether import ETHERLinear
 from .adapters.oft import BlockDiagonalLinear
-
-OWN_WRAPPERS = (ETHERLinear, BlockDiagonalLinear)
 
 
 # ---------------------------------------------------------------------------------------------- per layer

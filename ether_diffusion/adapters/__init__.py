@@ -12,15 +12,16 @@ import torch
 import torch.nn as nn
 
 from ..errors import UserError
+from .base import AdapterLinear
 from .ether import ETHERLinear
 from .naive import NaiveLinear
-from .oft import BlockDiagonalLinear, OFTLinear
+from .oft import OFTLinear
 
 METHODS = ("ether", "ether+", "oft", "naive", "lora", "hra")
 PEFT_METHODS = ("lora", "hra")
 ATTENTION_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 CONTROL_TARGETS = ATTENTION_TARGETS + ("ff.net.0.proj",)
-OWN_WRAPPERS = (ETHERLinear, BlockDiagonalLinear)
+OWN_WRAPPERS = (AdapterLinear,)
 
 
 @dataclass

@@ -17,6 +17,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .base import AdapterLinear
+
 
 def _unit(vectors: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     # Normalise in float32 (the parameters' dtype) and only then cast to the activations' dtype, so fp16
@@ -60,7 +62,7 @@ def block_matrix(u: torch.Tensor, v: torch.Tensor | None = None) -> torch.Tensor
     return torch.block_diag(*blocks)
 
 
-class ETHERLinear(nn.Module):
+class ETHERLinear(AdapterLinear):
     """Wraps a frozen `nn.Linear`; `plus=False` is ETHER, `plus=True` is ETHER+.
 
     ETHER starts from a random reflection (the method: the transform is never the identity).
@@ -68,11 +70,8 @@ class ETHERLinear(nn.Module):
     """
 
     def __init__(self, base_layer: nn.Linear, n_blocks: int, plus: bool, generator=None):
-        super().__init__()
-        self.base_layer = base_layer
-        self.n_blocks = n_blocks
+        super().__init__(base_layer, n_blocks)
         self.plus = plus
-        base_layer.requires_grad_(False)
         d_in, d_out = base_layer.in_features, base_layer.out_features
         dev = base_layer.weight.device
 
@@ -85,15 +84,6 @@ class ETHERLinear(nn.Module):
             self.ether_v = nn.Parameter(self.ether_u.detach().clone())
             self.ether_u_out = nn.Parameter(random_vectors(d_out))
             self.ether_v_out = nn.Parameter(self.ether_u_out.detach().clone())
-
-    # The wrapper stands in for the Linear: code that reads `.weight`/`.bias` keeps working.
-    @property
-    def weight(self):
-        return self.base_layer.weight
-
-    @property
-    def bias(self):
-        return self.base_layer.bias
 
     def forward(self, x):
         w, b = self.base_layer.weight, self.base_layer.bias

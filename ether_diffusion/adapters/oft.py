@@ -9,26 +9,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .base import AdapterLinear
 
-class BlockDiagonalLinear(nn.Module):
+
+class BlockDiagonalLinear(AdapterLinear):
     """A frozen Linear whose input is multiplied by a block-diagonal `M` first: `W' = W M`.
 
     Subclasses define `block_matrices()` -> (n, k, k). Shared by OFT and Naive.
     """
-
-    def __init__(self, base_layer: nn.Linear, n_blocks: int):
-        super().__init__()
-        self.base_layer = base_layer
-        self.n_blocks = n_blocks
-        base_layer.requires_grad_(False)
-
-    @property
-    def weight(self):
-        return self.base_layer.weight
-
-    @property
-    def bias(self):
-        return self.base_layer.bias
 
     def block_matrices(self) -> torch.Tensor:
         raise NotImplementedError
@@ -42,9 +30,6 @@ class BlockDiagonalLinear(nn.Module):
 
     def input_transform(self) -> torch.Tensor:
         return torch.block_diag(*self.block_matrices().double())
-
-    def output_transform(self):
-        return None
 
     @torch.no_grad()
     def merged_weight(self) -> torch.Tensor:
