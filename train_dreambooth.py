@@ -13,15 +13,13 @@ Writes <output_dir>/adapter.safetensors (load it with ether_diffusion.load_adapt
 train_log.jsonl and TensorBoard logs; with --export_merged DIR also a stock diffusers pipeline folder.
 """
 import logging
-import math
-import shutil
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from ether_diffusion import dreambooth_data, training
-from ether_diffusion.adapters import inject_adapters
+from ether_diffusion.adapters import count_adapter_parameters
 from ether_diffusion.adapter_file import save_adapter
 from ether_diffusion.errors import UserError, run_cli
 from ether_diffusion.pipelines import load_pipeline
@@ -81,25 +79,6 @@ def parse_args(argv=None):
     return args
 
 
-def load_models(args, model_path):
-    """Tokenizer, text encoder, VAE, UNet (frozen, on CPU, float32) and the training noise scheduler."""
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
-
-    kw = dict(revision=args.revision)
-    try:
-        tokenizer = CLIPTokenizer.from_pretrained(model_path, subfolder="tokenizer", **kw)
-        text_encoder = CLIPTextModel.from_pretrained(model_path, subfolder="text_encoder", variant=args.variant, **kw)
-        vae = AutoencoderKL.from_pretrained(model_path, subfolder="vae", variant=args.variant, **kw)
-        unet = UNet2DConditionModel.from_pretrained(model_path, subfolder="unet", variant=args.variant, **kw)
-        noise_scheduler = DDPMScheduler.from_pretrained(model_path, subfolder="scheduler", **kw)
-    except (OSError, ValueError) as e:
-        raise UserError(f"cannot load the model {args.pretrained_model_name_or_path!r}: {str(e).splitlines()[0]}") from None
-    for module in (text_encoder, vae, unet):
-        module.requires_grad_(False)
-    return tokenizer, text_encoder, vae, unet, noise_scheduler
-
-
 def prepare_class_images(args, accelerator, model_path) -> list[Path]:
     """Generate the missing class images with the base model (a separate pipeline, freed afterwards)."""
     if args.prior_generation_precision:
@@ -119,25 +98,6 @@ def prepare_class_images(args, accelerator, model_path) -> list[Path]:
     class_images = dreambooth_data.list_images(args.class_data_dir, what="class")[: args.num_class_images]
     dreambooth_data.check_images(class_images)
     return class_images
-
-
-@torch.no_grad()
-def encode_prompt(tokenizer, text_encoder, prompt: str, device) -> torch.Tensor:
-    ids = tokenizer(prompt, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                    return_tensors="pt").input_ids
-    return text_encoder(ids.to(device))[0]
-
-
-def validation_pipeline(accelerator, tokenizer, text_encoder, vae, unet, noise_scheduler):
-    """A pipeline around the in-memory modules: nothing is reloaded and nothing is cast."""
-    from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
-
-    pipe = StableDiffusionPipeline(
-        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=accelerator.unwrap_model(unet),
-        scheduler=DPMSolverMultistepScheduler.from_config(noise_scheduler.config), safety_checker=None,
-        feature_extractor=None, requires_safety_checker=False)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
 
 
 def export_merged_pipeline(model, adapter_file, out_dir):
@@ -160,37 +120,18 @@ def main(argv=None):
         training.check_checkpoint_matches(resume_from, adapter_config)
 
     accelerator = training.setup_accelerator(args)
-    if args.seed is not None:
-        from accelerate.utils import set_seed
-
-        set_seed(args.seed)
-    if accelerator.is_main_process:
-        Path(args.output_dir).mkdir(parents=True, exist_ok=True)
-
     # Models: frozen; the adapter must fit the UNet before class images are generated.
     model_path = resolve_model_path(args.pretrained_model_name_or_path)
-    tokenizer, text_encoder, vae, unet, noise_scheduler = load_models(args, model_path)
-    training.check_adapter_fits(unet, adapter_config)
-    training.configure_prediction_type(noise_scheduler, args.prediction_type)
+    tokenizer, text_encoder, vae, unet, noise_scheduler = training.load_models(args, model_path, adapter_config)
 
     class_images = prepare_class_images(args, accelerator, model_path) if args.with_prior_preservation else None
 
     # Frozen weights in the mixed-precision dtype; the adapter is injected afterwards, so it stays float32.
-    weight_dtype = training.weight_dtype_of(accelerator)
-    for module in (text_encoder, vae, unet):
-        module.to(accelerator.device, dtype=weight_dtype)
-    inject_adapters(unet, adapter_config)
-    if args.enable_xformers_memory_efficient_attention:
-        try:
-            unet.enable_xformers_memory_efficient_attention()
-        except (ImportError, ModuleNotFoundError, ValueError) as e:
-            raise UserError(f"--enable_xformers_memory_efficient_attention: {e}") from None
-    if args.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
+    weight_dtype = training.inject_for_training(accelerator, args, adapter_config, text_encoder, vae, unet)
 
     # The two prompts never change: encode them once.
-    instance_embeds = encode_prompt(tokenizer, text_encoder, args.instance_prompt, accelerator.device)
-    class_embeds = (encode_prompt(tokenizer, text_encoder, args.class_prompt, accelerator.device)
+    instance_embeds = training.encode_prompt(tokenizer, text_encoder, args.instance_prompt, accelerator.device)
+    class_embeds = (training.encode_prompt(tokenizer, text_encoder, args.class_prompt, accelerator.device)
                     if args.with_prior_preservation else None)
 
     if args.scale_lr:
@@ -199,124 +140,55 @@ def main(argv=None):
 
     dataset = dreambooth_data.SubjectDataset(instance_images, class_images, size=args.resolution,
                                              center_crop=args.center_crop)
-    train_dataloader, sampler = training.resumable_dataloader(
-        dataset, training.shared_seed(accelerator, args.seed), batch_size=args.train_batch_size,
-        num_workers=args.dataloader_num_workers, collate_fn=dreambooth_data.collate_fn(args.with_prior_preservation))
-    # Plan with the per-process length the prepared (sharded) loader will have: the scheduler needs it now.
-    training.plan_steps(args, math.ceil(len(train_dataloader) / accelerator.num_processes))
-    lr_scheduler = training.make_lr_scheduler(args, optimizer, accelerator.num_processes)
-
-    unet, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(unet, optimizer, train_dataloader, lr_scheduler)
-    steps_per_epoch = training.plan_steps(args, len(train_dataloader))
-
-    if accelerator.is_main_process:
-        accelerator.init_trackers("dreambooth", config=training.tracker_config(args))
+    unet, optimizer, train_dataloader, sampler, lr_scheduler, steps_per_epoch = training.prepare_training(
+        accelerator, args, unet, optimizer, dataset, collate_fn=dreambooth_data.collate_fn(args.with_prior_preservation))
 
     # Resume: adapter, optimizer, scheduler, RNG; the data order is a function of (seed, epoch).
-    global_step = 0
-    if resume_from is not None:
-        state = training.load_checkpoint(accelerator, resume_from, unet, optimizer, lr_scheduler, adapter_config)
-        global_step, sampler.seed = state["global_step"], state["data_seed"]
-        accelerator.print(f"resumed from {resume_from} at step {global_step}")
-    first_epoch = global_step // steps_per_epoch
-    train_log = training.TrainLog(Path(args.output_dir, training.TRAIN_LOG),
-                                  resume_step=global_step if resume_from else None) if accelerator.is_main_process else None
+    global_step, train_log = training.start_run(accelerator, args, "dreambooth", resume_from, unet, optimizer,
+                                                lr_scheduler, sampler, adapter_config)
     adapter_metadata = {"instance_prompt": args.instance_prompt, "class_prompt": args.class_prompt or "",
                         "base_model": args.pretrained_model_name_or_path, "resolution": args.resolution}
 
-    def validate(step, prompts, name=None, tag="validation"):
-        pipe = validation_pipeline(accelerator, tokenizer, text_encoder, vae, unet, noise_scheduler)
-        with training.evaluation_mode(accelerator, unet):
-            grid, _ = sample_grid(pipe, prompts, args.num_validation_images, seed=args.seed or 0,
-                                  num_inference_steps=args.validation_inference_steps,
-                                  height=args.resolution, width=args.resolution)
-        return training.save_samples(accelerator, grid, args.output_dir, step, tag=tag, name=name)
+    def validate(step, prompts, **kw):
+        def draw(pipe):
+            return sample_grid(pipe, prompts, args.num_validation_images, seed=args.seed or 0,
+                               num_inference_steps=args.validation_inference_steps,
+                               height=args.resolution, width=args.resolution)[0]
 
-    logger.info("***** Running training *****")
-    logger.info(f"  Num examples = {len(dataset)}, batches per epoch = {len(train_dataloader)}")
-    logger.info(f"  Method = {args.method}, n_blocks = {args.n_blocks}, trainable parameters = "
-                f"{sum(p.numel() for p in unet.parameters() if p.requires_grad):,}")
-    logger.info(f"  Batch size per device = {args.train_batch_size}, accumulation = {args.gradient_accumulation_steps}")
-    logger.info(f"  Total optimization steps = {args.max_train_steps}, learning rate = {args.learning_rate:g}")
+        models = (tokenizer, text_encoder, vae, unet, noise_scheduler)
+        return training.validation_grid(accelerator, args, models, draw, step, **kw)
 
-    from tqdm.auto import tqdm
+    def compute_loss(batch):
+        latents = training.encode_latents(vae, batch["pixel_values"], weight_dtype)
+        n = batch["num_instance"]
+        embeds = instance_embeds.expand(n, -1, -1)
+        if args.with_prior_preservation:
+            embeds = torch.cat([embeds, class_embeds.expand(n, -1, -1)])
+        noisy_latents, timesteps, target = training.noisy_latents_and_target(noise_scheduler, latents)
+        model_pred = unet(noisy_latents, timesteps, embeds).sample
+        if not args.with_prior_preservation:
+            return F.mse_loss(model_pred.float(), target.float())
+        # instances first, class images second (see dreambooth_data.collate_fn)
+        model_pred, model_pred_prior = model_pred.float().chunk(2)
+        target, target_prior = target.float().chunk(2)
+        return F.mse_loss(model_pred, target) + args.prior_loss_weight * F.mse_loss(model_pred_prior, target_prior)
 
-    progress_bar = tqdm(range(args.max_train_steps), initial=global_step, desc="Steps",
-                        disable=not accelerator.is_local_main_process)
-    trainable = [p for p in unet.parameters() if p.requires_grad]
-    last_validation = None
-    unet.train()
-    for epoch in range(first_epoch, args.num_train_epochs):
-        # Skip what this epoch already consumed before the checkpoint, without loading it.
-        done = global_step - epoch * steps_per_epoch if epoch == first_epoch else 0
-        sampler.start_epoch(epoch, skip=done * args.gradient_accumulation_steps * args.train_batch_size
-                          * accelerator.num_processes)
-        step_loss = 0.0
-        for batch in train_dataloader:
-            with accelerator.accumulate(unet):
-                pixel_values = batch["pixel_values"].to(dtype=weight_dtype)
-                latents = vae.encode(pixel_values).latent_dist.sample() * vae.config.scaling_factor
-                n = batch["num_instance"]
-                embeds = instance_embeds.expand(n, -1, -1)
-                if args.with_prior_preservation:
-                    embeds = torch.cat([embeds, class_embeds.expand(n, -1, -1)])
-                noisy_latents, timesteps, target = training.noisy_latents_and_target(noise_scheduler, latents)
-                model_pred = unet(noisy_latents, timesteps, embeds).sample
-
-                if args.with_prior_preservation:
-                    # instances first, class images second (see dreambooth_data.collate_fn)
-                    model_pred, model_pred_prior = model_pred.float().chunk(2)
-                    target, target_prior = target.float().chunk(2)
-                    loss = (F.mse_loss(model_pred, target)
-                            + args.prior_loss_weight * F.mse_loss(model_pred_prior, target_prior))
-                else:
-                    loss = F.mse_loss(model_pred.float(), target.float())
-
-                accelerator.backward(loss)
-                if accelerator.sync_gradients:
-                    accelerator.clip_grad_norm_(trainable, args.max_grad_norm)
-                optimizer.step()
-                lr_scheduler.step()
-                optimizer.zero_grad()
-            step_loss += accelerator.gather(loss.detach()).mean().item() / args.gradient_accumulation_steps
-
-            if not accelerator.sync_gradients:
-                continue
-            # One optimizer step done.
-            global_step += 1
-            progress_bar.update(1)
-            logs = {"loss": step_loss, "lr": lr_scheduler.get_last_lr()[0]}
-            step_loss = 0.0
-            # (Per-step values from other helpers, e.g. the adapter's transformation distance, go into `logs`.)
-            progress_bar.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{logs['lr']:.2e}")
-            accelerator.log(logs, step=global_step)
-            if train_log is not None:
-                train_log.write(global_step, logs)
-
-            if global_step % args.checkpointing_steps == 0:
-                training.save_checkpoint(
-                    accelerator, args.output_dir, global_step, unet, optimizer, lr_scheduler,
-                    state={"epoch": epoch, "data_seed": sampler.seed, "method": args.method,
-                           "n_blocks": args.n_blocks, "args": vars(args)},
-                    total_limit=args.checkpoints_total_limit, adapter_metadata=adapter_metadata)
-            if args.validation_prompt and global_step % args.validation_steps == 0 and accelerator.is_main_process:
-                last_validation = (global_step, validate(global_step, args.validation_prompt))
-            if global_step >= args.max_train_steps:
-                break
-        if global_step >= args.max_train_steps:
-            break
-    progress_bar.close()
+    training.log_run_start(args, len(dataset), len(train_dataloader),
+                           {"Trainable adapter parameters": count_adapter_parameters(accelerator.unwrap_model(unet))})
+    global_step, last_validation = training.train_loop(
+        accelerator, args, unet, optimizer, lr_scheduler, train_dataloader, sampler, compute_loss,
+        global_step=global_step, steps_per_epoch=steps_per_epoch, train_log=train_log,
+        adapter_metadata=adapter_metadata,
+        validate=(lambda step: validate(step, args.validation_prompt)) if args.validation_prompt else None)
 
     # The adapter, a final grid and (optionally) a merged pipeline.
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         adapter_file = save_adapter(accelerator.unwrap_model(unet), Path(args.output_dir, "adapter.safetensors"),
                                     extra_metadata={**adapter_metadata, "steps": global_step})
-        final = Path(args.output_dir, training.SAMPLES_DIR, "final.png")
-        if last_validation is not None and last_validation[0] == global_step:
-            shutil.copyfile(last_validation[1], final)  # the same modules, prompts and seed: no need to sample twice
-        else:
-            validate(global_step, args.validation_prompt or [args.instance_prompt], name="final.png", tag="final")
+        final = training.save_final_grid(
+            args.output_dir, global_step, last_validation,
+            lambda step, **kw: validate(step, args.validation_prompt or [args.instance_prompt], **kw))
         accelerator.print(f"wrote {adapter_file} and {final}")
         if args.export_merged:
             export_merged_pipeline(model_path, adapter_file, args.export_merged)

@@ -13,15 +13,24 @@ Palette ambiguity: the palette gives road (label 7) and skyscraper (label 49) th
 (140, 140, 140). Labels -> colours is exact; colours -> labels maps that colour to road, the lower label
 value. A coloured map therefore cannot express "skyscraper"; the conditioning image is the same either way.
 
+Random crops come from the sample's own seed: items are looked up by `index` or by `(index, seed)` (the
+keys of `training.ResumableSampler`), and a crop drawn with `torch.Generator().manual_seed(seed)` does not
+depend on the global RNG, on data-loader workers or on which batches a resumed run skipped.
+
 Captions come from a caption file in the `metadata.jsonl` convention of datasets' imagefolder
 (`{"file_name": "ADE_train_00000001.jpg", "text": "..."}` per line; entries are matched by the image's file
 name, so one file can hold both splits). Without one, a caption is made from the class names present in the
 (cropped) map, largest area first: "a photo of wall, floor, bed".
+
+`builtin:tiny-ade20k` (a data folder value, see `resolve_data_dir`) is a tiny random folder in this layout
+that the S2I demo writes itself.
 """
 import csv
 import json
 import logging
-import random
+import os
+import shutil
+import tempfile
 from functools import lru_cache
 from pathlib import Path
 
@@ -39,6 +48,7 @@ NUM_CLASSES = 150  # label values 1..150; 0 is "other"
 PALETTE_FILE = Path(__file__).with_name("ade20k_palette.csv")
 SPLIT_DIRS = {"train": "training", "training": "training", "val": "validation", "validation": "validation"}
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+BUILTIN_TINY_ADE20K = "builtin:tiny-ade20k"  # a tiny ADE20K-layout folder the project writes itself (demo)
 
 
 # ----------------------------------------------------------------------------------------------- palette
@@ -107,18 +117,90 @@ def caption_from_labels(labels):
     return "a photo of " + ", ".join(names[label] for label in present) if present else "a photo"
 
 
-# ----------------------------------------------------------------------------------------------- dataset
-def _open_image(path):
+# ----------------------------------------------------------------------------------------------- maps
+def _open_image(path, decode=True):
+    """The image at `path`, decoded (or with `decode=False` only its header read: size and mode)."""
     try:
         image = Image.open(path)
-        image.load()
+        if decode:
+            image.load()
     except (UnidentifiedImageError, OSError) as e:
         raise UserError(f"{path}: cannot read image ({e})") from None
     return image
 
 
+def read_label_map(path, conditioning_is_rgb=False, expected_size=None) -> np.ndarray:
+    """An annotation file as (H, W) uint8 labels 0..150: a single-channel label PNG, or with
+    `conditioning_is_rgb` a map coloured in the palette (read back into labels). Every way it can be wrong
+    (unreadable, size differs from `expected_size` (its image's), a label above 150, a colour outside the
+    palette, an RGB file without the flag) is a UserError naming the file."""
+    annotation = _open_image(path)
+    if expected_size is not None and annotation.size != tuple(expected_size):
+        raise UserError(f"{path}: map size {annotation.size[0]}x{annotation.size[1]} differs from "
+                        f"its image's {expected_size[0]}x{expected_size[1]}")
+    if conditioning_is_rgb:
+        return colors_to_labels(np.asarray(annotation.convert("RGB")), source=str(path))
+    if annotation.mode not in ("L", "P", "I", "I;16"):
+        raise UserError(f"{path}: a {annotation.mode} image is not a label map of values 0..150 "
+                        f"(use --conditioning_is_rgb for coloured maps)")
+    labels = np.asarray(annotation, dtype=np.int64)
+    colorize(labels, source=str(path))  # range check only
+    return labels.astype(np.uint8)
+
+
+def crop_box(width, height, resolution, center=True, generator=None) -> tuple[int, int, int, int]:
+    """(top, left, resolution, resolution): centred, or random from `generator` (a torch.Generator;
+    None draws from torch's global RNG)."""
+    if center:
+        return (height - resolution) // 2, (width - resolution) // 2, resolution, resolution
+    top = int(torch.randint(0, height - resolution + 1, (1,), generator=generator))
+    left = int(torch.randint(0, width - resolution + 1, (1,), generator=generator))
+    return top, left, resolution, resolution
+
+
+def resize_and_crop(image, labels, resolution, center=True, generator=None):
+    """The same resize of the shorter side to `resolution` (bilinear for the image, nearest for the map,
+    so labels stay labels) and the same square crop (see `crop_box`) for both. `image` may be None."""
+    labels = TF.resize(labels, resolution, interpolation=InterpolationMode.NEAREST)
+    box = crop_box(labels.width, labels.height, resolution, center, generator)
+    if image is not None:
+        image = TF.crop(TF.resize(image, resolution, interpolation=InterpolationMode.BILINEAR), *box)
+    return image, TF.crop(labels, *box)
+
+
+def load_control_map(path, resolution, conditioning_is_rgb=False):
+    """A map file for validation or sampling: (coloured PIL map, labels), resized and centre-cropped to
+    `resolution` exactly as the dataset's centre crop does."""
+    _, labels = resize_and_crop(None, Image.fromarray(read_label_map(path, conditioning_is_rgb)), resolution)
+    labels = np.asarray(labels)
+    return Image.fromarray(colorize(labels)), labels
+
+
+# ----------------------------------------------------------------------------------------------- dataset
+
+
 def _list_images(folder):
     return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) if folder.is_dir() else []
+
+
+def resolve_data_dir(value, output_dir) -> Path:
+    """`builtin:tiny-ade20k` -> `<output_dir>/tiny-ade20k`, written there (once) by `write_tiny_ade20k`;
+    any other value is returned as a Path. The folder is written under a temporary name and renamed, so
+    processes that start together never read a half-written dataset."""
+    if value != BUILTIN_TINY_ADE20K:
+        return Path(value)
+    from .testing_ade20k import write_tiny_ade20k
+
+    folder = Path(output_dir, "tiny-ade20k")
+    if not folder.is_dir():
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=".tmp-tiny-ade20k-"))
+        write_tiny_ade20k(tmp, n_train=8, n_val=2, size=64)
+        try:
+            os.rename(tmp, folder)
+        except OSError:  # another process got there first: its folder is complete
+            shutil.rmtree(tmp, ignore_errors=True)
+    return folder
 
 
 def read_caption_file(path, known_file_names):
@@ -153,11 +235,14 @@ class ADE20KDataset(torch.utils.data.Dataset):
     """Image + colourised semantic map + caption, resized and cropped together to `resolution`.
 
     Every pair and the caption file are checked when the dataset is built, so layout mistakes stop a run
-    before training starts; per-image checks (a label above 150, a map whose size differs from its image,
-    an unknown colour in an RGB map) raise a UserError naming the file when the item is loaded.
+    before training starts. Per-image problems (a label above 150, a map whose size differs from its image,
+    an unknown colour in an RGB map) raise a UserError naming the file when the item is loaded, or all at
+    once in `check_maps()`, which a trainer calls before it writes anything.
 
-    Items: `pixel_values` (3, R, R) in [-1, 1], `conditioning_pixel_values` (3, R, R) in [0, 1],
-    `labels` (R, R) int64, `caption` (str) and, with a tokenizer, `input_ids` (padded to model_max_length).
+    Keys: `index`, or `(index, seed)` from `training.ResumableSampler`: a random crop (`center_crop=False`)
+    then comes from that seed alone. Items: `pixel_values` (3, R, R) in [-1, 1], `conditioning_pixel_values`
+    (3, R, R) in [0, 1], `labels` (R, R) int64, `caption` (str) and, with a tokenizer, `input_ids` (padded
+    to model_max_length).
     """
 
     def __init__(self, root, split="training", resolution=512, caption_file=None, conditioning_is_rgb=False,
@@ -207,42 +292,38 @@ class ADE20KDataset(torch.utils.data.Dataset):
 
     def load_labels(self, annotation_path, expected_size):
         """The annotation as a PIL "L" image of labels 0..150 (read back from colours with RGB maps)."""
-        annotation = _open_image(annotation_path)
-        if annotation.size != expected_size:
-            raise UserError(f"{annotation_path}: map size {annotation.size[0]}x{annotation.size[1]} differs from "
-                            f"its image's {expected_size[0]}x{expected_size[1]}")
-        if self.conditioning_is_rgb:
-            labels = colors_to_labels(np.asarray(annotation.convert("RGB")), source=str(annotation_path))
-        else:
-            if annotation.mode not in ("L", "P", "I", "I;16"):
-                raise UserError(f"{annotation_path}: a {annotation.mode} image is not a label map of values 0..150 "
-                                f"(use --conditioning_is_rgb for coloured maps)")
-            labels = np.asarray(annotation, dtype=np.int64)
-            colorize(labels, source=str(annotation_path))  # range check only
-        return Image.fromarray(labels.astype(np.uint8))
+        return Image.fromarray(read_label_map(annotation_path, self.conditioning_is_rgb, expected_size))
 
-    def resize_and_crop(self, image, labels):
-        """The same resize (bilinear for the image, nearest for the map) and crop for both."""
-        image = TF.resize(image, self.resolution, interpolation=InterpolationMode.BILINEAR)
-        labels = TF.resize(labels, self.resolution, interpolation=InterpolationMode.NEAREST)
-        height, width = image.height, image.width
-        if self.center_crop:
-            top, left = (height - self.resolution) // 2, (width - self.resolution) // 2
-        else:
-            top, left = random.randint(0, height - self.resolution), random.randint(0, width - self.resolution)
-        crop = (top, left, self.resolution, self.resolution)
-        return TF.crop(image, *crop), TF.crop(labels, *crop)
+    def check_maps(self, progress=False):
+        """Read every map once (labels, colours, size against its image's header) so that a bad file stops a
+        run before training starts; the images themselves are not decoded (ADE20K's 20k maps take about a
+        minute, the images would take several)."""
+        from tqdm.auto import tqdm
 
-    def __getitem__(self, index):
+        for image_path, annotation_path in tqdm(self.pairs, desc="Checking maps", disable=not progress):
+            with _open_image(image_path, decode=False) as image:
+                size = image.size
+            read_label_map(annotation_path, self.conditioning_is_rgb, size)
+
+    def caption_for(self, name, labels):
+        """The caption file's text for the image `name` (any suffix: a map's file name will do), or the
+        class names of `labels`, largest area first."""
+        stem = Path(name).stem
+        for suffix in IMAGE_SUFFIXES:
+            if stem + suffix in self.captions:
+                return self.captions[stem + suffix]
+        return caption_from_labels(labels)
+
+    def __getitem__(self, key):
+        index, seed = key if isinstance(key, tuple) else (key, None)
         image_path, annotation_path = self.pairs[index]
         image = _open_image(image_path).convert("RGB")
         labels = self.load_labels(annotation_path, image.size)
-        image, labels = self.resize_and_crop(image, labels)
+        generator = torch.Generator().manual_seed(seed) if seed is not None else None
+        image, labels = resize_and_crop(image, labels, self.resolution, center=self.center_crop, generator=generator)
         labels = np.asarray(labels)
 
-        caption = self.captions.get(image_path.name)
-        if caption is None:
-            caption = caption_from_labels(labels)
+        caption = self.caption_for(image_path.name, labels)
         item = {
             "pixel_values": TF.to_tensor(image) * 2.0 - 1.0,
             "conditioning_pixel_values": TF.to_tensor(colorize(labels)),

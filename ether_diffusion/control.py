@@ -262,3 +262,15 @@ def control_grid(control_images, generated, images_per_map: int = 1) -> Image.Im
         cells.append(control.convert("RGB").resize(size, Image.NEAREST))
         cells.extend(generated[i * images_per_map:(i + 1) * images_per_map])
     return image_grid(cells, rows=len(control_images), cols=1 + images_per_map)
+
+
+def sample_control_grid(s2i: S2IPipeline, prompts, control_images, num_images: int, seed: int = 0,
+                        num_inference_steps: int = 25, guidance_scale: float = 7.5, height=None, width=None):
+    """One row per map: map | `num_images` images generated from it and its prompt. Every row starts from
+    the same seed (a CPU generator, the same noise on any device), so the columns compare maps."""
+    images = []
+    for prompt, control in zip(prompts, control_images, strict=True):
+        generator = torch.Generator("cpu").manual_seed(seed)
+        images += s2i(prompt, control, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+                      generator=generator, height=height, width=width, num_images_per_prompt=num_images)
+    return control_grid(control_images, images, images_per_map=num_images)

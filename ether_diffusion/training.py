@@ -3,11 +3,15 @@
 - arguments: diffusers' `examples/` names and defaults in groups, plus `--method/--n_blocks/--target_modules`
   and `--config FILE.yaml` (keys = argument names; the command line wins);
 - accelerate set-up, logging, trackers (TensorBoard by default) and a plain `train_log.jsonl`;
-- the optimizer (no weight decay on ETHER/ETHER+), diffusers' LR schedulers, the step/epoch plan;
+- loading the frozen SD parts, the optimizer (no weight decay on ETHER/ETHER+), diffusers' LR schedulers,
+  the step/epoch plan;
 - the noise-prediction step: noisy latents and the `epsilon` / `v_prediction` target;
-- adapter-only checkpoints (`checkpoint-N/`: adapter, optimizer, scheduler, RNG), written atomically, pruned,
-  and exact resume: the data order is a function of (seed, epoch) and the batches already seen are skipped
-  without being loaded;
+- the optimizer-step loop itself (`train_loop`): a trainer supplies only its loss;
+- adapter-only checkpoints (`checkpoint-N/`: adapter, optimizer, scheduler, RNG, plus what a trainer adds,
+  e.g. the S2I control encoder), written atomically, pruned, and exact resume: the data order is a function
+  of (seed, epoch) and the batches already seen are skipped without being loaded;
+- loss, lr and every `--distance_logging_steps` the adapter's distances from the base model
+  (`analysis.adapter_distances`) to the trackers and `train_log.jsonl`;
 - validation grids saved as `samples/step-NNNNNN.png` and logged.
 
 Every bad value is a `UserError` (one line, exit 2 through `errors.run_cli`).
@@ -30,7 +34,7 @@ import yaml
 
 from .adapter_file import config_from_metadata, read_adapter_metadata, save_adapter
 from .adapters import (ATTENTION_TARGETS, METHODS, PEFT_METHODS, AdapterConfig, adapter_parameters, check_divisible,
-                       find_targets)
+                       find_targets, inject_adapters)
 from .errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -141,6 +145,9 @@ def add_logging_args(parser):
     g.add_argument("--logging_dir", type=str, default="logs", help="TensorBoard folder, relative to output_dir.")
     g.add_argument("--report_to", type=str, default="tensorboard",
                    help='"tensorboard" (default), "wandb", "comet_ml", "all" or "none".')
+    g.add_argument("--distance_logging_steps", type=int, default=50,
+                   help="Log the adapter's transformation and weight distances from the base model every X updates "
+                        "(0: never). ~10 s on CPU for SD-1.5, milliseconds on a GPU.")
 
 
 def add_validation_args(parser, validation_steps: int = 100):
@@ -151,6 +158,7 @@ def add_validation_args(parser, validation_steps: int = 100):
     g.add_argument("--validation_steps", type=int, default=validation_steps,
                    help="Sample a validation grid every X updates.")
     g.add_argument("--validation_inference_steps", type=int, default=25, help="Denoising steps of validation.")
+    return g
 
 
 def parse_args(parser: argparse.ArgumentParser, argv=None) -> argparse.Namespace:
@@ -246,8 +254,9 @@ def check_common_args(args, required=("pretrained_model_name_or_path",)):
         raise UserError(f"--seed must be a non-negative integer, got {args.seed}")
     if args.learning_rate is not None and args.learning_rate <= 0:
         raise UserError(f"--learning_rate must be positive, got {args.learning_rate}")
-    if args.lr_warmup_steps < 0 or args.dataloader_num_workers < 0:
-        raise UserError("--lr_warmup_steps and --dataloader_num_workers cannot be negative")
+    for name in ("lr_warmup_steps", "dataloader_num_workers", "distance_logging_steps"):
+        if getattr(args, name) < 0:
+            raise UserError(f"--{name} cannot be negative, got {getattr(args, name)}")
     if not args.target_modules:
         raise UserError("--target_modules is empty")
 
@@ -263,6 +272,71 @@ def check_adapter_fits(model: torch.nn.Module, cfg: AdapterConfig):
     if cfg.method not in PEFT_METHODS:
         for name, layer in targets:
             check_divisible(name, layer, cfg)
+
+
+# ============================================================================================ models
+def load_models(args, model_path, adapter_config: AdapterConfig):
+    """Tokenizer, text encoder, VAE, UNet (frozen, on CPU, float32) and the training noise scheduler, with its
+    training target set (`--prediction_type`); the adapter is checked to fit the UNet (not injected yet)."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    kw = dict(revision=args.revision)
+    try:
+        tokenizer = CLIPTokenizer.from_pretrained(model_path, subfolder="tokenizer", **kw)
+        text_encoder = CLIPTextModel.from_pretrained(model_path, subfolder="text_encoder", variant=args.variant, **kw)
+        vae = AutoencoderKL.from_pretrained(model_path, subfolder="vae", variant=args.variant, **kw)
+        unet = UNet2DConditionModel.from_pretrained(model_path, subfolder="unet", variant=args.variant, **kw)
+        noise_scheduler = DDPMScheduler.from_pretrained(model_path, subfolder="scheduler", **kw)
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot load the model {args.pretrained_model_name_or_path!r}: {str(e).splitlines()[0]}") from None
+    for module in (text_encoder, vae, unet):
+        module.requires_grad_(False)
+    check_adapter_fits(unet, adapter_config)
+    configure_prediction_type(noise_scheduler, args.prediction_type)
+    return tokenizer, text_encoder, vae, unet, noise_scheduler
+
+
+def inject_for_training(accelerator, args, adapter_config: AdapterConfig, text_encoder, vae, unet) -> torch.dtype:
+    """Frozen weights to the device in the mixed-precision dtype, then the adapters (injected afterwards, so
+    they stay float32), xformers and gradient checkpointing as asked. Returns the frozen weights' dtype."""
+    weight_dtype = weight_dtype_of(accelerator)
+    for module in (text_encoder, vae, unet):
+        module.to(accelerator.device, dtype=weight_dtype)
+    inject_adapters(unet, adapter_config)
+    if args.enable_xformers_memory_efficient_attention:
+        try:
+            unet.enable_xformers_memory_efficient_attention()
+        except (ImportError, ModuleNotFoundError, ValueError) as e:
+            raise UserError(f"--enable_xformers_memory_efficient_attention: {e}") from None
+    if args.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    return weight_dtype
+
+
+@torch.no_grad()
+def encode_prompt(tokenizer, text_encoder, prompt, device) -> torch.Tensor:
+    """Text embeddings of one prompt (1, 77, d) or a list of prompts (B, 77, d)."""
+    ids = tokenizer(prompt, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                    return_tensors="pt").input_ids
+    return text_encoder(ids.to(device))[0]
+
+
+def validation_pipeline(accelerator, tokenizer, text_encoder, vae, unet, noise_scheduler):
+    """A pipeline around the in-memory modules: nothing is reloaded and nothing is cast."""
+    from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=accelerator.unwrap_model(unet),
+        scheduler=DPMSolverMultistepScheduler.from_config(noise_scheduler.config), safety_checker=None,
+        feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def encode_latents(vae, pixel_values, weight_dtype) -> torch.Tensor:
+    """Images in [-1, 1] -> scaled VAE latents (sampled from the posterior, with torch's global RNG)."""
+    return vae.encode(pixel_values.to(dtype=weight_dtype)).latent_dist.sample() * vae.config.scaling_factor
 
 
 def tracker_config(args) -> dict:
@@ -282,7 +356,8 @@ def setup_logging():
 
 
 def setup_accelerator(args):
-    """An `Accelerator` writing trackers to output_dir/logging_dir, quiet library logs on every process."""
+    """An `Accelerator` writing trackers to output_dir/logging_dir, quiet library logs on every process; seeds
+    everything with `--seed` and creates output_dir (main process)."""
     import diffusers
     import transformers
     from accelerate import Accelerator
@@ -303,6 +378,12 @@ def setup_accelerator(args):
     diffusers.utils.logging.disable_progress_bar()
     if args.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
+    if args.seed is not None:
+        from accelerate.utils import set_seed
+
+        set_seed(args.seed)
+    if accelerator.is_main_process:
+        Path(args.output_dir).mkdir(parents=True, exist_ok=True)
     return accelerator
 
 
@@ -365,6 +446,19 @@ def make_lr_scheduler(args, optimizer, num_processes: int):
     return get_scheduler(args.lr_scheduler, optimizer, num_warmup_steps=args.lr_warmup_steps * num_processes,
                          num_training_steps=args.max_train_steps * num_processes, num_cycles=args.lr_num_cycles,
                          power=args.lr_power)
+
+
+def prepare_training(accelerator, args, model, optimizer, dataset, collate_fn=None):
+    """The resumable loader over `dataset`, the step plan, the LR schedule, and `accelerator.prepare`.
+    Returns (model, optimizer, dataloader, sampler, lr_scheduler, steps_per_epoch)."""
+    dataloader, sampler = resumable_dataloader(dataset, shared_seed(accelerator, args.seed), args.train_batch_size,
+                                               num_workers=args.dataloader_num_workers, collate_fn=collate_fn)
+    # Plan with the per-process length the prepared (sharded) loader will have: the scheduler needs it now.
+    plan_steps(args, math.ceil(len(dataloader) / accelerator.num_processes))
+    lr_scheduler = make_lr_scheduler(args, optimizer, accelerator.num_processes)
+    model, optimizer, dataloader, lr_scheduler = accelerator.prepare(model, optimizer, dataloader, lr_scheduler)
+    steps_per_epoch = plan_steps(args, len(dataloader))
+    return model, optimizer, dataloader, sampler, lr_scheduler, steps_per_epoch
 
 
 # ============================================================================================ the diffusion step
@@ -523,12 +617,13 @@ def check_checkpoint_matches(checkpoint: Path, cfg: AdapterConfig):
 
 
 def save_checkpoint(accelerator, output_dir, step: int, model, optimizer, lr_scheduler, state: dict,
-                    total_limit: int | None = None, adapter_metadata: dict | None = None) -> Path:
+                    total_limit: int | None = None, adapter_metadata: dict | None = None, save_extra=None) -> Path:
     """Write `checkpoint-<step>/` atomically and prune to `total_limit`.
 
     Everything goes to `checkpoint-<step>.tmp/` first (state.json last), which is then renamed: a crash during
     the save leaves the older checkpoints intact and `latest` only ever sees complete folders. Adapter-only:
-    the frozen model is not saved (SD-1.5 would be 3.4 GB per checkpoint).
+    the frozen model is not saved (SD-1.5 would be 3.4 GB per checkpoint). `save_extra(folder)` (main process)
+    writes whatever else a trainer trains, e.g. the S2I control encoder.
     """
     output_dir = Path(output_dir)
     final = output_dir / f"checkpoint-{step}"
@@ -544,6 +639,8 @@ def save_checkpoint(accelerator, output_dir, step: int, model, optimizer, lr_sch
         torch.save(lr_scheduler.state_dict(), tmp / "scheduler.pt")
         if accelerator.scaler is not None:
             torch.save(accelerator.scaler.state_dict(), tmp / "scaler.pt")
+        if save_extra is not None:
+            save_extra(tmp)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         (tmp / CHECKPOINT_STATE).write_text(json.dumps({"global_step": step, **state}, indent=2, default=str))
@@ -577,8 +674,10 @@ def prune_checkpoints(output_dir, total_limit: int | None):
         shutil.rmtree(path)
 
 
-def load_checkpoint(accelerator, checkpoint: Path, model, optimizer, lr_scheduler, cfg: AdapterConfig) -> dict:
-    """Restore adapter, optimizer, scheduler, grad scaler and RNG; returns the saved state (global_step...)."""
+def load_checkpoint(accelerator, checkpoint: Path, model, optimizer, lr_scheduler, cfg: AdapterConfig,
+                    load_extra=None) -> dict:
+    """Restore adapter, optimizer, scheduler, grad scaler and RNG (and `load_extra(folder)`: what `save_extra`
+    wrote); returns the saved state (global_step...)."""
     from .adapter_file import load_adapter
 
     def load(name):
@@ -586,6 +685,8 @@ def load_checkpoint(accelerator, checkpoint: Path, model, optimizer, lr_schedule
 
     state = json.loads((checkpoint / CHECKPOINT_STATE).read_text())
     load_adapter(accelerator.unwrap_model(model), checkpoint / "adapter.safetensors", config=cfg)
+    if load_extra is not None:
+        load_extra(checkpoint)
     optimizer.load_state_dict(load("optimizer.pt"))
     lr_scheduler.load_state_dict(load("scheduler.pt"))
     if accelerator.scaler is not None and (checkpoint / "scaler.pt").is_file():
@@ -635,6 +736,18 @@ def log_image(accelerator, tag: str, image, step: int):
             tracker.log({tag: wandb.Image(image)}, step=step)
 
 
+def validation_grid(accelerator, args, models, draw, step: int, tag: str = "validation", name: str | None = None) -> Path:
+    """Sample from the training modules as they are and save the grid (see `save_samples`).
+
+    `models` = (tokenizer, text_encoder, vae, unet, noise_scheduler); `draw(pipe) -> PIL grid` samples from a
+    `validation_pipeline` around them, in `evaluation_mode` (no grad, autocast, nothing cast)."""
+    tokenizer, text_encoder, vae, unet, noise_scheduler = models
+    pipe = validation_pipeline(accelerator, tokenizer, text_encoder, vae, unet, noise_scheduler)
+    with evaluation_mode(accelerator, unet):
+        grid = draw(pipe)
+    return save_samples(accelerator, grid, args.output_dir, step, tag=tag, name=name)
+
+
 def save_samples(accelerator, grid, output_dir, step: int, tag: str = "validation", name: str | None = None) -> Path:
     """`samples/step-NNNNNN.png` (or `samples/<name>`), also logged to the trackers."""
     path = Path(output_dir, SAMPLES_DIR, name or f"step-{step:06d}.png")
@@ -642,3 +755,115 @@ def save_samples(accelerator, grid, output_dir, step: int, tag: str = "validatio
     grid.save(path)
     log_image(accelerator, tag, grid, step)
     return path
+
+
+# ============================================================================================ the run
+def start_run(accelerator, args, project: str, resume_from, model, optimizer, lr_scheduler, sampler,
+              cfg: AdapterConfig, load_extra=None):
+    """Trackers, then resume (adapter, optimizer, scheduler, RNG, data seed) if asked, then the train log.
+    Returns (global_step, train_log); train_log is None off the main process."""
+    if accelerator.is_main_process:
+        accelerator.init_trackers(project, config=tracker_config(args))
+    global_step = 0
+    if resume_from is not None:
+        state = load_checkpoint(accelerator, resume_from, model, optimizer, lr_scheduler, cfg, load_extra=load_extra)
+        global_step, sampler.seed = state["global_step"], state["data_seed"]
+        accelerator.print(f"resumed from {resume_from} at step {global_step}")
+    train_log = None
+    if accelerator.is_main_process:
+        train_log = TrainLog(Path(args.output_dir, TRAIN_LOG), resume_step=global_step if resume_from else None)
+    return global_step, train_log
+
+
+def log_run_start(args, num_examples: int, batches_per_epoch: int, parameter_counts: dict[str, int]):
+    logger.info("***** Running training *****")
+    logger.info(f"  Num examples = {num_examples}, batches per epoch = {batches_per_epoch}")
+    logger.info(f"  Method = {args.method}, n_blocks = {args.n_blocks}, targets = {','.join(args.target_modules)}")
+    for what, count in parameter_counts.items():
+        logger.info(f"  {what} = {count:,}")
+    logger.info(f"  Batch size per device = {args.train_batch_size}, accumulation = {args.gradient_accumulation_steps}")
+    logger.info(f"  Total optimization steps = {args.max_train_steps}, learning rate = {args.learning_rate:g}")
+
+
+def adapter_distance_logs(accelerator, model) -> dict[str, float]:
+    """`analysis.adapter_distances` of the unwrapped model: transform_distance, transform_distance_per_block
+    (not for LoRA, which is additive) and weight_distance."""
+    from .analysis import adapter_distances
+
+    return adapter_distances(accelerator.unwrap_model(model))
+
+
+def train_loop(accelerator, args, model, optimizer, lr_scheduler, dataloader, sampler, compute_loss, *,
+               global_step: int, steps_per_epoch: int, train_log=None, adapter_metadata=None, save_extra=None,
+               validate=None):
+    """The optimizer-step loop both trainers share; returns (global_step, last_validation).
+
+    `compute_loss(batch)` returns the loss of one micro-batch (called inside `accelerator.accumulate`).
+    After each optimizer step: loss and lr (and every `--distance_logging_steps` the adapter distances) go to
+    the trackers and `train_log`; every `--checkpointing_steps` a checkpoint is saved (with `save_extra`);
+    every `--validation_steps` the main process calls `validate(step) -> Path`, and `last_validation` is
+    (step, path) of the last such grid, or None.
+    """
+    from tqdm.auto import tqdm
+
+    progress_bar = tqdm(range(args.max_train_steps), initial=global_step, desc="Steps",
+                        disable=not accelerator.is_local_main_process)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    last_validation = None
+    model.train()
+    for epoch in range(global_step // steps_per_epoch, args.num_train_epochs):
+        if global_step >= args.max_train_steps:
+            break
+        # Skip what this epoch already consumed before the checkpoint, without loading it.
+        done = global_step - epoch * steps_per_epoch
+        sampler.start_epoch(epoch, skip=done * args.gradient_accumulation_steps * args.train_batch_size
+                            * accelerator.num_processes)
+        step_loss = 0.0
+        for batch in dataloader:
+            with accelerator.accumulate(model):
+                loss = compute_loss(batch)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    accelerator.clip_grad_norm_(trainable, args.max_grad_norm)
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad()
+            step_loss += accelerator.gather(loss.detach()).mean().item() / args.gradient_accumulation_steps
+
+            if not accelerator.sync_gradients:
+                continue
+            # One optimizer step done.
+            global_step += 1
+            progress_bar.update(1)
+            logs = {"loss": step_loss, "lr": lr_scheduler.get_last_lr()[0]}
+            step_loss = 0.0
+            if args.distance_logging_steps and global_step % args.distance_logging_steps == 0 and accelerator.is_main_process:
+                logs.update(adapter_distance_logs(accelerator, model))
+            progress_bar.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{logs['lr']:.2e}")
+            accelerator.log(logs, step=global_step)
+            if train_log is not None:
+                train_log.write(global_step, logs)
+
+            if global_step % args.checkpointing_steps == 0:
+                save_checkpoint(accelerator, args.output_dir, global_step, model, optimizer, lr_scheduler,
+                                state={"epoch": epoch, "data_seed": sampler.seed, "method": args.method,
+                                       "n_blocks": args.n_blocks, "args": vars(args)},
+                                total_limit=args.checkpoints_total_limit, adapter_metadata=adapter_metadata,
+                                save_extra=save_extra)
+            if validate is not None and global_step % args.validation_steps == 0 and accelerator.is_main_process:
+                last_validation = (global_step, validate(global_step))
+            if global_step >= args.max_train_steps:
+                break
+    progress_bar.close()
+    return global_step, last_validation
+
+
+def save_final_grid(output_dir, global_step: int, last_validation, validate) -> Path:
+    """`samples/final.png`: a copy of the last validation grid if it was made at the final step (the same
+    modules, inputs and seed: no need to sample twice), else `validate(step, name=..., tag="final")`."""
+    final = Path(output_dir, SAMPLES_DIR, "final.png")
+    if last_validation is not None and last_validation[0] == global_step:
+        shutil.copyfile(last_validation[1], final)
+    else:
+        validate(global_step, name=final.name, tag="final")
+    return final

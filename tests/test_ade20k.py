@@ -3,10 +3,11 @@ import json
 import numpy as np
 import pytest
 import torch
+import torchvision.transforms.functional as TF
 from PIL import Image
 
 from ether_diffusion.ade20k import (NUM_CLASSES, ADE20KDataset, caption_from_labels, colorize, colors_to_labels,
-                                    load_palette)
+                                    load_control_map, load_palette)
 from ether_diffusion.errors import UserError
 from ether_diffusion.testing_ade20k import write_tiny_ade20k
 
@@ -131,6 +132,27 @@ def test_image_and_map_get_the_same_resize_and_crop(ade):
             assert diff.numel() > 100 and diff.max() < 0.02
 
 
+def test_random_crops_come_from_the_sample_seed_alone(ade):
+    labels = np.ones((40, 80), dtype=np.uint8)
+    labels[:, 40:] = 8
+    labels[:, 70:] = 3
+    (ade / "images/training/ADE_train_00000001.jpg").unlink()
+    _write_pair(ade, "ADE_train_00000001", colorize(labels), labels)
+    ds = ADE20KDataset(ade, "train", resolution=20, center_crop=False)
+    crops = [ds[(0, seed)] for seed in range(8)]
+    assert any(not torch.equal(crops[0]["labels"], c["labels"]) for c in crops[1:])  # the crops differ
+    torch.manual_seed(123)  # the global RNG plays no part: a resumed run or another worker sees the same crop
+    again = ds[(0, 3)]
+    assert torch.equal(again["labels"], crops[3]["labels"]) and torch.equal(again["pixel_values"], crops[3]["pixel_values"])
+
+
+def test_load_control_map_is_the_datasets_centre_crop(ade):
+    ds = ADE20KDataset(ade, "train", resolution=32)
+    control, labels = load_control_map(ds.pairs[1][1], 32)
+    assert np.array_equal(labels, ds[1]["labels"].numpy())
+    assert torch.equal(TF.to_tensor(control), ds[1]["conditioning_pixel_values"])
+
+
 def test_conditioning_is_rgb_reads_coloured_maps(ade, tmp_path):
     plain = ADE20KDataset(ade, "train", resolution=32)
     expected = [plain[i] for i in range(len(plain))]
@@ -154,6 +176,8 @@ def test_label_above_150_names_the_file(ade):
     ds[0]
     with pytest.raises(UserError, match="ADE_train_00000002.png: label 151 is above 150"):
         ds[1]
+    with pytest.raises(UserError, match="ADE_train_00000002.png: label 151 is above 150"):
+        ds.check_maps()  # what a trainer calls before it writes anything
 
 
 def test_image_without_annotation_is_named(ade):
@@ -167,6 +191,8 @@ def test_map_size_differs_from_image(ade):
     ds = ADE20KDataset(ade, "train", resolution=32)
     with pytest.raises(UserError, match="ADE_train_00000001.png: map size 64x48 differs from its image's 64x64"):
         ds[0]
+    with pytest.raises(UserError, match="ADE_train_00000001.png: map size 64x48 differs from its image's 64x64"):
+        ds.check_maps()
 
 
 def test_unknown_colour_in_rgb_map_names_the_file(ade):

@@ -1,11 +1,7 @@
 """train_dreambooth.py: real `accelerate launch` runs on the tiny model (few, 32 px, a few steps), every bad
 input in-process (exit code 2, one line), and the DreamBooth data code."""
-import importlib.util
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,33 +10,24 @@ import torch
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
+from trainer_helpers import REPO, TINY, import_script, stop_and_resume
+from trainer_helpers import fails as fails_in_process
+from trainer_helpers import launch as launch_script
 
 from ether_diffusion import dreambooth_data
 from ether_diffusion.demo_subject import draw_demo_subject, write_demo_subject
-from ether_diffusion.errors import UserError, run_cli
+from ether_diffusion.errors import UserError
 
-REPO = Path(__file__).resolve().parents[1]
 DOG = REPO.parent / "shared" / "datasets" / "dreambooth" / "dog"
-TINY = "builtin:tiny-sd"
 
 
 def launch(*args, timeout=300):
-    """`accelerate launch train_dreambooth.py ...` as `make demo` runs it; returns the finished process."""
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "train_dreambooth.py", *map(str, args)]
-    # One thread: tiny models run faster so, and two runs that must agree to 1e-6 use the same kernels.
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return proc
+    return launch_script("train_dreambooth.py", *args, timeout=timeout)
 
 
 @pytest.fixture(scope="module")
 def script():
-    spec = importlib.util.spec_from_file_location("train_dreambooth", REPO / "train_dreambooth.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return import_script("train_dreambooth")
 
 
 @pytest.fixture
@@ -58,7 +45,7 @@ def test_demo_config_with_prior_preservation_and_validation(tmp_path):
     launch("--config", "configs/dreambooth/demo.yaml", "--output_dir", out, "--max_train_steps", 4,
            "--validation_steps", 2, "--num_validation_images", 2, "--validation_inference_steps", 2,
            "--num_class_images", 2, "--sample_batch_size", 2, "--class_inference_steps", 2, "--checkpointing_steps", 3,
-           "--mixed_precision", "bf16")
+           "--mixed_precision", "bf16", "--distance_logging_steps", 2)
     # the drawn subject and the generated class images are saved for the next run
     assert len(list((out / "demo-subject").glob("*.png"))) == 5
     assert len(list((out / "class-images").glob("*.jpg"))) == 2
@@ -76,6 +63,9 @@ def test_demo_config_with_prior_preservation_and_validation(tmp_path):
     assert [p.name for p in out.glob("checkpoint-*")] == ["checkpoint-3"]
     log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
     assert [d["step"] for d in log] == [1, 2, 3, 4] and all(d["loss"] > 0 and d["lr"] == 6e-3 for d in log)
+    # the adapter's distances from the base model every 2 steps; ETHER+ starts at the identity and moves
+    assert [("transform_distance" in d) for d in log] == [False, True, False, True]
+    assert 0 < log[1]["transform_distance"] < log[3]["transform_distance"] and log[3]["weight_distance"] > 0
     # TensorBoard by default: loss, lr and the grids
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -83,6 +73,7 @@ def test_demo_config_with_prior_preservation_and_validation(tmp_path):
     scalars = {tag: len(e.Scalars(tag)) for e in events for tag in e.Tags()["scalars"]}
     images = {tag: len(e.Images(tag)) for e in events for tag in e.Tags()["images"]}
     assert scalars["loss"] == 4 and scalars["lr"] == 4
+    assert scalars["transform_distance"] == 2 and scalars["transform_distance_per_block"] == 2
     assert images["validation"] == 2
 
 
@@ -96,16 +87,7 @@ def resumed_runs(tmp_path_factory):
               "--max_train_steps", 6, "--checkpointing_steps", 2, "--checkpoints_total_limit", 2,
               "--lr_scheduler", "linear", "--lr_warmup_steps", 2, "--learning_rate", "1e-2", "--seed", 3,
               "--method", "ether+", "--n_blocks", 2, "--report_to", "none"]
-    full = root / "full"
-    launch(*common, "--output_dir", full)
-    # "Stop" the run after step 4: what it would have left behind is the full run's checkpoint-4.
-    stopped = root / "stopped"
-    stopped.mkdir()
-    shutil.copytree(full / "checkpoint-4", stopped / "checkpoint-4")
-    lines = (full / "train_log.jsonl").read_text().splitlines()
-    (stopped / "train_log.jsonl").write_text("\n".join(lines[:5]) + "\n")  # a crash after step 5's log line
-    launch(*common, "--output_dir", stopped, "--resume_from_checkpoint", "latest")
-    return full, stopped
+    return stop_and_resume("train_dreambooth.py", common, root)
 
 
 def test_checkpoints_are_pruned_to_the_limit(resumed_runs):
@@ -158,15 +140,7 @@ def test_real_photos_of_mixed_sizes_train_and_export_a_stock_pipeline(tmp_path):
 
 # ------------------------------------------------------------------------------------------ bad input
 def fails(script, argv, capsys) -> str:
-    """Run main in-process: must exit 2 with a one-line error and no traceback; returns the line."""
-    with pytest.raises(SystemExit) as e:
-        run_cli(script.main, [str(a) for a in argv])
-    assert e.value.code == 2
-    err = capsys.readouterr().err
-    assert "Traceback" not in err
-    last = err.strip().splitlines()[-1]
-    assert last.startswith("error: ")
-    return last
+    return fails_in_process(script.main, argv, capsys)
 
 
 def base_args(instance_dir, out):

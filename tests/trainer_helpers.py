@@ -1,0 +1,62 @@
+"""What the trainer tests share: a real `accelerate launch` and the in-process bad-input check."""
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ether_diffusion.errors import run_cli
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = "builtin:tiny-sd"
+
+
+def launch(script: str, *args, timeout=300):
+    """`accelerate launch <script> ...` as `make demo` runs it; returns the finished process."""
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", script, *map(str, args)]
+    # One thread: tiny models run faster so, other processes share the machine, and two runs that must agree
+    # to 1e-6 use the same kernels.
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc
+
+
+def stop_and_resume(script: str, common, root: Path) -> tuple[Path, Path]:
+    """A 6-step run in root/full, and the same run "stopped" after step 4 and resumed in root/stopped: what the
+    stopped run would have left behind is the full run's checkpoint-4 and its log up to step 5 (a crash after
+    step 5's log line). `common` must save a checkpoint at step 4."""
+    full = root / "full"
+    launch(script, *common, "--output_dir", full)
+    stopped = root / "stopped"
+    stopped.mkdir()
+    shutil.copytree(full / "checkpoint-4", stopped / "checkpoint-4")
+    lines = (full / "train_log.jsonl").read_text().splitlines()
+    (stopped / "train_log.jsonl").write_text("\n".join(lines[:5]) + "\n")
+    launch(script, *common, "--output_dir", stopped, "--resume_from_checkpoint", "latest")
+    return full, stopped
+
+
+def fails(main, argv, capsys) -> str:
+    """Run a trainer's main in-process: it must exit 2 with a one-line error and no traceback; returns the line."""
+    with pytest.raises(SystemExit) as e:
+        run_cli(main, [str(a) for a in argv])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("error: ")
+    return last
+
+
+def import_script(name: str):
+    """A trainer script (train_*.py at the repository root) as a module."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, REPO / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
