@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: setup test demo bench clean
+.PHONY: setup test demo demo-s2i bench clean
 
 setup: $(VENV)/.installed
 
@@ -22,6 +22,10 @@ test: setup
 demo: setup
 	$(VENV)/bin/accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no \
 		train_dreambooth.py --config configs/dreambooth/demo.yaml
+
+demo-s2i: setup
+	$(VENV)/bin/accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no \
+		train_controlnet_s2i.py --config configs/s2i/demo.yaml
 
 bench: setup
 	$(PY) benchmarks/adapter_overhead.py

@@ -1,4 +1,5 @@
-"""A tiny ADE20K-layout folder for tests (dataset, trainer and evaluator tests share it)."""
+"""A tiny ADE20K-layout folder (random label maps + matching images + captions): the S2I demo data, and the
+fixture the dataset, trainer and evaluator tests share."""
 import json
 from pathlib import Path
 
