@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 
+from .errors import UserError
+
 BUILTIN_TINY = "builtin:tiny-sd"
 TINY_VERSION = 1  # bump when the tiny model changes, so stale caches are rebuilt
 
@@ -123,6 +125,10 @@ def resolve_model_path(name_or_path: str) -> str:
     evaluation workers, say) never see a half-written model.
     """
     if name_or_path != BUILTIN_TINY:
+        # A hub id is "org/name"; something that starts like a path is a folder and must exist, so the user
+        # gets "not found" instead of the hub client's complaint about repo id characters.
+        if name_or_path.startswith(("/", ".", "~")) and not Path(name_or_path).expanduser().exists():
+            raise UserError(f"model folder not found: {name_or_path}")
         return name_or_path
     target = tiny_sd_cache_dir()
     if not (target / "model_index.json").is_file():

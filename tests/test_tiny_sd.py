@@ -11,6 +11,16 @@ def test_builtin_name_resolves_to_a_diffusers_folder(tiny_sd_path):
     index = json.loads((__import__("pathlib").Path(tiny_sd_path) / "model_index.json").read_text())
     assert index["_class_name"] == "StableDiffusionPipeline"
     assert resolve_model_path("runwayml/stable-diffusion-v1-5") == "runwayml/stable-diffusion-v1-5"
+    assert resolve_model_path(tiny_sd_path) == tiny_sd_path
+
+
+def test_missing_model_folder_is_named(tmp_path):
+    import pytest
+
+    from ether_diffusion.errors import UserError
+
+    with pytest.raises(UserError, match="model folder not found: .*/no-model"):
+        resolve_model_path(str(tmp_path / "no-model"))
 
 
 def test_tokenizer_ids_match_sd15(tiny_sd_path):
