@@ -218,10 +218,9 @@ def markdown(args, rows, flops) -> str:
         "elementwise ops and `linalg.solve` count zero. *Dense H* is the paper's code path: build the "
         "block-diagonal H every step, multiply the weight, plain linear; its product costs `2·out·in²/n` and it "
         "needs the weight gradient (as costly as the layer's forward), so it falls with n towards a floor. Our "
-        "ETHER applies the reflection to the activations with elementwise ops (a dot product and a fused "
-        "multiply-add per block), which FlopCounterMode does not count, so its counted cost is the frozen "
-        "UNet's for every n. The last column adds what the counter leaves out: the arithmetic the reflections "
-        "need (4·d per token and side forward for ETHER, 8·d for ETHER+, backward 2x), also independent of n.",
+        "ETHER applies the reflection to the activations as two batched matmuls over the n blocks of d/n "
+        "features: 4·d FLOPs per token and side forward for ETHER, 8·d for ETHER+, backward 2x, whatever n is. "
+        "The last column is that reflection arithmetic; the counted total is the frozen UNet's plus it.",
         "",
         "| method | n | TFLOPs counted | essential reflection GFLOPs |",
         "|---|---|---|---|",

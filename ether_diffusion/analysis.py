@@ -186,8 +186,9 @@ def essential_reflection_flops(model: nn.Module, run) -> int:
     `I - 2uu^T`, 8 for ETHER+'s `I - uu^T + vv^T`, independent of n; backward counted as twice forward.
 
     `run()` performs the step; tokens are read off the ETHER layers' inputs by forward hooks.
-    (FlopCounterMode counts matmul-like ops only, so it sees none of our elementwise reflection: this
-    count is the honest number to print beside it.)"""
+    (Our `ETHERLinear` runs exactly this arithmetic as batched matmuls over the n blocks, so
+    FlopCounterMode's count of an ETHER step is the frozen step's plus this number; the check is in
+    tests/test_analysis.py.)"""
     counts = []
 
     def hook(module, args):
