@@ -24,7 +24,6 @@ clamped, so a config file always says what a run used.
 import logging
 from pathlib import Path
 
-import torch
 import torch.nn.functional as F
 
 from ether_diffusion import training

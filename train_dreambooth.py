@@ -22,7 +22,7 @@ from ether_diffusion import dreambooth_data, training
 from ether_diffusion.adapters import count_adapter_parameters
 from ether_diffusion.adapter_file import save_adapter
 from ether_diffusion.errors import UserError, run_cli
-from ether_diffusion.pipelines import load_pipeline
+from ether_diffusion.pipelines import TORCH_DTYPES, load_pipeline
 from ether_diffusion.sample import sample_grid
 from ether_diffusion.tiny_sd import resolve_model_path
 
@@ -82,7 +82,7 @@ def parse_args(argv=None):
 def prepare_class_images(args, accelerator, model_path) -> list[Path]:
     """Generate the missing class images with the base model (a separate pipeline, freed afterwards)."""
     if args.prior_generation_precision:
-        dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.prior_generation_precision]
+        dtype = TORCH_DTYPES[args.prior_generation_precision]
     else:
         dtype = torch.float16 if accelerator.device.type == "cuda" else torch.float32
 

@@ -73,13 +73,21 @@ def config_from_metadata(meta: dict) -> AdapterConfig:
     )
 
 
-def _check_same_config(file_cfg: AdapterConfig, cfg: AdapterConfig, path: Path):
-    # n_blocks only shapes the block-diagonal methods, rank only PEFT's: compare what the method uses.
-    shape_key = "rank" if file_cfg.method in PEFT_METHODS else "n_blocks"
+def config_difference(have: AdapterConfig, want: AdapterConfig) -> tuple[str, object, object] | None:
+    """The first setting in which two adapters differ, as (key, have, want), or None. n_blocks only shapes
+    the block-diagonal methods and rank only PEFT's, so each method is compared on what it uses."""
+    shape_key = "rank" if have.method in PEFT_METHODS else "n_blocks"
     for key in ("method", shape_key, "target_modules"):
-        want, got = getattr(cfg, key), getattr(file_cfg, key)
-        if want != got:
-            raise UserError(f"{path}: adapter has {key}={got!r} but the model/config expects {key}={want!r}")
+        if getattr(have, key) != getattr(want, key):
+            return key, getattr(have, key), getattr(want, key)
+    return None
+
+
+def _check_same_config(file_cfg: AdapterConfig, cfg: AdapterConfig, path: Path):
+    difference = config_difference(file_cfg, cfg)
+    if difference:
+        key, got, want = difference
+        raise UserError(f"{path}: adapter has {key}={got!r} but the model/config expects {key}={want!r}")
 
 
 @torch.no_grad()

@@ -28,26 +28,23 @@ that the S2I demo writes itself.
 import csv
 import json
 import logging
-import os
-import shutil
-import tempfile
 from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 import torch
 import torchvision.transforms.functional as TF
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from torchvision.transforms import InterpolationMode
 
 from .errors import UserError
+from .files import IMAGE_EXTENSIONS, build_folder_once, image_files, open_image
 
 logger = logging.getLogger(__name__)
 
 NUM_CLASSES = 150  # label values 1..150; 0 is "other"
 PALETTE_FILE = Path(__file__).with_name("ade20k_palette.csv")
 SPLIT_DIRS = {"train": "training", "training": "training", "val": "validation", "validation": "validation"}
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 BUILTIN_TINY_ADE20K = "builtin:tiny-ade20k"  # a tiny ADE20K-layout folder the project writes itself (demo)
 
 
@@ -118,23 +115,12 @@ def caption_from_labels(labels):
 
 
 # ----------------------------------------------------------------------------------------------- maps
-def _open_image(path, decode=True):
-    """The image at `path`, decoded (or with `decode=False` only its header read: size and mode)."""
-    try:
-        image = Image.open(path)
-        if decode:
-            image.load()
-    except (UnidentifiedImageError, OSError) as e:
-        raise UserError(f"{path}: cannot read image ({e})") from None
-    return image
-
-
 def read_label_map(path, conditioning_is_rgb=False, expected_size=None) -> np.ndarray:
     """An annotation file as (H, W) uint8 labels 0..150: a single-channel label PNG, or with
     `conditioning_is_rgb` a map coloured in the palette (read back into labels). Every way it can be wrong
     (unreadable, size differs from `expected_size` (its image's), a label above 150, a colour outside the
     palette, an RGB file without the flag) is a UserError naming the file."""
-    annotation = _open_image(path)
+    annotation = open_image(path)
     if expected_size is not None and annotation.size != tuple(expected_size):
         raise UserError(f"{path}: map size {annotation.size[0]}x{annotation.size[1]} differs from "
                         f"its image's {expected_size[0]}x{expected_size[1]}")
@@ -179,28 +165,16 @@ def load_control_map(path, resolution, conditioning_is_rgb=False):
 # ----------------------------------------------------------------------------------------------- dataset
 
 
-def _list_images(folder):
-    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) if folder.is_dir() else []
-
-
 def resolve_data_dir(value, output_dir) -> Path:
     """`builtin:tiny-ade20k` -> `<output_dir>/tiny-ade20k`, written there (once) by `write_tiny_ade20k`;
-    any other value is returned as a Path. The folder is written under a temporary name and renamed, so
-    processes that start together never read a half-written dataset."""
+    any other value is returned as a Path. Processes that start together never read a half-written dataset
+    (`files.build_folder_once`)."""
     if value != BUILTIN_TINY_ADE20K:
         return Path(value)
     from .testing_ade20k import write_tiny_ade20k
 
-    folder = Path(output_dir, "tiny-ade20k")
-    if not folder.is_dir():
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=".tmp-tiny-ade20k-"))
-        write_tiny_ade20k(tmp, n_train=8, n_val=2, size=64)
-        try:
-            os.rename(tmp, folder)
-        except OSError:  # another process got there first: its folder is complete
-            shutil.rmtree(tmp, ignore_errors=True)
-    return folder
+    return build_folder_once(Path(output_dir, "tiny-ade20k"),
+                             lambda folder: write_tiny_ade20k(folder, n_train=8, n_val=2, size=64))
 
 
 def read_caption_file(path, known_file_names):
@@ -258,7 +232,7 @@ class ADE20KDataset(torch.utils.data.Dataset):
             if not folder.is_dir():
                 raise UserError(f"{folder} does not exist (expected the ADEChallengeData2016 layout "
                                 f"images/{split_dir}/*.jpg and annotations/{split_dir}/*.png)")
-        images = _list_images(image_dir)
+        images = (image_files(image_dir)[0] if image_dir.is_dir() else [])
         if not images:
             raise UserError(f"{image_dir} holds no images")
 
@@ -269,7 +243,8 @@ class ADE20KDataset(torch.utils.data.Dataset):
             raise UserError(f"image {missing[0]} has no annotation {annotation_dir / (missing[0].stem + '.png')}{more}")
 
         if caption_file is not None:
-            all_images = {p.name for folder in SPLIT_DIRS.values() for p in _list_images(root / "images" / folder)}
+            all_images = {p.name for folder in SPLIT_DIRS.values() for p in image_files(root / "images" / folder)[0]
+                          if (root / "images" / folder).is_dir()}
             captions = read_caption_file(caption_file, all_images)
             uncaptioned = sum(image.name not in captions for image, _ in pairs)
             self.caption_source = f"captions from {caption_file}"
@@ -301,7 +276,7 @@ class ADE20KDataset(torch.utils.data.Dataset):
         from tqdm.auto import tqdm
 
         for image_path, annotation_path in tqdm(self.pairs, desc="Checking maps", disable=not progress):
-            with _open_image(image_path, decode=False) as image:
+            with open_image(image_path, decode=False) as image:
                 size = image.size
             read_label_map(annotation_path, self.conditioning_is_rgb, size)
 
@@ -309,7 +284,7 @@ class ADE20KDataset(torch.utils.data.Dataset):
         """The caption file's text for the image `name` (any suffix: a map's file name will do), or the
         class names of `labels`, largest area first."""
         stem = Path(name).stem
-        for suffix in IMAGE_SUFFIXES:
+        for suffix in IMAGE_EXTENSIONS:
             if stem + suffix in self.captions:
                 return self.captions[stem + suffix]
         return caption_from_labels(labels)
@@ -317,7 +292,7 @@ class ADE20KDataset(torch.utils.data.Dataset):
     def __getitem__(self, key):
         index, seed = key if isinstance(key, tuple) else (key, None)
         image_path, annotation_path = self.pairs[index]
-        image = _open_image(image_path).convert("RGB")
+        image = open_image(image_path).convert("RGB")
         labels = self.load_labels(annotation_path, image.size)
         generator = torch.Generator().manual_seed(seed) if seed is not None else None
         image, labels = resize_and_crop(image, labels, self.resolution, center=self.center_crop, generator=generator)

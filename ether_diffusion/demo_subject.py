@@ -5,12 +5,12 @@ a yellow star on its belly and blue feet, seen at different places, sizes and ba
 write these images into `<output_dir>/demo-subject/` on first use, so the demo needs no download.
 """
 import math
-import os
 import random
-import tempfile
 from pathlib import Path
 
 from PIL import Image, ImageDraw
+
+from .files import save_image
 
 BUILTIN_DEMO_SUBJECT = "builtin:demo-subject"
 BACKGROUNDS = [(186, 220, 240), (235, 225, 190), (200, 235, 200), (240, 205, 215), (215, 210, 240), (230, 230, 230)]
@@ -62,7 +62,7 @@ def draw_demo_subject(num_images: int = 5, size: int = 64, seed: int = 0) -> lis
 def write_demo_subject(folder, num_images: int = 5, size: int = 64, seed: int = 0) -> Path:
     """Write the subject's pictures as `folder/qwe-toy-NN.png` unless they are there already.
 
-    Each file is written to a temporary name and renamed, so processes starting together never read a
+    Each file appears complete or not at all (`save_image`), so processes starting together never read a
     half-written image."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -70,8 +70,5 @@ def write_demo_subject(folder, num_images: int = 5, size: int = 64, seed: int = 
         path = folder / f"qwe-toy-{i:02d}.png"
         if path.is_file():
             continue
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".png")
-        os.close(fd)
-        image.save(tmp)
-        os.replace(tmp, path)
+        save_image(image, path)
     return folder

@@ -1,36 +1,24 @@
 """DreamBooth data: the subject's images, the class images of prior preservation, and their generation.
 
 Images are checked when the folder is read (before any model is loaded): a file with an image extension that
-PIL cannot decode is an error naming the file; other files are skipped with a warning.
+PIL cannot decode is an error naming the file; other files are skipped with a warning. Reading and writing
+go through `files.py`.
 """
 import hashlib
 import logging
-import os
 from functools import partial
 from pathlib import Path
 
 import torch
 import torchvision.transforms.functional as TF
-from PIL import Image, ImageOps
+from PIL import Image
 from tqdm.auto import tqdm
 
 from .demo_subject import BUILTIN_DEMO_SUBJECT, write_demo_subject
 from .errors import UserError
+from .files import IMAGE_EXTENSIONS, image_files, load_rgb, save_image
 
 logger = logging.getLogger(__name__)
-
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
-
-
-def image_files(folder) -> tuple[list[Path], list[Path]]:
-    """(image files, other files) of a folder, sorted; hidden files and sub-folders are ignored."""
-    images, others = [], []
-    for p in sorted(Path(folder).iterdir()):
-        if p.name.startswith(".") or not p.is_file():
-            continue
-        (images if p.suffix.lower() in IMAGE_EXTENSIONS else others).append(p)
-    return images, others
-
 
 def list_images(folder, what: str = "instance") -> list[Path]:
     """The images of a folder that must have some; non-image files are skipped with a warning."""
@@ -43,16 +31,6 @@ def list_images(folder, what: str = "instance") -> list[Path]:
     if not images:
         raise UserError(f"{what} image folder {folder} has no images ({', '.join(IMAGE_EXTENSIONS)})")
     return images
-
-
-def load_rgb(path) -> Image.Image:
-    """Decode fully (so truncated files fail here, not mid-training), apply EXIF orientation, RGB."""
-    try:
-        with Image.open(path) as im:
-            im.load()
-            return ImageOps.exif_transpose(im).convert("RGB")
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-        raise UserError(f"cannot read image {path}: {e}") from None
 
 
 def check_images(paths):
@@ -151,9 +129,7 @@ def generate_class_images(load_pipe, class_dir, class_prompt: str, num_class_ima
                           height=resolution, width=resolution).images
             for i, image in zip(batch, images):
                 name = f"{i:05d}-{hashlib.sha1(image.tobytes()).hexdigest()[:12]}.jpg"
-                tmp = class_dir / f".tmp-{name}"
-                image.save(tmp, format="JPEG", quality=95)
-                os.replace(tmp, class_dir / name)
+                save_image(image, class_dir / name, format="JPEG", quality=95)
             bar.update(len(batch))
     if accelerator is not None:
         accelerator.wait_for_everyone()

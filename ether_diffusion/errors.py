@@ -11,6 +11,12 @@ class UserError(Exception):
     """A mistake in the user's input: the message names the file, value or layer."""
 
 
+def first_line(error) -> str:
+    """Library errors often span lines (hub hints, causes); a user's error is one line."""
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__
+
+
 def run_cli(main, argv=None):
     """Call `main(argv)`; turn a `UserError` into `error: <message>` on stderr and exit code 2."""
     try:

@@ -1,12 +1,26 @@
 """Loading a stock `StableDiffusionPipeline` with an adapter, and sample grids."""
+import contextlib
 import math
 
 import torch
 from PIL import Image
 
 from .adapter_file import load_adapter
-from .errors import UserError
+from .errors import UserError, first_line
 from .tiny_sd import resolve_model_path
+
+# Precision names as the command lines spell them ("no" is accelerate's for full precision).
+TORCH_DTYPES = {"no": torch.float32, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@contextlib.contextmanager
+def model_load_errors(name: str):
+    """A model that cannot be loaded (missing folder, unknown hub id, offline, wrong files) is a one-line
+    `UserError` naming it, for every loader (a pipeline here, the trainers' parts in `training`)."""
+    try:
+        yield
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot load the model {name!r}: {first_line(e)}") from None
 
 
 def load_pipeline(model: str, adapter=None, device="cpu", torch_dtype=torch.float32, merge: bool = False):
@@ -16,11 +30,9 @@ def load_pipeline(model: str, adapter=None, device="cpu", torch_dtype=torch.floa
     from diffusers import StableDiffusionPipeline
 
     path = resolve_model_path(model)
-    try:
+    with model_load_errors(model):
         pipe = StableDiffusionPipeline.from_pretrained(path, dtype=torch_dtype, safety_checker=None,
                                                        requires_safety_checker=False)
-    except (OSError, ValueError) as e:
-        raise UserError(f"cannot load the model {model!r}: {str(e).splitlines()[0]}") from None
     if adapter is not None:
         load_adapter(pipe.unet, adapter)
         if merge:

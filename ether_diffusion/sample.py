@@ -11,9 +11,8 @@ from pathlib import Path
 import torch
 
 from .errors import UserError, run_cli
-from .pipelines import image_grid, load_pipeline
+from .pipelines import TORCH_DTYPES, image_grid, load_pipeline
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def sample_grid(pipe, prompts, num_images: int, seed: int = 0, num_inference_steps: int = 25,
@@ -62,7 +61,7 @@ def parse_args(argv=None):
     p.add_argument("--scheduler", choices=["dpm", "model"], default="dpm",
                    help="dpm: DPM-Solver++ multistep; model: the model folder's own scheduler.")
     p.add_argument("--device", default=None, help="cuda, mps or cpu (default: the best available).")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="Default: fp16 on cuda, fp32 otherwise.")
+    p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default=None, help="Default: fp16 on cuda, fp32 otherwise.")
     args = p.parse_args(argv)
     if args.num_images < 1 or args.num_inference_steps < 1:
         raise UserError("--num_images and --num_inference_steps must be at least 1")
@@ -85,7 +84,7 @@ def main(argv=None):
     args = parse_args(argv)
     quiet_libraries()
     device = args.device or default_device()
-    dtype = DTYPES[args.dtype] if args.dtype else (torch.float16 if device == "cuda" else torch.float32)
+    dtype = TORCH_DTYPES[args.dtype] if args.dtype else (torch.float16 if device == "cuda" else torch.float32)
     # merge=True folds the adapter into the weights: sampling then costs what the base model costs.
     pipe = load_pipeline(args.model, adapter=args.adapter, device=device, torch_dtype=dtype, merge=True)
     if args.scheduler == "dpm":

@@ -8,13 +8,13 @@ tokenizer is the real CLIP BPE vocabulary shipped inside open_clip, so token ids
 import gzip
 import json
 import os
-import shutil
 import tempfile
 from pathlib import Path
 
 import torch
 
 from .errors import UserError
+from .files import build_folder_once
 
 BUILTIN_TINY = "builtin:tiny-sd"
 TINY_VERSION = 1  # bump when the tiny model changes, so stale caches are rebuilt
@@ -121,22 +121,15 @@ def tiny_sd_cache_dir() -> Path:
 def resolve_model_path(name_or_path: str) -> str:
     """`builtin:tiny-sd` -> the cached tiny model folder (built on first use); anything else unchanged.
 
-    The build goes to a temporary folder that is renamed into place, so concurrent processes (several
-    evaluation workers, say) never see a half-written model.
+    Built with `files.build_folder_once`: concurrent processes never see a half-written model.
     """
     if name_or_path != BUILTIN_TINY:
         # A hub id is "org/name"; something that starts like a path is a folder and must exist, so the user
         # gets "not found" instead of the hub client's complaint about repo id characters.
-        if name_or_path.startswith(("/", ".", "~")) and not Path(name_or_path).expanduser().exists():
+        path = Path(name_or_path).expanduser()
+        if name_or_path.startswith(("/", ".", "~")) and not path.exists():
             raise UserError(f"model folder not found: {name_or_path}")
+        if path.is_file():
+            raise UserError(f"{name_or_path} is a file, not a diffusers model folder or hub id")
         return name_or_path
-    target = tiny_sd_cache_dir()
-    if not (target / "model_index.json").is_file():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".building-"))
-        build_tiny_sd(tmp)
-        try:
-            os.rename(tmp, target)
-        except OSError:  # another process finished first; its folder is as good as ours
-            shutil.rmtree(tmp, ignore_errors=True)
-    return str(target)
+    return str(build_folder_once(tiny_sd_cache_dir(), build_tiny_sd))

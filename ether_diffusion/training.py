@@ -32,10 +32,10 @@ import numpy as np
 import torch
 import yaml
 
-from .adapter_file import config_from_metadata, read_adapter_metadata, save_adapter
-from .adapters import (ATTENTION_TARGETS, METHODS, PEFT_METHODS, AdapterConfig, adapter_parameters, check_divisible,
-                       find_targets, inject_adapters)
-from .errors import UserError
+from .adapter_file import config_difference, config_from_metadata, read_adapter_metadata, save_adapter
+from .adapters import ATTENTION_TARGETS, METHODS, AdapterConfig, adapter_parameters, check_targets, inject_adapters
+from .errors import UserError, first_line
+from .pipelines import TORCH_DTYPES, model_load_errors
 
 logger = logging.getLogger(__name__)
 
@@ -186,7 +186,7 @@ def load_config(parser: argparse.ArgumentParser, path) -> dict:
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
-        raise UserError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
+        raise UserError(f"{path} is not valid YAML: {first_line(e)}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -259,19 +259,13 @@ def check_common_args(args, required=("pretrained_model_name_or_path",)):
             raise UserError(f"--{name} cannot be negative, got {getattr(args, name)}")
     if not args.target_modules:
         raise UserError("--target_modules is empty")
+    if Path(args.output_dir).exists() and not Path(args.output_dir).is_dir():
+        raise UserError(f"--output_dir {args.output_dir} is a file, not a folder")
 
 
 def adapter_config_from_args(args) -> AdapterConfig:
     return AdapterConfig(method=args.method, n_blocks=args.n_blocks, target_modules=list(args.target_modules),
                          rank=args.rank, alpha=args.lora_alpha)
-
-
-def check_adapter_fits(model: torch.nn.Module, cfg: AdapterConfig):
-    """The checks of `inject_adapters` without injecting: run before anything expensive (class images)."""
-    targets = find_targets(model, cfg.target_modules)
-    if cfg.method not in PEFT_METHODS:
-        for name, layer in targets:
-            check_divisible(name, layer, cfg)
 
 
 # ============================================================================================ models
@@ -282,17 +276,15 @@ def load_models(args, model_path, adapter_config: AdapterConfig):
     from transformers import CLIPTextModel, CLIPTokenizer
 
     kw = dict(revision=args.revision)
-    try:
+    with model_load_errors(args.pretrained_model_name_or_path):
         tokenizer = CLIPTokenizer.from_pretrained(model_path, subfolder="tokenizer", **kw)
         text_encoder = CLIPTextModel.from_pretrained(model_path, subfolder="text_encoder", variant=args.variant, **kw)
         vae = AutoencoderKL.from_pretrained(model_path, subfolder="vae", variant=args.variant, **kw)
         unet = UNet2DConditionModel.from_pretrained(model_path, subfolder="unet", variant=args.variant, **kw)
         noise_scheduler = DDPMScheduler.from_pretrained(model_path, subfolder="scheduler", **kw)
-    except (OSError, ValueError) as e:
-        raise UserError(f"cannot load the model {args.pretrained_model_name_or_path!r}: {str(e).splitlines()[0]}") from None
     for module in (text_encoder, vae, unet):
         module.requires_grad_(False)
-    check_adapter_fits(unet, adapter_config)
+    check_targets(unet, adapter_config)  # the adapter fits (layer names, widths) before anything expensive
     configure_prediction_type(noise_scheduler, args.prediction_type)
     return tokenizer, text_encoder, vae, unet, noise_scheduler
 
@@ -389,7 +381,7 @@ def setup_accelerator(args):
 
 def weight_dtype_of(accelerator) -> torch.dtype:
     """The dtype of the frozen weights: fp16/bf16 under mixed precision. Adapter parameters stay float32."""
-    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    return TORCH_DTYPES.get(accelerator.mixed_precision, torch.float32)
 
 
 @contextlib.contextmanager
@@ -609,11 +601,11 @@ def find_resume_checkpoint(output_dir, value) -> Path | None:
 def check_checkpoint_matches(checkpoint: Path, cfg: AdapterConfig):
     """Resuming with another adapter than the checkpoint's is an error (checked before any model load)."""
     file_cfg = config_from_metadata(read_adapter_metadata(checkpoint / "adapter.safetensors"))
-    for key in ("method", "n_blocks", "target_modules", "rank"):
-        have, want = getattr(file_cfg, key), getattr(cfg, key)
-        if have != want:
-            raise UserError(f"{checkpoint} was trained with {key}={have!r} but this run asks for {key}={want!r}; "
-                            "resume with the same setting or use another --output_dir")
+    difference = config_difference(file_cfg, cfg)
+    if difference:
+        key, have, want = difference
+        raise UserError(f"{checkpoint} was trained with {key}={have!r} but this run asks for {key}={want!r}; "
+                        "resume with the same setting or use another --output_dir")
 
 
 def save_checkpoint(accelerator, output_dir, step: int, model, optimizer, lr_scheduler, state: dict,

@@ -20,7 +20,6 @@ import argparse
 import csv
 import json
 import math
-import os
 import sys
 from pathlib import Path
 
@@ -30,8 +29,9 @@ if __package__ in (None, ""):  # run as a script (accelerate launch / torchrun e
 import torch
 
 from ether_diffusion.errors import UserError, run_cli
+from ether_diffusion.files import load_rgb, save_image
 from evaluate.metrics import (DEFAULT_CLIP, DEFAULT_DINO, DEFAULT_LPIPS, ClipEmbedder, DinoEmbedder, LpipsDistance,
-                              cosine_matrix, is_all_black, load_rgb)
+                              cosine_matrix, is_all_black)
 from evaluate.protocol import adapters_from_dir, adapters_from_manifest, load_protocol
 
 METRICS = ("dino", "clip_i", "clip_t", "lpips", "lpips_diversity")
@@ -96,22 +96,13 @@ def is_done(output_dir: Path, job, count: int) -> bool:
     return all(p.is_file() for p in image_paths(output_dir, job, count))
 
 
-def save_images(images, paths):
-    """Write through a temporary name, so an interrupted run never leaves a partial PNG that counts as done."""
-    paths[0].parent.mkdir(parents=True, exist_ok=True)
-    for image, path in zip(images, paths):
-        tmp = path.with_name(path.name + ".tmp")
-        image.save(tmp, format="PNG")
-        os.replace(tmp, path)
-
-
 # ---------------------------------------------------------------------------------------------- generation
 def generate(args, jobs, adapters, accelerator):
     """Generate the jobs not done yet, split across processes. Returns how many this process generated."""
     from tqdm.auto import tqdm
 
     from ether_diffusion import load_adapter
-    from ether_diffusion.pipelines import load_pipeline
+    from ether_diffusion.pipelines import TORCH_DTYPES, load_pipeline
 
     output_dir = Path(args.output_dir)
     pending = [job for job in jobs if not is_done(output_dir, job, args.images_per_prompt)]
@@ -130,8 +121,8 @@ def generate(args, jobs, adapters, accelerator):
     if not my_jobs:
         return 0
 
-    dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.mixed_precision]
-    pipe = load_pipeline(args.pretrained_model_name_or_path, device=accelerator.device, torch_dtype=dtype)
+    pipe = load_pipeline(args.pretrained_model_name_or_path, device=accelerator.device,
+                         torch_dtype=TORCH_DTYPES[args.mixed_precision])
     size = args.resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
     log_path = output_dir / GENERATION_LOG
     loaded = None
@@ -144,7 +135,8 @@ def generate(args, jobs, adapters, accelerator):
         images = pipe(job.prompt(args.token), num_images_per_prompt=args.images_per_prompt, height=size, width=size,
                       num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
                       generator=torch.Generator("cpu").manual_seed(seed)).images
-        save_images(images, image_paths(output_dir, job, args.images_per_prompt))
+        for image, path in zip(images, image_paths(output_dir, job, args.images_per_prompt)):
+            save_image(image, path)  # complete or absent: a partial PNG never counts as done
         # One short line per job, appended (atomic for small writes): which process, seed and adapter made it.
         with open(log_path, "a") as f:
             f.write(json.dumps({"subject": job.subject, "prompt_index": job.prompt_index, "seed": seed,

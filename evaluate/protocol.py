@@ -16,8 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ether_diffusion.errors import UserError
-
-from .metrics.images import list_images
+from ether_diffusion.files import image_files
 
 PROMPTS_FILE = "prompts_and_classes.txt"
 LIVE_CLASSES = ("cat", "dog")
@@ -122,7 +121,7 @@ def load_protocol(root) -> DreamBoothProtocol:
         if not name or not class_name:
             raise UserError(f"{path}: bad class line {row!r} (expected subject_name,class)")
         folder = root / name
-        images = tuple(list_images(folder)) if folder.is_dir() else ()
+        images = tuple(image_files(folder)[0]) if folder.is_dir() else ()
         if not images:
             raise UserError(f"{folder}: subject {name} listed in {path} has no image folder or no images in it")
         subjects[name] = Subject(name, class_name, class_name in LIVE_CLASSES, images)

@@ -20,7 +20,6 @@ import argparse
 import csv
 import json
 import math
-import os
 import sys
 import zlib
 from pathlib import Path
@@ -32,8 +31,9 @@ import torch
 import torchvision.transforms.functional as TF
 
 from ether_diffusion.errors import UserError, run_cli
+from ether_diffusion.files import load_rgb, save_image
 from evaluate.metrics import (DEFAULT_INCEPTION, DEFAULT_SEGMENTER, SegmentationScores, UperNetSegmenter, is_all_black,
-                              load_rgb, make_fid)
+                              make_fid)
 
 GRID_ROWS = 8
 
@@ -105,6 +105,7 @@ def generate(args, dataset, accelerator):
     from tqdm.auto import tqdm
 
     from ether_diffusion.control import S2IPipeline
+    from ether_diffusion.pipelines import TORCH_DTYPES
 
     pending = [i for i in range(len(dataset)) if not generated_path(args, dataset, i).is_file()]
     accelerator.wait_for_everyone()  # everyone lists before anyone writes, so all split the same list
@@ -116,9 +117,8 @@ def generate(args, dataset, accelerator):
     if not my_indices:
         return 0
 
-    dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.mixed_precision]
     pipe = S2IPipeline.from_output(args.pretrained_model_name_or_path, args.control_dir, device=accelerator.device,
-                                   torch_dtype=dtype)
+                                   torch_dtype=TORCH_DTYPES[args.mixed_precision])
     (Path(args.output_dir) / "images").mkdir(parents=True, exist_ok=True)
     batches = [my_indices[i:i + args.batch_size] for i in range(0, len(my_indices), args.batch_size)]
     progress = tqdm(total=len(my_indices), desc=f"maps (process {accelerator.process_index})",
@@ -131,10 +131,7 @@ def generate(args, dataset, accelerator):
                       guidance_scale=args.guidance_scale, generator=generators,
                       height=args.resolution, width=args.resolution)
         for index, image in zip(batch, images):
-            path = generated_path(args, dataset, index)
-            tmp = path.with_name(path.name + ".tmp")  # never leave a partial PNG that counts as done
-            image.save(tmp, format="PNG")
-            os.replace(tmp, path)
+            save_image(image, generated_path(args, dataset, index))  # complete or absent: never half done
         progress.update(len(batch))
     progress.close()
     return len(my_indices)

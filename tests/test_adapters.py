@@ -28,7 +28,7 @@ def _dense_reference(wrapper, method):
     """W' (float64) from the adapter's raw parameters, written from the paper's formulas."""
     base = wrapper.base_layer if hasattr(wrapper, "base_layer") else wrapper.get_base_layer()
     w = base.weight.double()
-    d_in, d_out = w.shape[1], w.shape[0]
+    d_in = w.shape[1]
 
     def blocks(mats):
         return torch.block_diag(*mats)

@@ -21,6 +21,9 @@ def test_missing_model_folder_is_named(tmp_path):
 
     with pytest.raises(UserError, match="model folder not found: .*/no-model"):
         resolve_model_path(str(tmp_path / "no-model"))
+    (tmp_path / "model.ckpt").write_text("not a folder")
+    with pytest.raises(UserError, match="model.ckpt is a file, not a diffusers model folder"):
+        resolve_model_path(str(tmp_path / "model.ckpt"))
 
 
 def test_tokenizer_ids_match_sd15(tiny_sd_path):

@@ -160,11 +160,11 @@ def test_missing_and_empty_instance_folders(script, tmp_path, capsys):
 
 def test_corrupt_and_truncated_images_are_named(script, subject, tmp_path, capsys):
     (subject / "broken.png").write_bytes(b"\x89PNG not really")
-    assert f"cannot read image {subject / 'broken.png'}" in fails(script, base_args(subject, tmp_path / "o"), capsys)
+    assert f"{subject / 'broken.png'}: cannot read image" in fails(script, base_args(subject, tmp_path / "o"), capsys)
     (subject / "broken.png").unlink()
     jpg = (DOG / "00.jpg").read_bytes()
     (subject / "half.jpg").write_bytes(jpg[: len(jpg) // 2])
-    assert f"cannot read image {subject / 'half.jpg'}" in fails(script, base_args(subject, tmp_path / "o"), capsys)
+    assert f"{subject / 'half.jpg'}: cannot read image" in fails(script, base_args(subject, tmp_path / "o"), capsys)
 
 
 def test_bad_arguments(script, subject, tmp_path, capsys):
@@ -173,6 +173,9 @@ def test_bad_arguments(script, subject, tmp_path, capsys):
     assert "--resolution 30 is not a positive multiple of 8" in fails(script, args + ["--resolution", 30], capsys)
     assert "argument --method: invalid choice: 'dora'" in fails(script, args + ["--method", "dora"], capsys)
     assert "--instance_prompt is required" in fails(script, args[:4] + args[6:], capsys)
+    (tmp_path / "a-file").write_text("x")
+    assert f"--output_dir {tmp_path / 'a-file'} is a file, not a folder" in fails(
+        script, base_args(subject, tmp_path / "a-file"), capsys)
     cfg = tmp_path / "bad.yaml"
     cfg.write_text("method: ether\nnum_class_image: 200\n")
     assert f"{cfg}: unknown key 'num_class_image' (did you mean 'num_class_images'?)" in fails(

@@ -5,7 +5,6 @@ layers, injected with `peft.inject_adapter_in_model`. Either way the wrapper kee
 and only adapter parameters require grad. We wrap modules rather than replace attention processors, so
 every diffusers processor (SDPA, xformers, sliced, plain) that calls `attn.to_q(...)` goes through us.
 """
-import re
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -76,6 +75,16 @@ def check_divisible(name: str, layer: nn.Linear, cfg: AdapterConfig):
             raise UserError(f"layer {name}: {side} size {size} is not divisible by n_blocks={n}")
 
 
+def check_targets(model: nn.Module, cfg: AdapterConfig) -> list[tuple[str, nn.Linear]]:
+    """The target layers of `cfg` in `model`, checked to fit (Linear, widths divisible by n): everything
+    `inject_adapters` would refuse, found without changing the model. Trainers call it before expensive work."""
+    targets = find_targets(model, cfg.target_modules)
+    if cfg.method not in PEFT_METHODS:
+        for name, layer in targets:
+            check_divisible(name, layer, cfg)
+    return targets
+
+
 def _wrap(layer: nn.Linear, cfg: AdapterConfig) -> nn.Module:
     if cfg.method == "ether":
         return ETHERLinear(layer, cfg.n_blocks, plus=False)
@@ -111,15 +120,13 @@ def inject_adapters(model: nn.Module, cfg: AdapterConfig) -> list[str]:
     """
     if adapter_config_of(model) is not None:
         raise UserError("the model already has adapters; merge them (merge_adapters) or load a fresh model")
-    targets = find_targets(model, cfg.target_modules)
+    targets = check_targets(model, cfg)  # every refusal comes before any change
     model.requires_grad_(False)
     if cfg.method in PEFT_METHODS:
         from peft import inject_adapter_in_model
 
         inject_adapter_in_model(_peft_config(cfg), model)
     else:
-        for name, layer in targets:
-            check_divisible(name, layer, cfg)
         for name, layer in targets:
             _set_submodule(model, name, _wrap(layer, cfg))
     model.ether_adapter_config = cfg

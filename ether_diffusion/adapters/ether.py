@@ -41,9 +41,9 @@ def _block_update(x: torch.Tensor, a: torch.Tensor, c: torch.Tensor, shift: torc
 
 
 def _plus_factors(u: torch.Tensor, v: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    # H+ = I - u u^T + v v^T = I + [u v] [-u v]^T: a rank-2 update per block.
-    uv = _unit(torch.stack([u, v], -1).transpose(-1, -2), dtype).transpose(-1, -2)  # (n, k, 2), unit columns
-    return uv, uv * torch.tensor([-1.0, 1.0], dtype=dtype, device=uv.device)
+    # H+ = I - u u^T + v v^T = I + [u v] [-u v]^T: a rank-2 update per block, (n, k, 2) factors.
+    u, v = _unit(u, dtype), _unit(v, dtype)
+    return torch.stack([u, v], -1), torch.stack([-u, v], -1)
 
 
 def reflect(x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:

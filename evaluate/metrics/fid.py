@@ -19,9 +19,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ether_diffusion.errors import UserError
+from ether_diffusion.errors import UserError, first_line
 
-from .images import first_line
 
 DEFAULT_INCEPTION = "inception-v3-compat"
 INCEPTION_URL = "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/weights-inception-2015-12-05-6726825d.pth"
@@ -102,7 +101,7 @@ def load_fid_features(spec: str = DEFAULT_INCEPTION) -> nn.Module:
     try:
         model = NoTrainInceptionV3(name="inception-v3-compat", features_list=["2048"], feature_extractor_weights_path=buffer)
     except RuntimeError as e:  # load_state_dict: wrong keys or shapes
-        raise UserError(f"--inception {path}: not torch-fidelity's InceptionV3 weights ({str(e).splitlines()[0]})") from None
+        raise UserError(f"--inception {path}: not torch-fidelity's InceptionV3 weights ({first_line(e)})") from None
     model.num_features = 2048
     return model
 

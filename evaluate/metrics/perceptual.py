@@ -16,9 +16,8 @@ from pathlib import Path
 import torch
 import torchvision.transforms.functional as TF
 
-from ether_diffusion.errors import UserError
+from ether_diffusion.errors import UserError, first_line
 
-from .images import first_line
 
 DEFAULT_LPIPS = "vgg"
 LPIPS_TRUNKS = ("vgg", "alex", "squeeze")

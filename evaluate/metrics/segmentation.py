@@ -12,9 +12,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ether_diffusion.errors import UserError
+from ether_diffusion.errors import UserError, first_line
 
-from .images import first_line
 
 NUM_CLASSES = 150
 DEFAULT_SEGMENTER = "openmmlab/upernet-convnext-small"

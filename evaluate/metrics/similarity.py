@@ -12,9 +12,8 @@ import os
 import torch
 import torch.nn.functional as F
 
-from ether_diffusion.errors import UserError
+from ether_diffusion.errors import UserError, first_line
 
-from .images import first_line
 
 DEFAULT_DINO = "facebook/dino-vits16"
 DEFAULT_CLIP = "ViT-L-14:openai"

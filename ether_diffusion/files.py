@@ -1,0 +1,79 @@
+"""Files, read and written one way everywhere: an unreadable image is a `UserError` naming it, and whatever
+we write (an image, a built-in folder) appears complete or not at all."""
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from PIL import Image, ImageOps
+
+from .errors import UserError
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+
+
+def image_files(folder) -> tuple[list[Path], list[Path]]:
+    """(image files, other files) directly in `folder`, sorted; hidden files (our temporary ones among them)
+    and sub-folders are ignored."""
+    images, others = [], []
+    for p in sorted(Path(folder).iterdir()):
+        if p.name.startswith(".") or not p.is_file():
+            continue
+        (images if p.suffix.lower() in IMAGE_EXTENSIONS else others).append(p)
+    return images, others
+
+
+def open_image(path, decode: bool = True) -> Image.Image:
+    """The image at `path`, decoded now (a truncated file fails here, not mid-run), or with `decode=False`
+    only its header read (size and mode)."""
+    try:
+        image = Image.open(path)
+        if decode:
+            image.load()
+        return image
+    except FileNotFoundError:
+        raise UserError(f"{path}: image file does not exist") from None
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        raise UserError(f"{path}: cannot read image ({e})") from None
+
+
+def load_rgb(path) -> Image.Image:
+    """The image at `path` as RGB, with its EXIF orientation applied (phone photos are stored sideways)."""
+    with open_image(path) as image:
+        return ImageOps.exif_transpose(image).convert("RGB")
+
+
+def save_image(image: Image.Image, path, **save_kwargs) -> Path:
+    """Write through a temporary file in the same folder and rename it into place: an interrupted run never
+    leaves a partial image that a rerun would take as done, and a concurrent reader never sees one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=path.suffix)
+    os.close(fd)
+    try:
+        image.save(tmp, **save_kwargs)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def build_folder_once(target, build) -> Path:
+    """`target`, made by `build(folder)` in a temporary folder beside it and renamed into place unless it
+    exists. Processes that start together (evaluation workers, say) never see a half-built folder: one
+    rename wins and the others drop their copies, which are as good."""
+    target = Path(target)
+    if target.is_dir():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".tmp-{target.name}-"))
+    try:
+        build(tmp)
+        os.rename(tmp, target)
+    except OSError:
+        if not target.is_dir():  # not a lost race: a real failure
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
