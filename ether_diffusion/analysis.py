@@ -26,7 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .adapters import OWN_WRAPPERS, AdapterConfig, adapter_modules, adapter_parameters, inject_adapters
-from .adapters.ether import ETHERLinear
+from .adapters.ether import ETHERLinear, dense_blocks
 from .adapters.oft import BlockDiagonalLinear
 
 
@@ -142,16 +142,6 @@ def perturb_adapters(model: nn.Module, scale: float, seed: int = 0) -> nn.Module
 
 
 # ------------------------------------------------------------------------------------------------- FLOPs
-def _dense_blocks(u: torch.Tensor, v: torch.Tensor | None, dtype) -> torch.Tensor:
-    """The (n, k, k) blocks of H as dense matrices, differentiable (what the reference code builds)."""
-    u = F.normalize(u.float(), dim=-1).to(dtype)
-    eye = torch.eye(u.shape[-1], dtype=dtype, device=u.device)
-    if v is None:
-        return eye - 2 * torch.einsum("ni,nj->nij", u, u)
-    v = F.normalize(v.float(), dim=-1).to(dtype)
-    return eye - torch.einsum("ni,nj->nij", u, u) + torch.einsum("ni,nj->nij", v, v)
-
-
 class DenseETHERLinear(ETHERLinear):
     """ETHER/ETHER+ as the paper's code runs it: every step it builds the block-diagonal H and multiplies
     the weight (`W' = H~ W H`, block by block), then a plain linear. Same parameters and outputs as
@@ -160,10 +150,10 @@ class DenseETHERLinear(ETHERLinear):
 
     def forward(self, x):
         n, w, b = self.n_blocks, self.base_layer.weight, self.base_layer.bias
-        h = _dense_blocks(self.ether_u, self.ether_v if self.plus else None, x.dtype)
+        h = dense_blocks(self.ether_u, self.ether_v if self.plus else None, x.dtype)
         w = torch.einsum("onj,nji->oni", w.unflatten(-1, (n, -1)), h).flatten(-2)  # W H
         if self.plus:
-            h_out = _dense_blocks(self.ether_u_out, self.ether_v_out, x.dtype)
+            h_out = dense_blocks(self.ether_u_out, self.ether_v_out, x.dtype)
             w = torch.einsum("nij,njc->nic", h_out, w.unflatten(0, (n, -1))).flatten(0, 1)  # H~ (W H)
         return F.linear(x, w, b)
 

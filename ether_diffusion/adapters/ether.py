@@ -57,17 +57,25 @@ def reflect_plus(x: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> torch.Ten
     return _block_update(x, *_plus_factors(u, v, x.dtype))
 
 
+def dense_blocks(u: torch.Tensor, v: torch.Tensor | None = None, dtype=torch.float64) -> torch.Tensor:
+    """The (n, k, k) blocks of H (ETHER) or, with v, H+ (ETHER+) as dense matrices, differentiable. For
+    checks, analysis and the paper's dense-H reference (`analysis.DenseETHERLinear`), never for our training
+    forward. Vectors are normalised in float64 when `dtype` is, so the blocks are orthogonal to rounding."""
+
+    def unit(w):
+        return F.normalize(w.to(torch.promote_types(w.dtype, dtype)), dim=-1).to(dtype)
+
+    def outer(w):
+        return w[:, :, None] * w[:, None, :]
+
+    u = unit(u)
+    eye = torch.eye(u.shape[-1], dtype=dtype, device=u.device)
+    return eye - 2 * outer(u) if v is None else eye - outer(u) + outer(unit(v))
+
+
 def block_matrix(u: torch.Tensor, v: torch.Tensor | None = None) -> torch.Tensor:
-    """The dense block-diagonal transform (for merging checks and analysis, never for training)."""
-    n, k = u.shape
-    u = F.normalize(u.double(), dim=-1)
-    eye = torch.eye(k, dtype=torch.float64, device=u.device)
-    if v is None:
-        blocks = eye - 2 * torch.einsum("ni,nj->nij", u, u)
-    else:
-        v = F.normalize(v.double(), dim=-1)
-        blocks = eye - torch.einsum("ni,nj->nij", u, u) + torch.einsum("ni,nj->nij", v, v)
-    return torch.block_diag(*blocks)
+    """The whole block-diagonal transform in float64 (checks and analysis only)."""
+    return torch.block_diag(*dense_blocks(u, v))
 
 
 class ETHERLinear(AdapterLinear):
