@@ -35,8 +35,8 @@ import numpy as np
 import torch
 import torchvision.transforms.functional as TF
 from PIL import Image
-from torchvision.transforms import InterpolationMode
 
+from .crop import resize_and_crop
 from .errors import UserError
 from .files import IMAGE_EXTENSIONS, build_folder_once, image_files, open_image
 
@@ -132,26 +132,6 @@ def read_label_map(path, conditioning_is_rgb=False, expected_size=None) -> np.nd
     labels = np.asarray(annotation, dtype=np.int64)
     colorize(labels, source=str(path))  # range check only
     return labels.astype(np.uint8)
-
-
-def crop_box(width, height, resolution, center=True, generator=None) -> tuple[int, int, int, int]:
-    """(top, left, resolution, resolution): centred, or random from `generator` (a torch.Generator;
-    None draws from torch's global RNG)."""
-    if center:
-        return (height - resolution) // 2, (width - resolution) // 2, resolution, resolution
-    top = int(torch.randint(0, height - resolution + 1, (1,), generator=generator))
-    left = int(torch.randint(0, width - resolution + 1, (1,), generator=generator))
-    return top, left, resolution, resolution
-
-
-def resize_and_crop(image, labels, resolution, center=True, generator=None):
-    """The same resize of the shorter side to `resolution` (bilinear for the image, nearest for the map,
-    so labels stay labels) and the same square crop (see `crop_box`) for both. `image` may be None."""
-    labels = TF.resize(labels, resolution, interpolation=InterpolationMode.NEAREST)
-    box = crop_box(labels.width, labels.height, resolution, center, generator)
-    if image is not None:
-        image = TF.crop(TF.resize(image, resolution, interpolation=InterpolationMode.BILINEAR), *box)
-    return image, TF.crop(labels, *box)
 
 
 def load_control_map(path, resolution, conditioning_is_rgb=False):

@@ -15,6 +15,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from .demo_subject import BUILTIN_DEMO_SUBJECT, write_demo_subject
+from .crop import resize_and_crop
 from .errors import UserError
 from .files import IMAGE_EXTENSIONS, image_files, load_rgb, save_image
 
@@ -63,14 +64,7 @@ class SubjectDataset(torch.utils.data.Dataset):
         return max(len(self.instance_images), len(self.class_images))
 
     def transform(self, image: Image.Image, generator=None) -> torch.Tensor:
-        image = TF.resize(image, self.size, interpolation=TF.InterpolationMode.BILINEAR, antialias=True)
-        w, h = image.size
-        if self.center_crop:
-            top, left = (h - self.size) // 2, (w - self.size) // 2
-        else:
-            top = int(torch.randint(0, h - self.size + 1, (1,), generator=generator))
-            left = int(torch.randint(0, w - self.size + 1, (1,), generator=generator))
-        image = TF.crop(image, top, left, self.size, self.size)
+        image, _ = resize_and_crop(image, None, self.size, center=self.center_crop, generator=generator)
         return TF.normalize(TF.to_tensor(image), [0.5], [0.5])
 
     def __getitem__(self, key):
