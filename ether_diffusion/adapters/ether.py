@@ -42,8 +42,9 @@ def _block_update(x: torch.Tensor, a: torch.Tensor, c: torch.Tensor, shift: torc
 
 def _plus_factors(u: torch.Tensor, v: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor]:
     # H+ = I - u u^T + v v^T = I + [u v] [-u v]^T: a rank-2 update per block, (n, k, 2) factors.
-    u, v = _unit(u, dtype), _unit(v, dtype)
-    return torch.stack([u, v], -1), torch.stack([-u, v], -1)
+    # One normalisation for both vectors and no sign tensor (a host-to-device copy per layer on a GPU).
+    uv = _unit(torch.stack([u, v]), dtype)  # (2, n, k)
+    return uv.permute(1, 2, 0), torch.stack([-uv[0], uv[1]], -1)
 
 
 def reflect(x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
