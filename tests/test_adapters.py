@@ -88,6 +88,20 @@ def test_layer_matches_dense_float64_reference(method, n):
         assert rel < 1e-5, (method, n, name, rel)
 
 
+@pytest.mark.parametrize("method,n", [(m, n) for m in ("ether", "ether+") for n in (1, 2, 4)])
+def test_low_rank_delta_is_exact_and_has_the_rank_bound(method, n):
+    model = TwoLayers()
+    inject_adapters(model, AdapterConfig(method=method, n_blocks=n, target_modules=["to_q", "to_k"]))
+    _randomize_adapter(model)
+    for _, wrapper in adapter_modules(model):
+        up, down = wrapper.low_rank_delta()
+        rank = n if method == "ether" else 4 * n
+        assert up.shape == (wrapper.base_layer.out_features, rank)
+        assert down.shape == (rank, wrapper.base_layer.in_features)
+        reference = _dense_reference(wrapper, method) - wrapper.base_layer.weight.double()
+        assert ((up @ down - reference).norm() / reference.norm()).item() < 1e-12
+
+
 @pytest.mark.parametrize("n", [1, 2, 4])
 def test_ether_is_a_reflection_per_block(n):
     model = TwoLayers()

@@ -74,6 +74,38 @@ def dense_blocks(u: torch.Tensor, v: torch.Tensor | None = None, dtype=torch.flo
     return eye - 2 * outer(u) if v is None else eye - outer(u) + outer(unit(v))
 
 
+def block_columns(u: torch.Tensor, dtype=torch.float64) -> torch.Tensor:
+    """The (n, k) block vectors, normalised, as the zero-padded (n*k, n) matrix U with block i's vector in
+    column i: the block-diagonal `I - 2 u u^T` is `I - 2 U U^T`. Differentiable."""
+    unit = F.normalize(u.to(torch.promote_types(u.dtype, dtype)), dim=-1).to(dtype)
+    return torch.block_diag(*unit[:, :, None])
+
+
+def low_rank_delta(weight: torch.Tensor, u, v=None, u_out=None, v_out=None, dtype=torch.float64):
+    """(up, down) with `W' - W = up @ down` exactly, for ETHER (`u` only) or ETHER+ (all four vectors).
+
+    ETHER:  W' - W = -2 W U U^T                       -> up = -2 W U (out x n), down = U^T (n x in).
+    ETHER+: H = I + M S M^T with M = [U V], S = diag(-1 (n times), +1 (n times)), the same on the output
+    side (M~, out x 2n); W' = H~ W H = W + (W M S) M^T + (M~ S) (M~^T W H):
+            up = [W M S, M~ S] (out x 4n), down = [M^T; M~^T W H] (4n x in).
+    So the update has rank <= n (ETHER) or <= 4n (ETHER+), the bias is untouched. One function for the LoRA
+    export (float64, then balanced) and for anything that wants the update in factored form; differentiable.
+    """
+    w = weight.to(dtype)
+    big_u = block_columns(u, dtype)
+    if v is None:
+        return -2 * (w @ big_u), big_u.T
+    n = big_u.shape[1]
+    sign = torch.cat([-torch.ones(n, dtype=dtype, device=w.device), torch.ones(n, dtype=dtype, device=w.device)])
+    m = torch.cat([big_u, block_columns(v, dtype)], 1)
+    m_out = torch.cat([block_columns(u_out, dtype), block_columns(v_out, dtype)], 1)
+    wm = w @ m
+    w_h = w + (wm * sign) @ m.T
+    up = torch.cat([wm * sign, m_out * sign], 1)
+    down = torch.cat([m.T, m_out.T @ w_h], 0)
+    return up, down
+
+
 def block_matrix(u: torch.Tensor, v: torch.Tensor | None = None) -> torch.Tensor:
     """The whole block-diagonal transform in float64 (checks and analysis only)."""
     return torch.block_diag(*dense_blocks(u, v))
@@ -118,6 +150,11 @@ class ETHERLinear(AdapterLinear):
 
     def output_transform(self) -> torch.Tensor | None:
         return block_matrix(self.ether_u_out, self.ether_v_out) if self.plus else None
+
+    def low_rank_delta(self, dtype=torch.float64) -> tuple[torch.Tensor, torch.Tensor]:
+        """(up, down) with `merged_weight() - W = up @ down` (see `low_rank_delta`)."""
+        vectors = (self.ether_u, self.ether_v, self.ether_u_out, self.ether_v_out) if self.plus else (self.ether_u,)
+        return low_rank_delta(self.base_layer.weight, *vectors, dtype=dtype)
 
     @torch.no_grad()
     def merged_weight(self) -> torch.Tensor:
