@@ -236,11 +236,11 @@ def main(argv=None):
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         work_dir = Path(args.work_dir or tmp)
-        if args.instance_data_dir == "builtin:demo-subject":  # draw it once, not once per run
-            from ether_diffusion.demo_subject import write_demo_subject
+        if args.instance_data_dir.startswith("builtin:"):  # draw it once, not once per run
+            from ether_diffusion.dreambooth_data import resolve_instance_dir
 
-            args.instance_data_dir = str(write_demo_subject(work_dir / "demo-subject"))
-            subject_label = "builtin:demo-subject"
+            subject_label = args.instance_data_dir
+            args.instance_data_dir = str(resolve_instance_dir(subject_label, work_dir))
         else:
             subject_label = args.instance_data_dir
         rows = lr_sweep(args, work_dir)

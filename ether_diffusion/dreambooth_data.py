@@ -14,10 +14,15 @@ import torchvision.transforms.functional as TF
 from PIL import Image
 from tqdm.auto import tqdm
 
-from .demo_subject import BUILTIN_DEMO_SUBJECT, write_demo_subject
 from .crop import resize_and_crop
 from .errors import UserError
-from .files import IMAGE_EXTENSIONS, image_files, load_rgb, save_image
+from .files import IMAGE_EXTENSIONS, build_folder_once, image_files, load_rgb, save_image
+from .toy import world
+
+# Subjects the project draws itself (the toy world's, see toy/world.py): `builtin:toy-subject/<name>`, and
+# `builtin:demo-subject`, the demo's "qwe toy" (the subject star_toy).
+BUILTIN_TOY_SUBJECT = "builtin:toy-subject/"
+BUILTIN_DEMO_SUBJECT = "builtin:demo-subject"
 
 logger = logging.getLogger(__name__)
 
@@ -40,10 +45,19 @@ def check_images(paths):
 
 
 def resolve_instance_dir(value: str, output_dir) -> Path:
-    """`builtin:demo-subject` -> `<output_dir>/demo-subject`, drawn there if missing; other values unchanged."""
+    """`builtin:toy-subject/<name>` -> `<output_dir>/toy-subject-<name>` and `builtin:demo-subject` ->
+    `<output_dir>/demo-subject` (star_toy), drawn there once; other values unchanged."""
     if value == BUILTIN_DEMO_SUBJECT:
-        return write_demo_subject(Path(output_dir, "demo-subject"))
-    return Path(value)
+        name, folder = world.DEMO_SUBJECT, Path(output_dir, "demo-subject")
+    elif value.startswith(BUILTIN_TOY_SUBJECT):
+        name = value[len(BUILTIN_TOY_SUBJECT):]
+        if name not in world.SUBJECTS:
+            raise UserError(f"--instance_data_dir {value}: the toy world has no subject {name!r} "
+                            f"(choose from {', '.join(world.SUBJECTS)})")
+        folder = Path(output_dir, f"toy-subject-{name}")
+    else:
+        return Path(value)
+    return build_folder_once(folder, lambda tmp: world.write_subject(tmp, name))
 
 
 class SubjectDataset(torch.utils.data.Dataset):

@@ -15,8 +15,8 @@ from trainer_helpers import fails as fails_in_process
 from trainer_helpers import launch as launch_script
 
 from ether_diffusion import dreambooth_data
-from ether_diffusion.demo_subject import draw_demo_subject, write_demo_subject
 from ether_diffusion.errors import UserError
+from ether_diffusion.toy import world
 
 DOG = REPO.parent / "shared" / "datasets" / "dreambooth" / "dog"
 
@@ -32,7 +32,7 @@ def script():
 
 @pytest.fixture
 def subject(tmp_path):
-    return write_demo_subject(tmp_path / "subject")
+    return world.write_subject(tmp_path / "subject", world.DEMO_SUBJECT)
 
 
 def adapter_tensors(path):
@@ -81,7 +81,7 @@ def test_demo_config_with_prior_preservation_and_validation(tmp_path):
 def resumed_runs(tmp_path_factory):
     """An uninterrupted 6-step run, and the same run stopped after step 4 and resumed from its checkpoint."""
     root = tmp_path_factory.mktemp("resume")
-    subject = write_demo_subject(root / "subject")  # 5 images, batch 1, accumulation 2: 3 steps per epoch
+    subject = world.write_subject(root / "subject", world.DEMO_SUBJECT)  # 5 images, batch 1, accumulation 2: 3 steps per epoch
     common = ["--pretrained_model_name_or_path", TINY, "--instance_data_dir", subject, "--instance_prompt",
               "a photo of qwe toy", "--resolution", 32, "--train_batch_size", 1, "--gradient_accumulation_steps", 2,
               "--max_train_steps", 6, "--checkpointing_steps", 2, "--checkpoints_total_limit", 2,
@@ -199,12 +199,12 @@ def test_resuming_with_another_method_is_an_error(script, resumed_runs, subject,
 
 # ------------------------------------------------------------------------------------------ data
 def test_non_image_files_are_skipped_with_a_warning(tmp_path, caplog):
-    write_demo_subject(tmp_path)
+    world.write_subject(tmp_path, world.DEMO_SUBJECT)
     (tmp_path / "notes.txt").write_text("x")
     (tmp_path / ".DS_Store").write_text("x")
     (tmp_path / "sub").mkdir()
     images = dreambooth_data.list_images(tmp_path)
-    assert [p.name for p in images] == [f"qwe-toy-{i:02d}.png" for i in range(5)]
+    assert [p.name for p in images] == [f"{i:02d}.png" for i in range(5)]
     assert [r.getMessage() for r in caplog.records] == [f"skipping {tmp_path / 'notes.txt'}: not an image file"]
 
 
@@ -224,7 +224,7 @@ def test_subject_dataset_crops_from_the_sample_seed(tmp_path):
 
 
 def test_prior_preservation_batches_put_instances_first(tmp_path):
-    write_demo_subject(tmp_path / "inst", num_images=2)
+    world.write_subject(tmp_path / "inst", world.DEMO_SUBJECT, count=2)
     Image.new("RGB", (32, 32), "black").save(tmp_path / "class.png")
     ds = dreambooth_data.SubjectDataset(sorted((tmp_path / "inst").glob("*.png")), [tmp_path / "class.png"], size=32)
     assert len(ds) == 2
@@ -257,18 +257,22 @@ def test_class_images_are_generated_once_and_reused(tmp_path):
     assert calls == [2, 2, 1, 1]
 
 
-def test_demo_subject_is_drawn_once_and_deterministically(tmp_path):
-    folder = write_demo_subject(tmp_path / "a")
+def test_builtin_subjects_are_drawn_once_and_deterministically(tmp_path):
+    folder = dreambooth_data.resolve_instance_dir("builtin:demo-subject", tmp_path / "out")
+    assert folder == tmp_path / "out" / "demo-subject"
     files = sorted(folder.iterdir())
-    assert [p.name for p in files] == [f"qwe-toy-{i:02d}.png" for i in range(5)]
-    assert all(Image.open(p).size == (64, 64) for p in files)
-    assert [p.read_bytes() for p in files] == [p.read_bytes() for p in sorted(write_demo_subject(tmp_path / "b").iterdir())]
-    images = draw_demo_subject(5)
-    assert len({im.tobytes() for im in images}) == 5  # five different pictures
-    assert dreambooth_data.resolve_instance_dir("builtin:demo-subject", tmp_path / "out") == tmp_path / "out" / "demo-subject"
+    assert [p.name for p in files] == [f"{i:02d}.png" for i in range(5)]
+    assert all(Image.open(p).size == (32, 32) for p in files)
+    assert len({Image.open(p).tobytes() for p in files}) == 5  # five different pictures
+    again = world.write_subject(tmp_path / "b", world.DEMO_SUBJECT)
+    assert [p.read_bytes() for p in files] == [p.read_bytes() for p in sorted(again.iterdir())]
+    heart = dreambooth_data.resolve_instance_dir("builtin:toy-subject/heart_toy", tmp_path / "out")
+    assert heart == tmp_path / "out" / "toy-subject-heart_toy" and len(list(heart.glob("*.png"))) == 5
+    with pytest.raises(UserError, match="the toy world has no subject 'dog'"):
+        dreambooth_data.resolve_instance_dir("builtin:toy-subject/dog", tmp_path / "out")
     assert dreambooth_data.resolve_instance_dir("photos/dog", tmp_path) == Path("photos/dog")
     with pytest.raises(UserError, match="cannot read image"):
-        (folder / "qwe-toy-00.png").write_bytes(b"")
+        (folder / "00.png").write_bytes(b"")
         dreambooth_data.check_images(dreambooth_data.list_images(folder))
 
 
