@@ -113,16 +113,27 @@ def build_tiny_sd(path, seed: int = 0):
     return path
 
 
+def cache_root() -> Path:
+    """Where built-in models are built: `$ETHER_DIFFUSION_CACHE` or ~/.cache/ether_diffusion."""
+    return Path(os.environ.get("ETHER_DIFFUSION_CACHE", Path.home() / ".cache" / "ether_diffusion"))
+
+
 def tiny_sd_cache_dir() -> Path:
-    root = os.environ.get("ETHER_DIFFUSION_CACHE", Path.home() / ".cache" / "ether_diffusion")
-    return Path(root) / f"tiny-sd-v{TINY_VERSION}"
+    return cache_root() / f"tiny-sd-v{TINY_VERSION}"
 
 
 def resolve_model_path(name_or_path: str) -> str:
-    """`builtin:tiny-sd` -> the cached tiny model folder (built on first use); anything else unchanged.
+    """`builtin:tiny-sd` -> the cached tiny model folder (built on first use), `builtin:toy-sd` -> the toy
+    world's pretrained SD (assembled once from the package's weights, see toy/model.py); anything else
+    unchanged.
 
     Built with `files.build_folder_once`: concurrent processes never see a half-written model.
     """
+    if name_or_path == "builtin:toy-sd":
+        # Imported here: toy.model builds on this module (tokenizer files, scheduler settings).
+        from .toy.model import toy_sd_path
+
+        return str(toy_sd_path())
     if name_or_path != BUILTIN_TINY:
         # A hub id is "org/name"; something that starts like a path is a folder and must exist, so the user
         # gets "not found" instead of the hub client's complaint about repo id characters.

@@ -74,7 +74,8 @@ def add_config_arg(parser):
 def add_model_args(parser, output_dir: str, resolution: int = 512):
     g = parser.add_argument_group("model and output")
     g.add_argument("--pretrained_model_name_or_path", type=str, default=None,
-                   help="Hub id, local diffusers folder, or `builtin:tiny-sd` (a tiny random SD built offline).")
+                   help="Hub id, local diffusers folder, `builtin:toy-sd` (the toy world's SD) or `builtin:tiny-sd` "
+                        "(a tiny random SD built offline).")
     g.add_argument("--revision", type=str, default=None, help="Revision of the hub model.")
     g.add_argument("--variant", type=str, default=None, help="Variant of the model files, e.g. fp16.")
     g.add_argument("--output_dir", type=str, default=output_dir,

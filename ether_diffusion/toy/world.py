@@ -278,7 +278,7 @@ def _toy(canvas: _Canvas, scene: Scene, rng: random.Random):
     mark = (250, 250, 250) if look.colour in ("yellow", "orange") else (250, 210, 30)
     my = cy + 0.4 * r
     if look.mark == "star":
-        canvas.draw.polygon(_star(cx, my, 0.42 * r, 0.18 * r), fill=mark)
+        canvas.draw.polygon(_star(cx, my, 0.46 * r, 0.2 * r), fill=mark)
     elif look.mark == "heart":
         _heart(canvas.draw, cx, my - 0.05 * r, 0.36 * r, mark)
     elif look.mark == "stripe":
