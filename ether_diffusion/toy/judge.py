@@ -3,6 +3,8 @@ something on the toy world.
 
     python -m ether_diffusion.toy.judge IMAGE [IMAGE ...]        # one line of answers per picture
     python -m ether_diffusion.toy.judge --paths                   # the backbone folders, for the evaluators
+    python -m ether_diffusion.toy.judge --grid demo-output/samples/final.png \
+        --config configs/dreambooth/demo.yaml --subject star_toy  # what `make demo` prints at its end
 
 Two models, trained by `python -m ether_diffusion.toy.pretrain` (stage `judge`) and shipped in the package:
 
@@ -33,6 +35,7 @@ from tqdm.auto import tqdm
 from ..errors import UserError, run_cli
 from ..files import load_rgb
 from . import world
+from .model import CONTEXT_LENGTH
 
 WEIGHTS = Path(__file__).with_name("weights")
 JUDGE, SEGMENTER = WEIGHTS / "judge", WEIGHTS / "segmenter"
@@ -120,7 +123,7 @@ def _clip_config(c: dict) -> dict:
         "embed_dim": c["embed_dim"],
         "vision_cfg": {"image_size": c["image_size"], "patch_size": c["patch_size"], "width": c["vision_width"],
                        "layers": c["vision_layers"], "head_width": c["head_width"]},
-        "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": c["text_width"], "heads": c["text_heads"],
+        "text_cfg": {"context_length": CONTEXT_LENGTH, "vocab_size": 49408, "width": c["text_width"], "heads": c["text_heads"],
                      "layers": c["text_layers"]},
     }
 
@@ -171,16 +174,10 @@ def train(config: dict, output_dir: Path, log):
 
     c, seed, size = config["judge"], config["seed"], config["size"]
     vae = AutoencoderKL.from_pretrained(output_dir / "vae").eval()
-    data_file = output_dir / "checkpoints" / "judge-data.pt"
-    if data_file.is_file():
-        data = torch.load(data_file, weights_only=False)
-    else:
-        data = judge_data(c, seed + 2, size, vae, c["pool"])
-        data_file.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(data, data_file)
+    data = judge_data(c, seed + 2, size, vae, c["pool"])  # a function of the seed: a resumed run draws it again
     import open_clip
 
-    tokenizer = open_clip.get_tokenizer("ViT-B-32")  # open_clip's CLIP BPE tokenizer (the same for every CLIP)
+    tokenizer = open_clip.SimpleTokenizer(context_length=CONTEXT_LENGTH)  # what get_tokenizer gives for the folder
     torch.manual_seed(seed)
     model, heads = _clip_model(c), build_heads(c["embed_dim"], ANSWERS)
     print(f"judge: {sum(p.numel() for p in model.parameters()):,} parameters (open_clip), heads "
@@ -221,7 +218,6 @@ def train(config: dict, output_dir: Path, log):
     train_segmenter(config, output_dir, data, log)
     (output_dir / "judge-tmp").rename(output_dir / "judge")
     checkpoint.remove()
-    data_file.unlink(missing_ok=True)
 
 
 def save_judge(folder: Path, model, heads, c: dict):
@@ -308,20 +304,64 @@ def export(output_dir: Path, target: Path):
         save_file({k: v.half() if v.is_floating_point() else v for k, v in tensors.items()}, str(out / name))
 
 
+def grid_tiles(grid, rows: int, cols: int) -> list[list]:
+    """A trainer's sample grid (rows: prompts, columns: images) cut back into its pictures."""
+    width, height = grid.width // cols, grid.height // rows
+    if width * cols != grid.width or height * rows != grid.height:
+        raise UserError(f"a {grid.width}x{grid.height} grid does not split into {rows} rows x {cols} columns")
+    return [[grid.crop((c * width, r * height, (c + 1) * width, (r + 1) * height)) for c in range(cols)]
+            for r in range(rows)]
+
+
+def judge_grid(judge: Judge, grid, prompts, subject: str) -> str:
+    """"subject found in N of M samples, scenes right in K of L" for a grid with one row per prompt; a row's
+    scene is the one its prompt names (rows without one count for the subject only)."""
+    side = grid.height // len(prompts)  # the pictures are square
+    rows = grid_tiles(grid, len(prompts), grid.width // side)
+    found = scenes = scene_total = 0
+    for prompt, images in zip(prompts, rows):
+        expected = next((name for name, phrase in world.SCENES.items() if phrase in prompt), None)
+        for answer in judge(images):
+            found += answer["subject"] == subject
+            if expected is not None:
+                scene_total += 1
+                scenes += answer["scene"] == expected
+    total = sum(len(row) for row in rows)
+    return f"the judge saw: subject {subject} found in {found} of {total} samples, scenes right in {scenes} of {scene_total}"
+
+
 def main(argv=None):
+    import yaml
+
     from ..training import ArgumentParser
 
     p = ArgumentParser(prog="python -m ether_diffusion.toy.judge", description=__doc__.split("\n")[0])
     p.add_argument("images", nargs="*", help="Pictures to judge.")
     p.add_argument("--judge", default=str(JUDGE), help="A judge folder (default: the shipped one).")
     p.add_argument("--paths", action="store_true", help="Print the backbone folders for --clip/--dino/--segmenter.")
+    p.add_argument("--grid", default=None, help="A trainer's sample grid (one row per validation prompt).")
+    p.add_argument("--config", default=None, help="The trainer's YAML, for the grid's validation prompts.")
+    p.add_argument("--subject", default=world.DEMO_SUBJECT, choices=list(world.SUBJECTS),
+                   help="The subject the grid should show.")
     args = p.parse_args(argv)
     if args.paths:
         print(f"--clip {JUDGE} --dino {JUDGE} --segmenter {SEGMENTER}")
         return
-    if not args.images:
-        raise UserError("give pictures to judge (or --paths)")
     judge = Judge(args.judge)
+    if args.grid:
+        if not args.config:
+            raise UserError("--grid needs --config (the YAML whose validation_prompt rows the grid has)")
+        if not Path(args.config).is_file():
+            raise UserError(f"config file not found: {args.config}")
+        prompts = yaml.safe_load(Path(args.config).read_text()).get("validation_prompt") or []
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        if not prompts:
+            raise UserError(f"{args.config} has no validation_prompt")
+        print(judge_grid(judge, load_rgb(args.grid), prompts, args.subject))
+        return
+    if not args.images:
+        raise UserError("give pictures to judge (or --grid, or --paths)")
     images = [load_rgb(path) for path in args.images]
     for path, answer in zip(args.images, judge(images)):
         print(f"{path}: " + " ".join(f"{k}={v}" for k, v in answer.items()))

@@ -55,7 +55,8 @@ def config_name(method: str) -> str:
 
 
 # ============================================================================================ training
-def train(method: str, subject: str, out: Path, class_dir: Path, learning_rate=None, log=None) -> Path:
+def train(method: str, subject: str, out: Path, class_dir: Path, num_class_images: int, learning_rate=None,
+          log=None) -> Path:
     """One DreamBooth run through `accelerate launch train_dreambooth.py` (one thread); returns the adapter."""
     adapter = out / "adapter.safetensors"
     if adapter.is_file():
@@ -63,7 +64,7 @@ def train(method: str, subject: str, out: Path, class_dir: Path, learning_rate=N
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
            "--mixed_precision", "no", "--dynamo_backend", "no", str(REPO / "train_dreambooth.py"),
            "--config", str(CONFIGS / config_name(method)), "--instance_data_dir", f"builtin:toy-subject/{subject}",
-           "--class_data_dir", str(class_dir), "--output_dir", str(out)]
+           "--class_data_dir", str(class_dir), "--num_class_images", str(num_class_images), "--output_dir", str(out)]
     if learning_rate is not None:
         cmd += ["--learning_rate", str(learning_rate)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
@@ -204,7 +205,8 @@ def main(argv=None):
             return out / m / s
 
     with ThreadPoolExecutor(args.jobs) as pool:
-        adapters = list(pool.map(lambda run: train(run[0], run[1], folder(*run), classes, run[2], log), runs))
+        adapters = list(pool.map(lambda run: train(run[0], run[1], folder(*run), classes, args.class_images, run[2], log),
+                                 runs))
     log("all runs trained; judging")
 
     results = {}

@@ -11,8 +11,8 @@ an uninterrupted one would.
 - `vae`: diffusers `AutoencoderKL` (factor 4: 32 px pictures, 8x8x4 latents) on world pictures; the
   reconstruction loss weighs toy pixels more, because their details (eyes, marks, feet) are a few pixels.
 - `unet`: `UNet2DConditionModel` (cross-attention in every level, SD-1.5's module names) and a
-  `CLIPTextModel` trained jointly from scratch with SD-1.5's tokenizer (CLIP BPE from open_clip) and
-  scheduler configuration; captions are dropped 10% of the time (classifier-free guidance); the VAE's
+  `CLIPTextModel` trained jointly from scratch with SD-1.5's tokenizer (CLIP BPE from open_clip; a 32-token
+  context) and scheduler configuration; captions are dropped 10% of the time (classifier-free guidance); the VAE's
   `scaling_factor` is set from the latents' standard deviation; the UNet weights saved are an EMA.
   Output: `OUTPUT_DIR/toy-sd`, a normal diffusers `StableDiffusionPipeline` folder.
 - `judge`: see `judge.py` (an open_clip model with attribute heads, and a UperNet segmenter), trained on
@@ -39,7 +39,7 @@ import yaml
 from tqdm.auto import tqdm
 
 from ..errors import UserError, run_cli
-from ..tiny_sd import SD_SCHEDULER, write_clip_tokenizer_files
+from ..tiny_sd import SD_SCHEDULER
 from . import model as toy_model
 from . import world
 
@@ -224,15 +224,6 @@ def build_text_encoder(config: dict):
     return text_encoder
 
 
-def tokenizer_for(folder: Path):
-    from transformers import CLIPTokenizer
-
-    vocab, merges = write_clip_tokenizer_files(folder)
-    tokenizer = CLIPTokenizer(str(vocab), str(merges), pad_token="<|endoftext|>")
-    tokenizer.model_max_length = 77
-    return tokenizer
-
-
 @torch.no_grad()
 def encode_pool(vae, images: torch.Tensor, batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
     """Posterior means and standard deviations of every picture (unscaled)."""
@@ -249,7 +240,7 @@ def train_unet(config: dict, output_dir: Path, log):
 
     c, seed, size = config["unet"], config["seed"], config["size"]
     vae = AutoencoderKL.from_pretrained(output_dir / "vae").eval()
-    tokenizer = tokenizer_for(output_dir / "tokenizer-files")
+    tokenizer = toy_model.clip_tokenizer(output_dir / "tokenizer-files")
     torch.manual_seed(seed)
     unet, text_encoder = build_unet(config), build_text_encoder(config)
     ema = build_unet(config)
@@ -289,7 +280,8 @@ def train_unet(config: dict, output_dir: Path, log):
     def tokens(texts):
         missing = [t for t in texts if t not in token_cache]
         if missing:
-            ids = tokenizer(missing, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+            ids = tokenizer(missing, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                            return_tensors="pt").input_ids
             token_cache.update(zip(missing, ids))
         return torch.stack([token_cache[t] for t in texts])
 
