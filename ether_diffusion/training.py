@@ -179,8 +179,8 @@ def parse_args(parser: argparse.ArgumentParser, argv=None) -> argparse.Namespace
     return args
 
 
-def load_config(parser: argparse.ArgumentParser, path) -> dict:
-    """The YAML file as {dest: value}; unknown keys and ill-typed values are `UserError`s naming key and file."""
+def read_yaml_mapping(path) -> dict:
+    """A YAML file that must hold a mapping ({} when empty); a missing or malformed file is a `UserError`."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"config file not found: {path}")
@@ -192,6 +192,14 @@ def load_config(parser: argparse.ArgumentParser, path) -> dict:
         return {}
     if not isinstance(data, dict):
         raise UserError(f"{path} must hold a mapping of argument names to values, not a {type(data).__name__}")
+    return data
+
+
+def load_config(parser: argparse.ArgumentParser, path) -> dict:
+    """The YAML file as {dest: value}; unknown keys and ill-typed values are `UserError`s naming key and file."""
+    data = read_yaml_mapping(path)
+    if not data:
+        return {}
     actions = {a.dest: a for a in parser._actions if a.dest not in ("help", "config")}
     values = {}
     for key, value in data.items():

@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 
 from ..errors import UserError, run_cli
 from ..files import load_rgb
+from ..training import ArgumentParser, read_yaml_mapping
 from . import world
 from .model import CONTEXT_LENGTH
 
@@ -331,10 +332,6 @@ def judge_grid(judge: Judge, grid, prompts, subject: str) -> str:
 
 
 def main(argv=None):
-    import yaml
-
-    from ..training import ArgumentParser
-
     p = ArgumentParser(prog="python -m ether_diffusion.toy.judge", description=__doc__.split("\n")[0])
     p.add_argument("images", nargs="*", help="Pictures to judge.")
     p.add_argument("--judge", default=str(JUDGE), help="A judge folder (default: the shipped one).")
@@ -351,9 +348,7 @@ def main(argv=None):
     if args.grid:
         if not args.config:
             raise UserError("--grid needs --config (the YAML whose validation_prompt rows the grid has)")
-        if not Path(args.config).is_file():
-            raise UserError(f"config file not found: {args.config}")
-        prompts = yaml.safe_load(Path(args.config).read_text()).get("validation_prompt") or []
+        prompts = read_yaml_mapping(args.config).get("validation_prompt") or []
         if isinstance(prompts, str):
             prompts = [prompts]
         if not prompts:

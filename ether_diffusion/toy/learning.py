@@ -36,6 +36,7 @@ from ..adapters import METHODS
 from ..errors import UserError, run_cli
 from ..pipelines import image_grid, load_pipeline
 from ..sample import use_dpm_solver
+from ..training import ArgumentParser
 from . import world
 from .judge import Judge
 
@@ -158,8 +159,6 @@ def choose_rate(results: dict) -> float:
 
 # ============================================================================================ main
 def parse_args(argv=None):
-    from ..training import ArgumentParser
-
     p = ArgumentParser(prog="python -m ether_diffusion.toy.learning", description=__doc__.split("\n")[0])
     p.add_argument("--output_dir", required=True)
     p.add_argument("--methods", default=",".join(METHODS), help="Comma-separated methods.")

@@ -59,8 +59,9 @@ def initial_token_embedding(config) -> torch.Tensor:
 
 def world_token_ids(tokenizer) -> list[int]:
     """Every token id the world's captions and prompts can contain (the special tokens included)."""
-    ids = set(tokenizer(" ".join(world.vocabulary())).input_ids)
-    ids.update((tokenizer.bos_token_id, tokenizer.eos_token_id))
+    ids = {tokenizer.bos_token_id, tokenizer.eos_token_id}
+    for word in world.vocabulary():  # one by one: together they are longer than the context
+        ids.update(tokenizer(word).input_ids)
     return sorted(ids)
 
 

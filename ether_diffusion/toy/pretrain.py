@@ -40,6 +40,7 @@ from tqdm.auto import tqdm
 
 from ..errors import UserError, run_cli
 from ..tiny_sd import SD_SCHEDULER
+from ..training import ArgumentParser, read_yaml_mapping
 from . import model as toy_model
 from . import world
 
@@ -49,15 +50,9 @@ STAGES = ("vae", "unet", "judge")
 
 # ============================================================================================ config and files
 def load_config(path) -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"config file not found: {path}")
-    try:
-        config = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise UserError(f"{path} is not valid YAML: {e}") from None
+    config = read_yaml_mapping(path)
     for key in ("seed", "size", "vae", "unet", "text_encoder", "judge", "segmenter"):
-        if key not in (config or {}):
+        if key not in config:
             raise UserError(f"{path}: missing key {key!r}")
     return config
 
@@ -148,7 +143,8 @@ def train_steps(stage: str, output_dir, total: int, every: int, modules: dict, o
             after_step(step)
         bar.set_postfix({k: f"{v:.4f}" for k, v in values.items()})
         if (step + 1) % 50 == 0 or step + 1 == total:
-            log({"stage": stage, "step": step + 1, "seconds": round(time.time() - started, 1), **values})
+            log({"stage": stage, "step": step + 1, "seconds": round(time.time() - started, 1),
+                 "cpu_seconds": round(time.process_time(), 1), **values})
         if (step + 1) % every == 0 and step + 1 < total:
             checkpoint.save(step + 1, saved, optimizer)
     bar.close()
@@ -249,11 +245,14 @@ def train_unet(config: dict, output_dir: Path, log):
     print(f"unet: {sum(p.numel() for p in unet.parameters()):,} parameters, text encoder: "
           f"{sum(p.numel() for p in text_encoder.parameters()):,}; drawing {c['pool']} pictures")
 
-    # Only the rows of the words the world uses learn; the others keep their seeded start (model.py rebuilds them).
-    trained_rows = toy_model.world_token_ids(tokenizer)
-    frozen = torch.ones(text_encoder.config.vocab_size, 1, dtype=torch.bool)
-    frozen[trained_rows] = False
-    text_encoder.get_input_embeddings().weight.register_hook(lambda grad: grad.masked_fill(frozen, 0.0))
+    # Only the rows of the words the world uses learn; the others keep their seeded start (model.py rebuilds
+    # them). Training just those rows (not a masked 49408-row table) keeps the optimizer step small.
+    embedding = text_encoder.get_input_embeddings()
+    embedding.weight.requires_grad_(False)
+    row_ids = torch.tensor(toy_model.world_token_ids(tokenizer))
+    rows = torch.nn.ParameterDict({"rows": torch.nn.Parameter(embedding.weight[row_ids].clone())})
+    hook = embedding.register_forward_hook(
+        lambda module, inputs, output: F.embedding(inputs[0], module.weight.index_put((row_ids,), rows["rows"])))
 
     scenes = [e.scene for e in world.examples(seed + 1, c["pool"], size)]
     latent_file = output_dir / "checkpoints" / "unet-latents.pt"
@@ -272,9 +271,10 @@ def train_unet(config: dict, output_dir: Path, log):
 
     # The trainers' noise schedule: DDPM read from SD-1.5's (PNDM) scheduler settings.
     scheduler = DDPMScheduler.from_config(PNDMScheduler(**SD_SCHEDULER).config)
-    params = [{"params": unet.parameters(), "weight_decay": c["weight_decay"]},
-              {"params": text_encoder.parameters(), "weight_decay": 0.0}]
-    optimizer = torch.optim.AdamW(params, lr=c["lr"])
+    params = [{"params": list(unet.parameters()), "weight_decay": c["weight_decay"]},
+              {"params": [p for p in text_encoder.parameters() if p.requires_grad] + [rows["rows"]],
+               "weight_decay": 0.0}]
+    optimizer = torch.optim.AdamW(params, lr=c["lr"], fused=True)  # 6x faster on CPU than the default
     token_cache = {}
 
     def tokens(texts):
@@ -306,8 +306,11 @@ def train_unet(config: dict, output_dir: Path, log):
             e.lerp_(p, 1 - decay)
 
     checkpoint = train_steps("unet", output_dir, c["steps"], config["checkpoint_every"],
-                             {"unet": unet, "text_encoder": text_encoder}, optimizer, step_fn, c["lr"], c["warmup"],
-                             log, extra_state={"ema": ema}, after_step=update_ema)
+                             {"unet": unet, "text_encoder": text_encoder, "text_rows": rows}, optimizer, step_fn,
+                             c["lr"], c["warmup"], log, extra_state={"ema": ema}, after_step=update_ema)
+    hook.remove()
+    with torch.no_grad():
+        embedding.weight[row_ids] = rows["rows"]
     save_pipeline(output_dir / "toy-sd", ema, vae, text_encoder, tokenizer)
     checkpoint.remove()
     latent_file.unlink(missing_ok=True)
@@ -324,8 +327,6 @@ def save_pipeline(folder: Path, unet, vae, text_encoder, tokenizer):
 
 # ============================================================================================ main
 def parse_args(argv=None):
-    from ..training import ArgumentParser
-
     p = ArgumentParser(prog="python -m ether_diffusion.toy.pretrain", description=__doc__.split("\n")[0])
     p.add_argument("--output_dir", required=True, help="Checkpoints and the trained folders go here.")
     p.add_argument("--config", default=str(DEFAULT_CONFIG), help="Sizes, steps and seeds (YAML).")
