@@ -36,7 +36,7 @@ from ..adapters import METHODS
 from ..errors import UserError, run_cli
 from ..pipelines import image_grid, load_pipeline
 from ..sample import use_dpm_solver
-from ..training import ArgumentParser
+from ..training import ArgumentParser, read_yaml_mapping
 from . import world
 from .judge import Judge
 
@@ -179,12 +179,33 @@ def parse_args(argv=None):
     return args
 
 
+def config_rate(method: str) -> float:
+    """The learning rate `configs/toy/dreambooth-<method>.yaml` ships (the one the sweep chose)."""
+    return float(read_yaml_mapping(CONFIGS / config_name(method))["learning_rate"])
+
+
+def run_folder(out: Path, method: str, subject: str, lr: float) -> Path:
+    """One folder per (method, subject, rate): the sweep's run at the chosen rate is the table's run."""
+    return out / "runs" / method / subject / f"lr{lr:g}"
+
+
+def judged(judge, out: Path, method: str, subject: str, lr: float, count: int) -> dict:
+    """The judge's fractions for one run, computed once (`judged.json` in the run folder)."""
+    folder = run_folder(out, method, subject, lr)
+    cache = folder / "judged.json"
+    if cache.is_file() and json.loads(cache.read_text()).get("samples") == count:
+        return json.loads(cache.read_text())
+    result = judge_subject(judge, folder / "adapter.safetensors", subject, count, grid=folder / "judged.png")
+    result.update(learning_rate=lr, samples=count)
+    cache.write_text(json.dumps(result, indent=1))
+    return result
+
+
 def main(argv=None):
     args = parse_args(argv)
     torch.set_num_threads(1)
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    report = out / "report.md"
     started = time.time()
 
     def log(message):
@@ -194,56 +215,47 @@ def main(argv=None):
     classes = class_images(out, args.class_images)
     if args.sweep:
         runs = [(m, SWEEP_SUBJECT, PAPER_RATES[m] * f) for m in args.methods for f in SWEEP_FACTORS]
-
-        def folder(m, s, lr):
-            return out / m / f"lr{lr:g}"
     else:
-        runs = [(m, s, None) for m in args.methods for s in args.subjects]
-
-        def folder(m, s, lr):
-            return out / m / s
-
+        runs = [(m, s, config_rate(m)) for m in args.methods for s in args.subjects]
+    todo = [run for run in runs if not (run_folder(out, *run) / "adapter.safetensors").is_file()]
+    log(f"{len(runs)} runs, {len(runs) - len(todo)} trained already; training {len(todo)}, {args.jobs} at a time")
     with ThreadPoolExecutor(args.jobs) as pool:
-        adapters = list(pool.map(lambda run: train(run[0], run[1], folder(*run), classes, args.class_images, run[2], log),
-                                 runs))
+        list(pool.map(lambda run: train(run[0], run[1], run_folder(out, *run), classes, args.class_images, run[2],
+                                        log), todo))
     log("all runs trained; judging")
-
     results = {}
-    for (method, subject, lr), adapter in zip(runs, adapters):
-        r = judge_subject(judge, adapter, subject, args.samples, grid=adapter.parent / "judged.png")
-        r["learning_rate"] = lr if lr is not None else _trained_rate(adapter)
-        results[(method, subject if lr is None else f"{subject} @ {lr:g}")] = r
-        log(f"{method} {subject} lr {r['learning_rate']:g}: {r}")
+    for method, subject, lr in runs:
+        results[(method, subject, lr)] = judged(judge, out, method, subject, lr, args.samples)
+        log(f"{method} {subject} lr {lr:g}: " + ", ".join(f"{k} {pct(v)}" for k, v in results[(method, subject, lr)].items()
+                                                           if k in ("subject", "scene", "other_toys")))
 
     if args.sweep:
-        lines = ["| method | lr | subject found | scene kept | other toys |", "|---|---|---|---|---|"]
+        lines = ["| method | lr | subject found | scene kept | subject in those scenes | other toys |",
+                 "|---|---|---|---|---|---|"]
         chosen = {}
         for method in args.methods:
-            by_rate = {lr: results[(method, f"{SWEEP_SUBJECT} @ {lr:g}")] for m, _, lr in runs if m == method}
+            by_rate = {lr: r for (m, _, lr), r in results.items() if m == method}
             chosen[method] = choose_rate(by_rate)
             for lr, r in by_rate.items():
                 mark = " (chosen)" if lr == chosen[method] else ""
-                lines.append(f"| {method} | {lr:g}{mark} | {pct(r['subject'])} | {pct(r['scene'])} | {pct(r['other_toys'])} |")
-        text = "\n".join(lines)
+                lines.append(f"| {method} | {lr:g}{mark} | {pct(r['subject'])} | {pct(r['scene'])} | "
+                             f"{pct(r['subject_in_scenes'])} | {pct(r['other_toys'])} |")
+        text = f"Learning-rate sweep on {SWEEP_SUBJECT} (600 steps, batch 1, prior preservation):\n\n" + "\n".join(lines)
         (out / "chosen_rates.json").write_text(json.dumps(chosen, indent=1))
+        report = out / "sweep.md"
     else:
-        base = {"prompt_following": prompt_following(judge, args.samples // 4 or 1),
+        base = {"prompt_following": prompt_following(judge, max(1, args.samples // 4)),
                 "subjects": {s: judge_subject(judge, None, s, args.samples) for s in args.subjects}}
         pf = base["prompt_following"]
         text = (f"Base model prompt following ({pf['samples']} samples of {pf['prompts']} prompts "
                 f"\"a photo of a <colour> <object> <scene>\"): object {pct(pf['kind'])}, colour {pct(pf['colour'])}, "
-                f"scene {pct(pf['scene'])}\n\n" + table(base, results))
-        (out / "results.json").write_text(json.dumps({"base": base, "runs": {f"{m}/{s}": r for (m, s), r in results.items()}},
-                                                     indent=1))
+                f"scene {pct(pf['scene'])}\n\n" + table(base, {(m, s): r for (m, s, _), r in results.items()}))
+        (out / "results.json").write_text(json.dumps(
+            {"base": base, "runs": {f"{m}/{s}": r for (m, s, _), r in results.items()}}, indent=1))
+        report = out / "report.md"
     text += f"\n\n{args.samples} samples per prompt; {time.time() - started:.0f} s in all.\n"
     report.write_text(text)
     print(text)
-
-
-def _trained_rate(adapter: Path) -> float:
-    """The learning rate a run used, from its first train-log line."""
-    first = (adapter.parent / "train_log.jsonl").read_text().splitlines()[0]
-    return json.loads(first)["lr"]
 
 
 if __name__ == "__main__":
