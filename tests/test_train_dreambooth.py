@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
@@ -49,9 +50,9 @@ def test_demo_config_with_prior_preservation_and_validation(tmp_path):
     # the drawn subject and the generated class images are saved for the next run
     assert len(list((out / "demo-subject").glob("*.png"))) == 5
     assert len(list((out / "class-images").glob("*.jpg"))) == 2
-    # validation grids: 2 prompts (from the config) x 2 images of 32 px; the final grid is the last one
+    # validation grids: 4 prompts (from the config) x 2 images of 32 px; the final grid is the last one
     for name in ("step-000002.png", "step-000004.png", "final.png"):
-        assert Image.open(out / "samples" / name).size == (64, 64), name
+        assert Image.open(out / "samples" / name).size == (64, 128), name
     assert (out / "samples" / "final.png").read_bytes() == (out / "samples" / "step-000004.png").read_bytes()
     with safe_open(str(out / "adapter.safetensors"), framework="pt") as f:
         meta = f.metadata()
@@ -62,7 +63,8 @@ def test_demo_config_with_prior_preservation_and_validation(tmp_path):
     assert any(not torch.equal(t, t.bfloat16().float()) for t in tensors.values())
     assert [p.name for p in out.glob("checkpoint-*")] == ["checkpoint-3"]
     log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
-    assert [d["step"] for d in log] == [1, 2, 3, 4] and all(d["loss"] > 0 and d["lr"] == 6e-3 for d in log)
+    demo_lr = yaml.safe_load((REPO / "configs" / "dreambooth" / "demo.yaml").read_text())["learning_rate"]
+    assert [d["step"] for d in log] == [1, 2, 3, 4] and all(d["loss"] > 0 and d["lr"] == float(demo_lr) for d in log)
     # the adapter's distances from the base model every 2 steps; ETHER+ starts at the identity and moves
     assert [("transform_distance" in d) for d in log] == [False, True, False, True]
     assert 0 < log[1]["transform_distance"] < log[3]["transform_distance"] and log[3]["weight_distance"] > 0

@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save_file
 
 from ..files import build_folder_once
 from ..tiny_sd import write_clip_tokenizer_files
+from ..training import read_yaml_mapping
 from . import world
 
 BUILTIN_TOY = "builtin:toy-sd"
@@ -93,7 +94,10 @@ def export(output_dir: Path, target: Path, config: dict):
     (out / "scheduler").mkdir()
     shutil.copy(source / "scheduler" / "scheduler_config.json", out / "scheduler" / "scheduler_config.json")
     shutil.copy(source / "model_index.json", out / "model_index.json")
-    shutil.copy(Path(output_dir) / "pretrain.yaml", Path(target) / "pretrain.yaml")
+    # The committed config keeps its comments: it is replaced only when the run's config says something else.
+    run_config, shipped_config = Path(output_dir) / "pretrain.yaml", Path(target) / "pretrain.yaml"
+    if not shipped_config.is_file() or read_yaml_mapping(shipped_config) != read_yaml_mapping(run_config):
+        shutil.copy(run_config, shipped_config)
 
 
 def embedding_key(tensors: dict) -> str:
