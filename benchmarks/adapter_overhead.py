@@ -21,6 +21,7 @@ import torch
 import torch.nn as nn
 
 from ether_diffusion import AdapterConfig, inject_adapters
+from ether_diffusion.adapters import adapter_parameters
 from ether_diffusion.analysis import use_dense_h
 
 # (name, in, out, tokens): SD-1.5 self-attention projections at the three widths and their token counts at
@@ -108,8 +109,6 @@ def mid_size_unet():
 
 
 def bench_unet(repeats, device):
-    from ether_diffusion.adapters import adapter_parameters
-
     base = mid_size_unet().to(device)
     x = torch.randn(1, 4, 32, 32, device=device)
     t = torch.tensor([500], device=device)

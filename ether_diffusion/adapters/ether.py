@@ -134,6 +134,10 @@ class ETHERLinear(AdapterLinear):
             self.ether_u_out = nn.Parameter(random_vectors(d_out))
             self.ether_v_out = nn.Parameter(self.ether_u_out.detach().clone())
 
+    @property
+    def method(self) -> str:
+        return "ether+" if self.plus else "ether"
+
     def forward(self, x):
         w, b = self.base_layer.weight, self.base_layer.bias
         if not self.plus:
