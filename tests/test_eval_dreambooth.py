@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from dreambooth_photos import COPY
 from ether_diffusion import AdapterConfig, inject_adapters, save_adapter
 from ether_diffusion.errors import run_cli
 from evaluate import dreambooth
@@ -17,7 +18,7 @@ from evaluate.protocol import PROMPTS_FILE
 from evaluate.tiny_backbones import write_tiny_backbones
 
 REPO = Path(__file__).resolve().parents[1]
-DATASET = REPO.parent / "shared" / "datasets" / "dreambooth"
+DATASET = COPY  # the dog and cat photos of tests/data/dreambooth
 SUBJECTS, PROMPTS, PER_PROMPT = ("dog", "cat"), (0, 1), 2
 
 

@@ -10,7 +10,8 @@ import torch
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
-from trainer_helpers import REPO, TINY, import_script, stop_and_resume
+from dreambooth_photos import COPY
+from trainer_helpers import TINY, import_script, stop_and_resume
 from trainer_helpers import fails as fails_in_process
 from trainer_helpers import launch as launch_script
 
@@ -21,7 +22,7 @@ from ether_diffusion.demo_subject import draw_demo_subject, write_demo_subject
 from ether_diffusion.errors import UserError
 from ether_diffusion.tiny_sd import build_sd15_unet
 
-DOG = REPO.parent / "shared" / "datasets" / "dreambooth" / "dog"
+DOG = COPY / "dog"  # three photos of two sizes
 
 
 def launch(*args, timeout=300):
