@@ -28,6 +28,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ether_diffusion import checks, load_adapter
+from ether_diffusion.adapter_file import read_adapter_metadata
 from ether_diffusion.devices import TORCH_DTYPES
 from ether_diffusion.errors import ArgumentParser, UserError, run_cli
 from ether_diffusion.files import load_rgb, save_image, write_text
@@ -81,9 +82,10 @@ def parse_args(argv=None):
         if args.adapters is None and args.manifest is None:
             raise UserError("pass --adapters DIR or --manifest CSV (or --skip_generation to score existing images)")
     if args.subjects is not None:
-        args.subjects = [s.strip() for s in args.subjects.split(",") if s.strip()]
-        if not args.subjects:
+        subjects = [s.strip() for s in args.subjects.split(",") if s.strip()]
+        if not subjects:
             raise UserError(f"--subjects {args.subjects!r} names no subject")
+        args.subjects = subjects
     if args.prompts is not None:
         try:
             prompts = [int(p) for p in args.prompts.split(",") if p.strip()]
@@ -285,6 +287,8 @@ def main(argv=None):
     adapters = None
     if not args.skip_generation:
         adapters = adapters_from_manifest(args.manifest, jobs) if args.manifest else adapters_from_dir(args.adapters, jobs)
+        for adapter in set(adapters.values()):  # headers only, before any generation (tensors: as each loads)
+            read_adapter_metadata(adapter)
 
     def report(device):
         tallies = score(args, protocol, jobs, real_images, device)

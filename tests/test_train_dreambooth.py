@@ -160,6 +160,7 @@ def test_missing_and_empty_instance_folders(script, tmp_path, capsys):
     assert not (tmp_path / "o").exists()  # nothing written for a run that cannot start
 
 
+@pytest.mark.user_error("a corrupt or truncated instance photo", tool="train_dreambooth.py")
 def test_corrupt_and_truncated_images_are_named(script, subject, tmp_path, capsys):
     (subject / "broken.png").write_bytes(b"\x89PNG not really")
     assert f"{subject / 'broken.png'}: cannot read image" in fails(script, base_args(subject, tmp_path / "o"), capsys)
@@ -169,6 +170,8 @@ def test_corrupt_and_truncated_images_are_named(script, subject, tmp_path, capsy
     assert f"{subject / 'half.jpg'}: cannot read image" in fails(script, base_args(subject, tmp_path / "o"), capsys)
 
 
+@pytest.mark.user_error("no --class_prompt, --resolution 30, --method dora, no --instance_prompt, a config typo",
+                        tool="train_dreambooth.py")
 def test_bad_arguments(script, subject, tmp_path, capsys):
     args = base_args(subject, tmp_path / "o")
     assert "--with_prior_preservation needs --class_prompt" in fails(script, args + ["--with_prior_preservation"], capsys)
@@ -184,12 +187,14 @@ def test_bad_arguments(script, subject, tmp_path, capsys):
         script, args + ["--config", cfg], capsys)
 
 
+@pytest.mark.user_error("--n_blocks that does not divide a layer's width", tool="train_dreambooth.py")
 def test_n_blocks_that_does_not_divide_a_layer_names_it(script, subject, tmp_path, capsys):
     line = fails(script, base_args(subject, tmp_path / "o") + ["--method", "ether+", "--n_blocks", 3], capsys)
     layer = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
     assert f"layer {layer}: input size 32 is not divisible by n_blocks=3" in line
 
 
+@pytest.mark.user_error("resuming a checkpoint with another --method", tool="train_dreambooth.py")
 def test_resuming_with_another_method_is_an_error(script, resumed_runs, subject, tmp_path, capsys):
     full, _ = resumed_runs
     out = tmp_path / "o"
