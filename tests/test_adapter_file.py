@@ -152,28 +152,27 @@ def nan_at_one(tensor):
     return tensor
 
 
+def damage(meta, tensors, message, mistake):
+    return pytest.param(meta, tensors, message, marks=pytest.mark.user_error(mistake, tool=API), id=mistake)
+
+
 @pytest.mark.parametrize("meta, tensors, message", [
-    pytest.param({}, {Q: "nan"}, rf"tensor {Q} has 1 NaN/inf values \(of 32\): the training that wrote it diverged",
-                 marks=pytest.mark.user_error("an adapter file with NaN values (a diverged run)", tool=API)),
-    pytest.param({}, {Q: "inf"}, rf"tensor {Q} has 32 NaN/inf values",
-                 marks=pytest.mark.user_error("an adapter file with infinite values", tool=API)),
-    pytest.param({"shapes": None}, {}, "the adapter header has no 'shapes' entry",
-                 marks=pytest.mark.user_error("an adapter header without 'shapes'", tool=API)),
-    pytest.param({"n_blocks": "two"}, {}, "the adapter header has n_blocks='two', not an integer",
-                 marks=pytest.mark.user_error('an adapter header with n_blocks="two"', tool=API)),
-    pytest.param({"method": "dora"}, {}, "adapter header: unknown method 'dora'",
-                 marks=pytest.mark.user_error("an adapter header with an unknown method", tool=API)),
-    pytest.param({"alpha": "NaN"}, {}, "adapter header: alpha must be a positive number",
-                 marks=pytest.mark.user_error("an adapter header with alpha NaN", tool=API)),
-    pytest.param({"target_modules": "to_q"}, {}, "the adapter header has target_modules='to_q', not a JSON list",
-                 marks=pytest.mark.user_error("an adapter header whose target_modules is not JSON", tool=API)),
-    pytest.param({"shapes": "[1, 2]"}, {}, "the adapter header's 'shapes' is not a map of tensor names to shapes",
-                 marks=pytest.mark.user_error("an adapter header whose 'shapes' is not a map", tool=API)),
-    pytest.param({}, {Q: "wrong shape"}, rf"tensor {Q} has shape \(1, 16\) but its header says \(2, 16\)",
-                 marks=pytest.mark.user_error("an adapter tensor whose shape differs from its header's (was broadcast)",
-                                              tool=API)),
-    pytest.param({}, {Q: None}, rf"tensor {Q} is in the header but not in the file",
-                 marks=pytest.mark.user_error("an adapter file missing a tensor its header lists", tool=API)),
+    damage({}, {Q: "nan"}, rf"tensor {Q} has 1 NaN/inf values \(of 32\): the training that wrote it diverged",
+           "an adapter file with NaN values (a diverged run)"),
+    damage({}, {Q: "inf"}, rf"tensor {Q} has 32 NaN/inf values", "an adapter file with infinite values"),
+    damage({"shapes": None}, {}, "the adapter header has no 'shapes' entry", "an adapter header without 'shapes'"),
+    damage({"n_blocks": "two"}, {}, "the adapter header has n_blocks='two', not an integer",
+           'an adapter header with n_blocks="two"'),
+    damage({"method": "dora"}, {}, "adapter header: unknown method 'dora'", "an adapter header with an unknown method"),
+    damage({"alpha": "NaN"}, {}, "adapter header: alpha must be a positive number", "an adapter header with alpha NaN"),
+    damage({"target_modules": "to_q"}, {}, "the adapter header has target_modules='to_q', not a JSON list",
+           "an adapter header whose target_modules is not JSON"),
+    damage({"shapes": "[1, 2]"}, {}, "the adapter header's 'shapes' is not a map of tensor names to shapes",
+           "an adapter header whose 'shapes' is not a map"),
+    damage({}, {Q: "wrong shape"}, rf"tensor {Q} has shape \(1, 16\) but its header says \(2, 16\)",
+           "an adapter tensor whose shape differs from its header's (was broadcast)"),
+    damage({}, {Q: None}, rf"tensor {Q} is in the header but not in the file",
+           "an adapter file missing a tensor its header lists"),
 ])
 def test_damaged_adapter_files_are_refused_before_any_weight_changes(saved_ether, tmp_path, meta, tensors, message):
     fresh, path = saved_ether

@@ -34,7 +34,7 @@ def test_config_values_are_defaults_and_the_command_line_wins(tmp_path):
 
 
 def config_case(text, message, mistake):
-    return pytest.param(text, message, marks=pytest.mark.user_error(mistake, tool=f"{TRAINERS} --config"))
+    return pytest.param(text, message, marks=pytest.mark.user_error(mistake, tool=f"{TRAINERS} --config"), id=mistake)
 
 
 @pytest.mark.parametrize("text, message", [
@@ -75,7 +75,7 @@ def trainer_args(*extra):
 
 
 def bad_value(argv, message, mistake):
-    return pytest.param(argv, message, marks=pytest.mark.user_error(mistake, tool=TRAINERS))
+    return pytest.param(argv, message, marks=pytest.mark.user_error(mistake, tool=TRAINERS), id=mistake)
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -163,10 +163,11 @@ def dreambooth_args(out, *extra):
 
 @pytest.mark.parametrize("flag, extra", [
     pytest.param("--class_data_dir", ["--with_prior_preservation", "--class_prompt", "a photo of toy"],
-                 marks=pytest.mark.user_error("--class_data_dir naming a file", tool="train_dreambooth.py")),
+                 marks=pytest.mark.user_error("--class_data_dir naming a file", tool="train_dreambooth.py"),
+                 id="--class_data_dir"),
     pytest.param("--export_merged", [],
                  marks=pytest.mark.user_error("--export_merged naming a file (failed after the adapter was written)",
-                                              tool="train_dreambooth.py")),
+                                              tool="train_dreambooth.py"), id="--export_merged"),
 ])
 def test_folders_that_are_files_are_refused_before_training(dreambooth, tmp_path, capsys, flag, extra):
     (tmp_path / "a-file").write_text("x")

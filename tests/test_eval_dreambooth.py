@@ -185,7 +185,7 @@ def _line(capsys) -> str:
 
 
 def bad(extra, message, mistake):
-    return pytest.param(extra, message, marks=pytest.mark.user_error(mistake, tool=TOOL))
+    return pytest.param(extra, message, marks=pytest.mark.user_error(mistake, tool=TOOL), id=mistake)
 
 
 @pytest.mark.parametrize("extra, message", [

@@ -105,7 +105,7 @@ def test_bad_inputs_are_clear_errors(setup, tmp_path, capsys):
 
 
 def bad(extra, message, mistake):
-    return pytest.param(extra, message, marks=pytest.mark.user_error(mistake, tool=TOOL))
+    return pytest.param(extra, message, marks=pytest.mark.user_error(mistake, tool=TOOL), id=mistake)
 
 
 @pytest.mark.parametrize("extra, message", [

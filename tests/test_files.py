@@ -12,6 +12,7 @@ from ether_diffusion.files import (build_folder_once, check_image_output, check_
 from user_errors import refused
 
 IMAGES = "every image reader (training photos, class images, evaluators)"
+SAMPLE = "python -m ether_diffusion.sample"  # (--grid out.txt and a folder: tests/test_sample.py)
 
 
 @pytest.mark.user_error("a truncated image, or a missing one", tool=IMAGES)
@@ -55,7 +56,8 @@ RAMP16 = np.linspace(0, 65535, 16 * 16).round().astype(np.uint16).reshape(16, 16
 
 
 @pytest.mark.parametrize("channels", [
-    pytest.param(1, marks=pytest.mark.user_error("a 16-bit grey PNG (read as 99.8% white)", tool=IMAGES)), 2, 3, 4])
+    pytest.param(1, marks=pytest.mark.user_error("a 16-bit grey PNG (read as 99.8% white)", tool=IMAGES), id="grey"),
+    pytest.param(2, id="grey+alpha"), pytest.param(3, id="RGB"), pytest.param(4, id="RGBA")])
 def test_16_bit_pngs_are_scaled_to_8_bit(tmp_path, channels):
     """PIL reads a 16-bit grey PNG as mode I;16 and its convert("RGB") clips at 255: a ramp read 99.6% white."""
     opaque = np.full_like(RAMP16, 65535)
@@ -78,13 +80,18 @@ def test_float_tiff_in_0_to_1_is_scaled_to_8_bit(tmp_path):
     assert np.array_equal(rgb[..., 0], np.round(ramp * 255).astype(np.uint8)) and np.array_equal(rgb[..., 0], rgb[..., 1])
 
 
+def case(*values_then_mistake, tool=IMAGES):
+    *values, mistake = values_then_mistake
+    return pytest.param(*values, marks=pytest.mark.user_error(mistake, tool=tool), id=mistake)
+
+
 @pytest.mark.parametrize("values, mode, message", [
-    pytest.param(np.full((4, 4), 3.5, np.float32), "F", "a mode F image with values 3.5..3.5, outside 0..1",
-                 marks=pytest.mark.user_error("a float image with values outside 0..1", tool=IMAGES)),
-    pytest.param(np.array([[0.5, np.nan]], np.float32), "F", "a mode F image with NaN or infinite values",
-                 marks=pytest.mark.user_error("a float image with NaN pixels", tool=IMAGES)),
-    pytest.param(np.array([[0, 1 << 20]], np.int32), "I", r"a mode I image with values 0..1.04858e\+06, outside 0..65535",
-                 marks=pytest.mark.user_error("a 32-bit integer image beyond 16-bit values", tool=IMAGES)),
+    case(np.full((4, 4), 3.5, np.float32), "F", "a mode F image with values 3.5..3.5, outside 0..1",
+         "a float image with values outside 0..1"),
+    case(np.array([[0.5, np.nan]], np.float32), "F", "a mode F image with NaN or infinite values",
+         "a float image with NaN pixels"),
+    case(np.array([[0, 1 << 20]], np.int32), "I", r"a mode I image with values 0..1.04858e\+06, outside 0..65535",
+         "a 32-bit integer image beyond 16-bit values"),
 ])
 def test_images_whose_range_is_unknown_are_refused_naming_file_and_mode(tmp_path, values, mode, message):
     Image.fromarray(values).save(tmp_path / "odd.tif")
@@ -94,14 +101,11 @@ def test_images_whose_range_is_unknown_are_refused_naming_file_and_mode(tmp_path
 
 
 @pytest.mark.parametrize("path, message", [
-    pytest.param("grid.txt", r"--grid {tmp}/grid.txt: '.txt' is not an image format \(use .png or .jpg\)",
-                 marks=pytest.mark.user_error("an image output path with a non-image extension", tool="sample, evaluators")),
-    pytest.param("grid", "--grid {tmp}/grid: 'no extension' is not an image format",
-                 marks=pytest.mark.user_error("an image output path without an extension", tool="sample")),
-    pytest.param("sub", "--grid {tmp}/sub is a folder; give an image file name such as {tmp}/sub/grid.png",
-                 marks=pytest.mark.user_error("an image output path that is a folder", tool="sample")),
-    pytest.param("notes/grid.png", "--grid {tmp}/notes/grid.png: {tmp}/notes is a file, not a folder",
-                 marks=pytest.mark.user_error("an image output path below a file", tool="sample")),
+    pytest.param("grid.txt", r"--grid {tmp}/grid.txt: '.txt' is not an image format \(use .png or .jpg\)", id="txt"),
+    case("grid", "--grid {tmp}/grid: 'no extension' is not an image format", "--grid without an extension", tool=SAMPLE),
+    pytest.param("sub", "--grid {tmp}/sub is a folder; give an image file name such as {tmp}/sub/grid.png", id="folder"),
+    case("notes/grid.png", "--grid {tmp}/notes/grid.png: {tmp}/notes is a file, not a folder", "--grid below a file",
+         tool=SAMPLE),
 ])
 def test_image_output_paths_are_checked(tmp_path, path, message):
     (tmp_path / "notes").write_text("x")

@@ -84,7 +84,7 @@ def fails(argv, capsys) -> str:
 
 def bad(*values_then_mistake):
     *values, mistake = values_then_mistake
-    return pytest.param(*values, marks=pytest.mark.user_error(mistake, tool=SAMPLE))
+    return pytest.param(*values, marks=pytest.mark.user_error(mistake, tool=SAMPLE), id=mistake)
 
 
 @pytest.mark.parametrize("extra, message", [
