@@ -1,5 +1,6 @@
 """Adapter files: round trip, every mismatch named, loading into stock diffusers, merged export."""
 import copy
+import functools
 import json
 from pathlib import Path
 
@@ -11,7 +12,7 @@ from safetensors.torch import save_file
 from ether_diffusion import AdapterConfig, inject_adapters, load_adapter, merge_adapters, save_adapter
 from ether_diffusion.adapters import METHODS, adapter_parameters, adapter_state_dict
 from ether_diffusion.pipelines import load_pipeline
-from user_errors import refused
+from user_errors import case, refused
 
 API = "Python API (load_adapter/save_adapter)"
 
@@ -152,8 +153,7 @@ def nan_at_one(tensor):
     return tensor
 
 
-def damage(meta, tensors, message, mistake):
-    return pytest.param(meta, tensors, message, marks=pytest.mark.user_error(mistake, tool=API), id=mistake)
+damage = functools.partial(case, tool=API)
 
 
 @pytest.mark.parametrize("meta, tensors, message", [

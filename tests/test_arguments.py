@@ -1,11 +1,12 @@
 """The trainers' command line and YAML config layer (ether_diffusion/arguments.py)."""
+import functools
 import re
 
 import pytest
 
 from ether_diffusion import arguments
 from trainer_helpers import TINY, fails, import_script, make_parser
-from user_errors import refused
+from user_errors import case, refused
 
 TRAINERS = "train_dreambooth.py, train_controlnet_s2i.py"
 
@@ -33,8 +34,7 @@ def test_config_values_are_defaults_and_the_command_line_wins(tmp_path):
     assert args.target_modules == ["to_k", "to_out.0"] and args.learning_rate is None and args.validation_prompt is None
 
 
-def config_case(text, message, mistake):
-    return pytest.param(text, message, marks=pytest.mark.user_error(mistake, tool=f"{TRAINERS} --config"), id=mistake)
+config_case = functools.partial(case, tool=f"{TRAINERS} --config")
 
 
 @pytest.mark.parametrize("text, message", [
@@ -74,8 +74,7 @@ def trainer_args(*extra):
     return args
 
 
-def bad_value(argv, message, mistake):
-    return pytest.param(argv, message, marks=pytest.mark.user_error(mistake, tool=TRAINERS), id=mistake)
+bad_value = functools.partial(case, tool=TRAINERS)
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -1,5 +1,6 @@
 """evaluate/dreambooth.py end to end on the tiny SD and the offline stand-in backbones."""
 import csv
+import functools
 import json
 import os
 import shutil
@@ -12,7 +13,7 @@ import torch
 from PIL import Image
 
 from dreambooth_photos import COPY
-from user_errors import record
+from user_errors import case, record
 from ether_diffusion import AdapterConfig, inject_adapters, save_adapter
 from ether_diffusion.errors import run_cli
 from evaluate import dreambooth
@@ -184,8 +185,7 @@ def _line(capsys) -> str:
     return record(last)
 
 
-def bad(extra, message, mistake):
-    return pytest.param(extra, message, marks=pytest.mark.user_error(mistake, tool=TOOL), id=mistake)
+bad = functools.partial(case, tool=TOOL)
 
 
 @pytest.mark.parametrize("extra, message", [

@@ -1,6 +1,7 @@
 """evaluate/s2i.py end to end on the tiny SD, a tiny ADE20K folder and the offline stand-in backbones."""
 import copy
 import csv
+import functools
 import json
 
 import pytest
@@ -13,7 +14,7 @@ from ether_diffusion.errors import run_cli
 from ether_diffusion.tiny_ade20k import FIXTURE_CLASSES, write_tiny_ade20k
 from evaluate import s2i
 from evaluate.tiny_backbones import write_tiny_backbones
-from user_errors import record
+from user_errors import case, record
 
 TINY_FACTOR = 4  # tiny SD: 32 px images, 8x8 latents
 TOOL = "evaluate/s2i.py"
@@ -104,8 +105,7 @@ def test_bad_inputs_are_clear_errors(setup, tmp_path, capsys):
     assert "--limit must be at least 1" in err
 
 
-def bad(extra, message, mistake):
-    return pytest.param(extra, message, marks=pytest.mark.user_error(mistake, tool=TOOL), id=mistake)
+bad = functools.partial(case, tool=TOOL)
 
 
 @pytest.mark.parametrize("extra, message", [
@@ -126,7 +126,6 @@ def test_bad_numbers_and_paths_are_one_line(setup, tmp_path, capsys, extra, mess
 
 
 def test_metrics_nothing_was_scored_for_are_null_with_the_reason(run, setup, tmp_path):
-    import json
     import shutil
 
     output_dir = tmp_path / "out"

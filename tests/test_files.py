@@ -9,7 +9,7 @@ from PIL import Image
 from ether_diffusion.errors import UserError
 from ether_diffusion.files import (build_folder_once, check_image_output, check_output_folder, image_files, load_rgb,
                                    save_image, write_text)
-from user_errors import refused
+from user_errors import case, refused
 
 IMAGES = "every image reader (training photos, class images, evaluators)"
 SAMPLE = "python -m ether_diffusion.sample"  # (--grid out.txt and a folder: tests/test_sample.py)
@@ -80,18 +80,13 @@ def test_float_tiff_in_0_to_1_is_scaled_to_8_bit(tmp_path):
     assert np.array_equal(rgb[..., 0], np.round(ramp * 255).astype(np.uint8)) and np.array_equal(rgb[..., 0], rgb[..., 1])
 
 
-def case(*values_then_mistake, tool=IMAGES):
-    *values, mistake = values_then_mistake
-    return pytest.param(*values, marks=pytest.mark.user_error(mistake, tool=tool), id=mistake)
-
-
 @pytest.mark.parametrize("values, mode, message", [
     case(np.full((4, 4), 3.5, np.float32), "F", "a mode F image with values 3.5..3.5, outside 0..1",
-         "a float image with values outside 0..1"),
+         "a float image with values outside 0..1", tool=IMAGES),
     case(np.array([[0.5, np.nan]], np.float32), "F", "a mode F image with NaN or infinite values",
-         "a float image with NaN pixels"),
+         "a float image with NaN pixels", tool=IMAGES),
     case(np.array([[0, 1 << 20]], np.int32), "I", r"a mode I image with values 0..1.04858e\+06, outside 0..65535",
-         "a 32-bit integer image beyond 16-bit values"),
+         "a 32-bit integer image beyond 16-bit values", tool=IMAGES),
 ])
 def test_images_whose_range_is_unknown_are_refused_naming_file_and_mode(tmp_path, values, mode, message):
     Image.fromarray(values).save(tmp_path / "odd.tif")

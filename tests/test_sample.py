@@ -1,4 +1,5 @@
 """`python -m ether_diffusion.sample`: sample grids from a model + adapter outside training."""
+import functools
 import os
 import subprocess
 import sys
@@ -15,7 +16,7 @@ from ether_diffusion.adapters import adapter_state_dict
 from ether_diffusion.errors import run_cli
 from ether_diffusion.sample import main
 from ether_diffusion.builtin import resolve_model_path
-from user_errors import record
+from user_errors import case, record
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = "builtin:tiny-sd"
@@ -82,9 +83,7 @@ def fails(argv, capsys) -> str:
     return record(err.strip())
 
 
-def bad(*values_then_mistake):
-    *values, mistake = values_then_mistake
-    return pytest.param(*values, marks=pytest.mark.user_error(mistake, tool=SAMPLE), id=mistake)
+bad = functools.partial(case, tool=SAMPLE)
 
 
 @pytest.mark.parametrize("extra, message", [

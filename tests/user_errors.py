@@ -30,6 +30,13 @@ def record(line: str) -> str:
     return line
 
 
+def case(*values, tool: str):
+    """One `pytest.param` of a parametrized test that shows a handled mistake, the mistake last:
+    `case(argv, message, "--seed -1", tool="evaluate/s2i.py")`; marked for the table and named by the mistake."""
+    *values, mistake = values
+    return pytest.param(*values, marks=pytest.mark.user_error(mistake, tool=tool), id=mistake)
+
+
 @contextlib.contextmanager
 def refused(match: str | None = None):
     """`pytest.raises(UserError, match=match)` for a library call: the error must be one line, and is recorded
