@@ -34,7 +34,7 @@ def case(*values, tool: str):
     """One `pytest.param` of a parametrized test that shows a handled mistake, the mistake last:
     `case(argv, message, "--seed -1", tool="evaluate/s2i.py")`; marked for the table and named by the mistake."""
     *values, mistake = values
-    return pytest.param(*values, marks=pytest.mark.user_error(mistake, tool=tool), id=mistake)
+    return pytest.param(*values, marks=pytest.mark.user_error(mistake, tool=tool), id=mistake.replace("`", ""))
 
 
 @contextlib.contextmanager
