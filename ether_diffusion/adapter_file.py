@@ -165,7 +165,7 @@ def load_adapter(model: torch.nn.Module, path, config: AdapterConfig | None = No
         if list(param.shape) != shapes[name]:
             raise UserError(f"{path}: {name} has shape {tuple(shapes[name])} in the file but {tuple(param.shape)} in the model")
     tensors = _read_tensors(path, shapes)
-    for name, param in expected.items():  # only once every tensor is known good: a refused file changes nothing
+    for name, param in expected.items():  # only once every tensor is known good: no weight from a refused file
         param.copy_(tensors[name])
     return meta
 
@@ -177,7 +177,9 @@ def _read_tensors(path: Path, shapes: dict) -> dict[str, torch.Tensor]:
     try:
         with safe_open(str(path), framework="pt") as f:
             stored = set(f.keys())
-            for name in sorted(stored ^ set(shapes)):
+            unlisted = sorted(stored ^ set(shapes))
+            if unlisted:
+                name = unlisted[0]
                 where = "in the file but not in its header" if name in stored else "in the header but not in the file"
                 raise UserError(f"{path}: tensor {name} is {where} (a damaged file, or not written by save_adapter)")
             for name, shape in shapes.items():

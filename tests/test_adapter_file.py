@@ -187,6 +187,15 @@ def test_damaged_adapter_files_are_refused_before_any_weight_changes(saved_ether
     assert all(torch.equal(before[k], v) for k, v in adapter_state_dict(fresh).items())  # nothing half-loaded
 
 
+@pytest.mark.user_error("a truncated adapter file (a copy cut short)", tool=API)
+def test_a_truncated_adapter_file_is_named(saved_ether, tmp_path):
+    fresh, path = saved_ether
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(path.read_bytes()[:-100])
+    with refused(f"{cut} is not a safetensors file .*file not fully covered"):
+        load_adapter(fresh, cut)
+
+
 @pytest.mark.user_error("save_adapter to a folder path", tool=API)
 def test_saving_to_a_folder_is_refused_and_leaves_nothing(saved_ether, tmp_path):
     fresh, _ = saved_ether
