@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch.nn.functional as F
 
-from ether_diffusion import arguments, checkpoints, training
+from ether_diffusion import arguments, checkpoints, checks, training
 from ether_diffusion.adapter_file import ADAPTER_FILE, save_adapter
 from ether_diffusion.adapters import CONTROL_TARGETS, count_adapter_parameters
 from ether_diffusion.ade20k import ADE20KDataset, load_control_map
@@ -74,8 +74,7 @@ def parse_args(argv=None):
     args = arguments.parse_args(parser, argv)
 
     arguments.check_common_args(args, required=("pretrained_model_name_or_path", "train_data_dir"))
-    if args.max_train_samples is not None and args.max_train_samples < 1:
-        raise UserError(f"--max_train_samples must be at least 1, got {args.max_train_samples}")
+    checks.at_least(args, 1, "max_train_samples")
     arguments.finish_learning_rate(args, task="s2i")
     if args.encoder_learning_rate is None:
         args.encoder_learning_rate = min(args.learning_rate, ENCODER_LR_CAP)

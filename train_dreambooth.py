@@ -18,12 +18,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ether_diffusion import arguments, checkpoints, dreambooth_data, training
+from ether_diffusion import arguments, checkpoints, checks, dreambooth_data, training
 from ether_diffusion.adapter_file import ADAPTER_FILE, save_adapter
 from ether_diffusion.adapters import count_adapter_parameters
 from ether_diffusion.builtin import resolve_instance_dir, resolve_model_path
 from ether_diffusion.devices import TORCH_DTYPES
 from ether_diffusion.errors import ArgumentParser, UserError, run_cli
+from ether_diffusion.files import check_output_folder
 from ether_diffusion.grids import sample_grid
 from ether_diffusion.pipelines import load_pipeline
 
@@ -66,11 +67,13 @@ def parse_args(argv=None):
     if args.with_prior_preservation:
         if not args.class_prompt:
             raise UserError("--with_prior_preservation needs --class_prompt (the prompt of the class images)")
-        if args.num_class_images < 1 or args.sample_batch_size < 1 or args.class_inference_steps < 1:
-            raise UserError("--num_class_images, --sample_batch_size and --class_inference_steps must be at least 1")
+        checks.at_least(args, 1, "num_class_images", "sample_batch_size", "class_inference_steps")
+        checks.not_negative(args, "prior_loss_weight")
+        check_output_folder(args.class_data_dir, "--class_data_dir")
         args.class_data_dir = args.class_data_dir or str(Path(args.output_dir, "class-images"))
     elif args.class_data_dir or args.class_prompt:
         logger.warning("--class_data_dir / --class_prompt are only used with --with_prior_preservation")
+    check_output_folder(args.export_merged, "--export_merged")  # before training, not after the adapter is written
     return args
 
 

@@ -6,7 +6,10 @@ which prints one line with exit code 2, so a user never sees a traceback for the
 programming errors still show one.
 """
 import argparse
+import math
 import sys
+
+INT64_MAX = 2**63 - 1
 
 
 class UserError(Exception):
@@ -19,6 +22,30 @@ class ArgumentParser(argparse.ArgumentParser):
 
     def error(self, message):
         raise UserError(message)
+
+    def parse_known_args(self, args=None, namespace=None):
+        """argparse's parse, then every int and float value (given or default) checked by `number_problem`."""
+        namespace, extras = super().parse_known_args(args, namespace)
+        for action in self._actions:
+            if action.type not in (int, float):
+                continue
+            values = getattr(namespace, action.dest, None)
+            for value in values if isinstance(values, list) else [values]:
+                problem = number_problem(value)
+                if problem:
+                    raise UserError(f"{(action.option_strings or [action.dest])[0]} {problem}")
+        return namespace, extras
+
+
+def number_problem(value) -> str | None:
+    """What is wrong with a number a user gave, or None. NaN and infinity mean nothing as a setting (a NaN
+    learning rate trains an all-NaN adapter without a word), and an integer beyond 64 bits overflows in
+    torch, numpy or tqdm with a traceback deep in a run."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return f"must be a finite number, got {value}"
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) > INT64_MAX:
+        return f"{value} is too large (at most {INT64_MAX})"
+    return None
 
 
 def first_line(error) -> str:

@@ -27,10 +27,11 @@ if __package__ in (None, ""):  # run as a script (accelerate launch evaluate/dre
 import torch
 from tqdm.auto import tqdm
 
-from ether_diffusion import load_adapter
+from ether_diffusion import checks, load_adapter
+from ether_diffusion.adapter_file import read_adapter_metadata
 from ether_diffusion.devices import TORCH_DTYPES
 from ether_diffusion.errors import ArgumentParser, UserError, run_cli
-from ether_diffusion.files import load_rgb, save_image
+from ether_diffusion.files import load_rgb, save_image, write_text
 from ether_diffusion.grids import image_grid, save_grid
 from ether_diffusion.pipelines import load_pipeline
 from evaluate import harness
@@ -72,19 +73,27 @@ def parse_args(argv=None):
     parser.add_argument("--skip_metrics", action="store_true", help="only generate")
     args = parser.parse_args(argv)
 
-    if args.images_per_prompt < 1:
-        raise UserError(f"--images_per_prompt must be at least 1, got {args.images_per_prompt}")
+    harness.check_common_args(args)
+    checks.at_least(args, 1, "images_per_prompt")
+    checks.at_least(args, 32, "lpips_resolution")  # the smallest input LPIPS' AlexNet trunk accepts
     if not args.skip_generation:
         if args.pretrained_model_name_or_path is None:
             raise UserError("--pretrained_model_name_or_path is required to generate (or pass --skip_generation)")
         if args.adapters is None and args.manifest is None:
             raise UserError("pass --adapters DIR or --manifest CSV (or --skip_generation to score existing images)")
-    args.subjects = [s.strip() for s in args.subjects.split(",") if s.strip()] if args.subjects else None
-    if args.prompts:
+    if args.subjects is not None:
+        subjects = [s.strip() for s in args.subjects.split(",") if s.strip()]
+        if not subjects:
+            raise UserError(f"--subjects {args.subjects!r} names no subject")
+        args.subjects = subjects
+    if args.prompts is not None:
         try:
-            args.prompts = [int(p) for p in args.prompts.split(",") if p.strip()]
+            prompts = [int(p) for p in args.prompts.split(",") if p.strip()]
         except ValueError:
             raise UserError(f"--prompts {args.prompts!r}: expected comma-separated integers") from None
+        if not prompts:
+            raise UserError(f"--prompts {args.prompts!r} names no prompt index")
+        args.prompts = prompts
     return args
 
 
@@ -198,7 +207,12 @@ def write_reports(args, protocol, jobs, tallies):
     for job in jobs:
         per_subject.setdefault(job.subject, Tally()).merge(tallies[(job.subject, job.prompt_index)])
         total.merge(tallies[(job.subject, job.prompt_index)])
-    means = total.means()
+    if total.black == total.images:
+        reasons = dict.fromkeys(METRICS, f"all {total.images} generated images are all-black, so none was scored")
+    else:
+        reasons = {"lpips_diversity": "no prompt has two scored images to compare (one image per prompt, or the "
+                                      "others all-black)"}
+    means, not_computed = harness.without_nan(total.means(), reasons)
 
     with open(output_dir / "per_prompt.csv", "w", newline="") as f:
         writer = csv.writer(f)
@@ -220,13 +234,14 @@ def write_reports(args, protocol, jobs, tallies):
                                               "clip_t_with_token", "subjects", "prompts")}
     report = {
         "metrics": means,
+        "not_computed": not_computed,  # {metric: why it is null}
         "averaging": "DINO, CLIP-I, LPIPS: mean over (real, generated) pairs; CLIP-T: over generated images; "
                      "lpips_diversity: over pairs of images of the same prompt; all pooled over subjects",
         "jobs": len(jobs), "subjects": len(per_subject),
         "images": total.images, "black_skipped": total.black,
         "settings": settings,
     }
-    (output_dir / "metrics.json").write_text(json.dumps(report, indent=2) + "\n")
+    harness.write_json(output_dir / "metrics.json", report)
 
     rows = ["| method | #params | DINO | CLIP-I | CLIP-T | LPIPS | LPIPS diversity |", "|---|---|---|---|---|---|---|"]
     rows += [f"| {m} (paper Table 2) | {p or ''} | {fmt(d, digits=3)} | {fmt(ci, digits=3)} | {fmt(ct, digits=3)} "
@@ -244,9 +259,10 @@ def write_reports(args, protocol, jobs, tallies):
         + ("with" if args.clip_t_with_token else "without") + " the identifier.",
         f"Backbones: DINO `{args.dino}`, CLIP `{args.clip}`, LPIPS `{args.lpips_net}` at {args.lpips_resolution} px.",
         f"Paper rows: {PAPER}, measured on SD-1.5 with the paper's backbones; comparable only when run the same way.",
+        *(f"Not computed: {name}: {why}." for name, why in not_computed.items()),
         "", "Per subject: `per_subject.csv`; per prompt: `per_prompt.csv`; grids: `grids/`.", "",
     ]
-    (output_dir / "summary.md").write_text("\n".join(summary))
+    write_text(output_dir / "summary.md", "\n".join(summary))
     return report
 
 
@@ -271,6 +287,8 @@ def main(argv=None):
     adapters = None
     if not args.skip_generation:
         adapters = adapters_from_manifest(args.manifest, jobs) if args.manifest else adapters_from_dir(args.adapters, jobs)
+        for adapter in set(adapters.values()):  # headers only, before any generation (tensors: as each loads)
+            read_adapter_metadata(adapter)
 
     def report(device):
         tallies = score(args, protocol, jobs, real_images, device)

@@ -52,6 +52,8 @@ def take_step(model, opt, sched):
     opt.step(), sched.step(), opt.zero_grad()
 
 
+@pytest.mark.user_error("--resume_from_checkpoint naming a checkpoint that does not exist",
+                        tool="train_dreambooth.py, train_controlnet_s2i.py")
 def test_checkpoints_are_pruned_and_latest_is_the_newest_complete_one(tmp_path):
     acc = FakeAccelerator()
     model, cfg, opt, sched = training_state()
