@@ -26,6 +26,7 @@ class FakeAccelerator:
     """The parts of `accelerate.Accelerator` the checkpoint code uses, for one process."""
     is_main_process = True
     process_index = 0
+    num_processes = 1
     scaler = None
 
     def wait_for_everyone(self):
@@ -61,8 +62,11 @@ def test_checkpoints_are_pruned_and_latest_is_the_newest_complete_one(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-4", "checkpoint-6"]
     assert sorted(p.name for p in (tmp_path / "checkpoint-6").iterdir()) == [
         "adapter.safetensors", "optimizer.pt", "rng-0.pt", "scheduler.pt", "state.json"]
-    assert checkpoints.latest_checkpoint(tmp_path).name == "checkpoint-6"
-    assert json.loads((tmp_path / "checkpoint-6" / "state.json").read_text()) == {"global_step": 6, "data_seed": 1}
+    state = json.loads((tmp_path / "checkpoint-6" / "state.json").read_text())
+    assert {k: v for k, v in state.items() if k != "files"} == {"global_step": 6, "data_seed": 1}
+    # every file with its size and checksum, for checkpoint_problem to compare
+    assert sorted(state["files"]) == ["adapter.safetensors", "optimizer.pt", "rng-0.pt", "scheduler.pt"]
+    assert state["files"]["optimizer.pt"]["bytes"] == (tmp_path / "checkpoint-6" / "optimizer.pt").stat().st_size
     assert checkpoints.find_resume_checkpoint(tmp_path, "latest") == tmp_path / "checkpoint-6"
     assert checkpoints.find_resume_checkpoint(tmp_path, "checkpoint-4") == tmp_path / "checkpoint-4"
     assert checkpoints.find_resume_checkpoint(tmp_path / "empty", "latest") is None
@@ -79,10 +83,10 @@ def test_a_crash_during_a_save_leaves_the_previous_checkpoint_as_latest(tmp_path
     take_step(model, opt, sched)
     real_save = torch.save
 
-    def crash_on_optimizer(obj, path, *a, **k):
-        if str(path).endswith("optimizer.pt"):
+    def crash_on_optimizer(obj, f, *a, **k):
+        if str(getattr(f, "name", f)).endswith("optimizer.pt"):
             raise KeyboardInterrupt("killed mid-save")
-        return real_save(obj, path, *a, **k)
+        return real_save(obj, f, *a, **k)
 
     monkeypatch.setattr(torch, "save", crash_on_optimizer)
     with pytest.raises(KeyboardInterrupt):
@@ -90,7 +94,7 @@ def test_a_crash_during_a_save_leaves_the_previous_checkpoint_as_latest(tmp_path
     monkeypatch.setattr(torch, "save", real_save)
     # the half-written save is there but never counts, and pruning did not run
     assert (tmp_path / "checkpoint-4.tmp").is_dir() and not (tmp_path / "checkpoint-4").exists()
-    assert checkpoints.latest_checkpoint(tmp_path).name == "checkpoint-2"
+    assert checkpoints.find_resume_checkpoint(tmp_path, "latest").name == "checkpoint-2"
     assert (tmp_path / "checkpoint-2" / "adapter.safetensors").read_bytes() == before
     # the next complete save cleans up the leftover
     checkpoints.save_checkpoint(acc, tmp_path, 6, model, opt, sched, {}, total_limit=1)
@@ -108,7 +112,7 @@ def test_load_checkpoint_restores_adapter_optimizer_scheduler_and_rng(tmp_path):
 
     model2, cfg2, opt2, sched2 = training_state()
     state = checkpoints.load_checkpoint(acc, tmp_path / "checkpoint-1", model2, opt2, sched2, cfg2)
-    assert state == {"global_step": 1, "data_seed": 9}
+    assert state["global_step"] == 1 and state["data_seed"] == 9
     assert sched2.last_epoch == 1 and opt2.state_dict()["state"][0]["step"] == 1
     take_step(model2, opt2, sched2)  # same RNG draws, same optimizer moments, same lr
     for k, v in adapter_state_dict(model2).items():
