@@ -30,6 +30,7 @@ from . import processes
 from .adapter_file import (ADAPTER_FILE, config_difference, config_from_metadata, load_adapter, read_adapter_metadata,
                            save_adapter)
 from .adapters import AdapterConfig
+from .adapters.methods import METHODS
 from .errors import UserError, first_line, writing
 
 logger = logging.getLogger(__name__)
@@ -191,6 +192,9 @@ def run_settings(accelerator, args, dataset_size: int) -> dict:
     `NOT_IN_THE_RESULT`, the precision and number of processes, and the dataset's size. Saved in every
     checkpoint; a resumed run must have the same (`check_resume_settings`)."""
     settings = {k: v for k, v in vars(args).items() if k not in NOT_IN_THE_RESULT}
+    # Each method on the adapter settings it uses: --rank changes no ETHER run, --n_blocks no LoRA run.
+    for unused in (("rank", "lora_alpha") if METHODS[args.method].shape_key == "n_blocks" else ("n_blocks",)):
+        settings.pop(unused, None)
     settings.update(mixed_precision=accelerator.mixed_precision, num_processes=accelerator.num_processes,
                     dataset_size=dataset_size)
     return json.loads(json.dumps(settings, default=str))  # as state.json will hold them (lists, not tuples)

@@ -42,7 +42,7 @@ class RunLock:
     """An exclusive `flock` on `<folder>/run.lock`, whose text says who holds it (pid, host, start, command)."""
 
     def __init__(self, folder):
-        self.path = Path(folder, LOCK_FILE).resolve()
+        self.path = Path(folder, LOCK_FILE)
         self.file = None
 
     def acquire(self):

@@ -448,48 +448,48 @@ def train_loop(accelerator, args, model, optimizer, lr_scheduler, dataloader, sa
     trainable = [p for p in model.parameters() if p.requires_grad]
     last_validation = None
     model.train()
-    for epoch in range(global_step // steps_per_epoch, args.num_train_epochs):
-        if global_step >= args.max_train_steps:
-            break
-        # Skip what this epoch already consumed before the checkpoint, without loading it.
-        done = global_step - epoch * steps_per_epoch
-        sampler.start_epoch(epoch, skip=done * args.gradient_accumulation_steps * args.train_batch_size
-                            * accelerator.num_processes)
-        step_loss = 0.0
-        for batch in dataloader:
-            with accelerator.accumulate(model):
-                loss = compute_loss(batch)
-                accelerator.backward(loss)
-                grad_norm = None
-                if accelerator.sync_gradients:
-                    grad_norm = accelerator.clip_grad_norm_(trainable, args.max_grad_norm)
-                optimizer.step()
-                lr_scheduler.step()
-                optimizer.zero_grad()
-            step_loss += accelerator.gather(loss.detach()).mean().item() / args.gradient_accumulation_steps
-
-            if not accelerator.sync_gradients:
-                continue
-            # One optimizer step done. Diverged: every process stops before anything of it is written.
-            global_step += 1
-            divergence.check_step(accelerator, args, global_step, step_loss, grad_norm, trainable)
-            progress_bar.update(1)
-            logs = {"loss": step_loss, "lr": lr_scheduler.get_last_lr()[0]}
-            step_loss = 0.0
-            processes.on_main(accelerator, lambda: write_step_logs(accelerator, args, model, train_log, global_step, logs))
-            progress_bar.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{logs['lr']:.2e}")
-
-            if global_step % args.checkpointing_steps == 0:
-                save_checkpoint(accelerator, args.output_dir, global_step, model, optimizer, lr_scheduler,
-                                state={"epoch": epoch, "data_seed": sampler.seed, "settings": settings,
-                                       "args": vars(args)},
-                                total_limit=args.checkpoints_total_limit, adapter_metadata=adapter_metadata,
-                                save_extra=save_extra)
-            if validate is not None and global_step % args.validation_steps == 0:
-                last_validation = (global_step, processes.on_main(accelerator, lambda: validate(global_step)))
+    with progress_bar:  # closed before an error is printed, so the error is the last line
+        for epoch in range(global_step // steps_per_epoch, args.num_train_epochs):
             if global_step >= args.max_train_steps:
                 break
-    progress_bar.close()
+            # Skip what this epoch already consumed before the checkpoint, without loading it.
+            done = global_step - epoch * steps_per_epoch
+            sampler.start_epoch(epoch, skip=done * args.gradient_accumulation_steps * args.train_batch_size
+                                * accelerator.num_processes)
+            step_loss = 0.0
+            for batch in dataloader:
+                with accelerator.accumulate(model):
+                    loss = compute_loss(batch)
+                    accelerator.backward(loss)
+                    grad_norm = None
+                    if accelerator.sync_gradients:
+                        grad_norm = accelerator.clip_grad_norm_(trainable, args.max_grad_norm)
+                    optimizer.step()
+                    lr_scheduler.step()
+                    optimizer.zero_grad()
+                step_loss += accelerator.gather(loss.detach()).mean().item() / args.gradient_accumulation_steps
+
+                if not accelerator.sync_gradients:
+                    continue
+                # One optimizer step done. Diverged: every process stops before anything of it is written.
+                global_step += 1
+                divergence.check_step(accelerator, args, global_step, step_loss, grad_norm, trainable)
+                progress_bar.update(1)
+                logs = {"loss": step_loss, "lr": lr_scheduler.get_last_lr()[0]}
+                step_loss = 0.0
+                processes.on_main(accelerator, lambda: write_step_logs(accelerator, args, model, train_log, global_step, logs))
+                progress_bar.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{logs['lr']:.2e}")
+
+                if global_step % args.checkpointing_steps == 0:
+                    save_checkpoint(accelerator, args.output_dir, global_step, model, optimizer, lr_scheduler,
+                                    state={"epoch": epoch, "data_seed": sampler.seed, "settings": settings,
+                                           "args": vars(args)},
+                                    total_limit=args.checkpoints_total_limit, adapter_metadata=adapter_metadata,
+                                    save_extra=save_extra)
+                if validate is not None and global_step % args.validation_steps == 0:
+                    last_validation = (global_step, processes.on_main(accelerator, lambda: validate(global_step)))
+                if global_step >= args.max_train_steps:
+                    break
     return global_step, last_validation
 
 

@@ -1,6 +1,7 @@
 """Adapter-only checkpoints and RNG state (ether_diffusion/checkpoints.py), in-process and model-free."""
 import json
 import random
+import re
 
 import numpy as np
 import pytest
@@ -128,3 +129,58 @@ def test_resuming_with_another_adapter_is_an_error(tmp_path):
         checkpoints.check_checkpoint_matches(path, AdapterConfig(method="oft", n_blocks=2, target_modules=["to_q", "to_v"]))
     with pytest.raises(UserError, match="trained with n_blocks=2 but this run asks for n_blocks=4"):
         checkpoints.check_checkpoint_matches(path, AdapterConfig(method="ether+", n_blocks=4, target_modules=["to_q", "to_v"]))
+
+
+# ------------------------------------------------------------------------------------------ damaged checkpoints
+def truncate(path):
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def flip_a_byte(path):
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF  # the last tensor's last byte: same size, other contents (what a disk may do after a power cut)
+    path.write_bytes(bytes(data))
+
+
+DAMAGE = [  # (file, what is done to it, the problem named)
+    ("state.json", truncate, "state.json is damaged (JSONDecodeError)"),
+    ("state.json", lambda p: p.unlink(), "state.json is missing"),
+    ("optimizer.pt", truncate, "optimizer.pt is truncated ("),
+    ("scheduler.pt", truncate, "scheduler.pt is truncated ("),
+    ("rng-0.pt", truncate, "rng-0.pt is truncated ("),
+    ("rng-0.pt", lambda p: p.unlink(), "rng-0.pt is missing"),
+    ("adapter.safetensors", flip_a_byte, "adapter.safetensors is damaged (its contents changed after it was saved)"),
+    ("adapter.safetensors", lambda p: p.write_bytes(p.read_bytes() + b"\0"), "adapter.safetensors is longer than saved"),
+]
+
+
+@pytest.mark.parametrize("name, damage, problem", DAMAGE, ids=[f"{n}-{p.split()[-1]}" for n, _, p in DAMAGE])
+def test_a_damaged_checkpoint_is_named_and_latest_falls_back(tmp_path, caplog, name, damage, problem):
+    acc = FakeAccelerator()
+    model, cfg, opt, sched = training_state()
+    for step in (2, 4):
+        take_step(model, opt, sched)
+        checkpoints.save_checkpoint(acc, tmp_path, step, model, opt, sched, {"data_seed": 1})
+    assert checkpoints.checkpoint_problem(tmp_path / "checkpoint-4") is None
+    damage(tmp_path / "checkpoint-4" / name)
+    assert checkpoints.checkpoint_problem(tmp_path / "checkpoint-4").startswith(problem)
+    with caplog.at_level("WARNING"):
+        assert checkpoints.find_resume_checkpoint(tmp_path, "latest") == tmp_path / "checkpoint-2"
+    assert f"checkpoint-4 is damaged: {problem}" in caplog.text and "resuming from checkpoint-2 instead" in caplog.text
+    with pytest.raises(UserError, match=f"checkpoint {tmp_path / 'checkpoint-4'} is damaged: {re.escape(problem)}"):
+        checkpoints.find_resume_checkpoint(tmp_path, "checkpoint-4")  # asked for by name: no silent fallback
+    damage(tmp_path / "checkpoint-2" / name)
+    with pytest.raises(UserError, match=f"^no usable checkpoint in {tmp_path}: checkpoint-4 is damaged: "):
+        checkpoints.find_resume_checkpoint(tmp_path, "latest")
+
+
+def test_a_file_that_passes_its_checksum_but_does_not_load_is_still_named(tmp_path):
+    # a checkpoint written by another torch version, say: load_checkpoint names the file, never a traceback
+    acc = FakeAccelerator()
+    model, cfg, opt, sched = training_state()
+    take_step(model, opt, sched)
+    path = checkpoints.save_checkpoint(acc, tmp_path, 1, model, opt, sched, {"data_seed": 1})
+    (path / "scheduler.pt").write_bytes(b"not a torch file")
+    model2, cfg2, opt2, sched2 = training_state()
+    with pytest.raises(UserError, match=f"^{path / 'scheduler.pt'} is damaged \\("):
+        checkpoints.load_checkpoint(acc, path, model2, opt2, sched2, cfg2)
