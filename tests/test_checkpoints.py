@@ -184,3 +184,13 @@ def test_a_file_that_passes_its_checksum_but_does_not_load_is_still_named(tmp_pa
     model2, cfg2, opt2, sched2 = training_state()
     with pytest.raises(UserError, match=f"^{path / 'scheduler.pt'} is damaged \\("):
         checkpoints.load_checkpoint(acc, path, model2, opt2, sched2, cfg2)
+
+
+def test_a_checkpoint_is_refused_when_the_processes_disagree(tmp_path, monkeypatch):
+    # DDP keeps every process's copy equal; a second process whose copy drifted (simulated) is a bug to stop on
+    acc = FakeAccelerator()
+    model, cfg, opt, sched = training_state()
+    monkeypatch.setattr(checkpoints.processes, "everywhere", lambda state, work: [work(), (0.0, 0.0)])
+    with pytest.raises(RuntimeError, match="the processes' trained parameters differ at step 2"):
+        checkpoints.save_checkpoint(acc, tmp_path, 2, model, opt, sched, {})
+    assert list(tmp_path.iterdir()) == []  # nothing half-saved left
