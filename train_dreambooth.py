@@ -11,6 +11,8 @@ argument names and defaults, plus --method, --n_blocks, --target_modules and --c
 Writes <output_dir>/adapter.safetensors (load it with ether_diffusion.load_adapter or
 `python -m ether_diffusion.sample`), samples/ (validation grids and the final grid), checkpoint-N/ folders,
 train_log.jsonl and TensorBoard logs; with --export_merged DIR also a stock diffusers pipeline folder.
+One run per output folder (`ether_diffusion.run_folder`): a folder with another run in it needs
+--resume_from_checkpoint latest or --overwrite_output_dir.
 """
 import logging
 from pathlib import Path
@@ -18,12 +20,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ether_diffusion import arguments, checkpoints, checks, dreambooth_data, training
+from ether_diffusion import arguments, checkpoints, checks, dreambooth_data, processes, run_folder, training
 from ether_diffusion.adapter_file import ADAPTER_FILE, save_adapter
 from ether_diffusion.adapters import count_adapter_parameters
 from ether_diffusion.builtin import resolve_instance_dir, resolve_model_path
 from ether_diffusion.devices import TORCH_DTYPES
-from ether_diffusion.errors import ArgumentParser, UserError, run_cli
+from ether_diffusion.errors import ArgumentParser, UserError, run_cli, writing
 from ether_diffusion.files import check_output_folder
 from ether_diffusion.grids import sample_grid
 from ether_diffusion.pipelines import load_pipeline
@@ -113,11 +115,11 @@ def main(argv=None):
     instance_images = dreambooth_data.list_images(instance_dir, what="instance")
     dreambooth_data.check_images(instance_images)
     adapter_config = arguments.adapter_config_from_args(args)
-    resume_from = checkpoints.find_resume_checkpoint(args.output_dir, args.resume_from_checkpoint)
-    if resume_from is not None:
-        checkpoints.check_checkpoint_matches(resume_from, adapter_config)
 
     accelerator = training.setup_accelerator(args)
+    # The output folder is this run's alone (locked), and a checkpoint in it is resumed only if it is this run's.
+    settings = checkpoints.run_settings(accelerator, args, dataset_size=len(instance_images))
+    resume_from = run_folder.claim(accelerator, args, adapter_config, settings)
     # Models: frozen; the adapter must fit the UNet before class images are generated.
     model_path = resolve_model_path(args.pretrained_model_name_or_path)
     tokenizer, text_encoder, vae, unet, noise_scheduler = training.load_models(args, model_path, adapter_config)
@@ -175,23 +177,29 @@ def main(argv=None):
                            {"Trainable adapter parameters": count_adapter_parameters(accelerator.unwrap_model(unet))})
     global_step, last_validation = training.train_loop(
         accelerator, args, unet, optimizer, lr_scheduler, train_dataloader, sampler, compute_loss,
-        global_step=global_step, steps_per_epoch=steps_per_epoch, train_log=train_log,
+        global_step=global_step, steps_per_epoch=steps_per_epoch, settings=settings, train_log=train_log,
         adapter_metadata=adapter_metadata,
         validate=(lambda step: validate(step, args.validation_prompt)) if args.validation_prompt else None)
 
-    # The adapter, a final grid and (optionally) a merged pipeline.
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        adapter_file = save_adapter(accelerator.unwrap_model(unet), Path(args.output_dir, ADAPTER_FILE),
-                                    extra_metadata={**adapter_metadata, "steps": global_step})
+    # The adapter, a final grid and (optionally) a merged pipeline: the main process writes them, and a
+    # failure (a full disk) stops every process with its line.
+    def save_outputs():
+        adapter_file = Path(args.output_dir, ADAPTER_FILE)
+        with writing(adapter_file):
+            save_adapter(accelerator.unwrap_model(unet), adapter_file,
+                         extra_metadata={**adapter_metadata, "steps": global_step})
         final = training.save_final_grid(
             args.output_dir, global_step, last_validation,
             lambda step, **kw: validate(step, args.validation_prompt or [args.instance_prompt], **kw))
         accelerator.print(f"wrote {adapter_file} and {final}")
         if args.export_merged:
-            export_merged_pipeline(model_path, adapter_file, args.export_merged)
+            with writing(args.export_merged):
+                export_merged_pipeline(model_path, adapter_file, args.export_merged)
             accelerator.print(f"wrote a merged diffusers pipeline to {args.export_merged}")
+
+    processes.on_main(accelerator, save_outputs)
     accelerator.end_training()
+    run_folder.release_output_dir(args.output_dir)
 
 
 if __name__ == "__main__":

@@ -42,7 +42,12 @@ def add_model_args(parser, output_dir: str, resolution: int = 512):
     g.add_argument("--revision", type=str, default=None, help="Revision of the hub model.")
     g.add_argument("--variant", type=str, default=None, help="Variant of the model files, e.g. fp16.")
     g.add_argument("--output_dir", type=str, default=output_dir,
-                   help="Where the adapter, checkpoints, samples and logs are written.")
+                   help="Where the adapter, checkpoints, samples and logs are written; one run per folder (a second "
+                        "trainer on it stops; a folder with another run's checkpoints or adapter needs "
+                        "--resume_from_checkpoint or --overwrite_output_dir).")
+    g.add_argument("--overwrite_output_dir", action="store_true",
+                   help="Start a new run in an --output_dir that holds another: its checkpoints, adapter, train log, "
+                        "samples and TensorBoard logs are deleted first (class images and built-in data are kept).")
     g.add_argument("--seed", type=int, default=None, help="A seed for reproducible training.")
     g.add_argument("--resolution", type=int, default=resolution,
                    help="Training images are resized and cropped to this size (a multiple of 8).")

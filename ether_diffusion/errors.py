@@ -3,9 +3,12 @@
 Library code raises `UserError` for anything a user can fix (a wrong path, a bad value, a mismatched
 adapter file). Command-line entry points parse with `ArgumentParser` and run `main` through `run_cli`,
 which prints one line with exit code 2, so a user never sees a traceback for their own mistake, while
-programming errors still show one.
+programming errors still show one. A full disk is treated the same way (`writing`, `is_disk_full`): the user
+can fix it, and a traceback from deep inside torch.save would not even say what happened.
 """
 import argparse
+import contextlib
+import errno
 import math
 import sys
 
@@ -14,6 +17,38 @@ INT64_MAX = 2**63 - 1
 
 class UserError(Exception):
     """A mistake in the user's input: the message names the file, value or layer."""
+
+
+# ENOSPC and EDQUOT; the libraries that write our files report them three ways: an OSError, an OSError in
+# the chain of the RuntimeError of torch.save to a file object ("unexpected pos ..."; to a path it loses the
+# OSError, so we never save to a path), or safetensors' text "(os error 28)".
+_DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+_DISK_FULL_TEXTS = ("No space left on device", "Disk quota exceeded", "os error 28", "os error 122")
+
+
+def is_disk_full(error: BaseException) -> bool:
+    """Whether `error`, or an error it was raised from or during, is a full disk (or an exceeded quota)."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno in _DISK_FULL_ERRNOS:
+            return True
+        if any(text in str(error) for text in _DISK_FULL_TEXTS):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+@contextlib.contextmanager
+def writing(what):
+    """A full disk while writing `what` (a path, or words) is the one line "no space left on device while
+    writing <what>" instead of whatever the writing library raised."""
+    try:
+        yield
+    except Exception as e:
+        if is_disk_full(e):
+            raise UserError(f"no space left on device while writing {what}") from None
+        raise
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -60,4 +95,10 @@ def run_cli(main, argv=None):
         return main(argv)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except Exception as e:  # a full disk where no `writing` names the file: still one line
+        if not is_disk_full(e):
+            raise
+        where = f" while writing {e.filename}" if getattr(e, "filename", None) else ""
+        print(f"error: no space left on device{where}", file=sys.stderr)
         sys.exit(2)

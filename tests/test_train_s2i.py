@@ -126,14 +126,14 @@ def test_stop_and_resume_ends_with_the_same_adapter_and_encoder(resumed_runs):
     assert logs[-1]["loss"] == pytest.approx(full_logs[-1]["loss"], abs=1e-6)
 
 
-@pytest.mark.user_error("resuming a checkpoint that lacks the control encoder", tool="train_controlnet_s2i.py")
+@pytest.mark.user_error("a checkpoint whose control encoder file is missing", tool="train_controlnet_s2i.py")
 def test_resuming_needs_the_encoder_in_the_checkpoint(script, resumed_runs, ade, tmp_path, capsys):
     full, _ = resumed_runs
     out = tmp_path / "o"
     shutil.copytree(full / "checkpoint-6", out / "checkpoint-6")
     (out / "checkpoint-6" / ENCODER_WEIGHTS).unlink()
     line = fails(script.main, base_args(ade, out) + ["--n_blocks", 2, "--resume_from_checkpoint", "latest"], capsys)
-    assert f"{out / 'checkpoint-6' / ENCODER_WEIGHTS} does not exist" in line
+    assert f"no usable checkpoint in {out}: checkpoint-6 is damaged: {ENCODER_WEIGHTS} is missing" in line
 
 
 # ------------------------------------------------------------------------------------------ model
