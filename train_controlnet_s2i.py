@@ -15,7 +15,8 @@ argument names of diffusers' examples (see train_dreambooth.py), plus --method, 
 Writes <output_dir>/adapter.safetensors, control_encoder.safetensors and control_encoder.json (load them
 with `ether_diffusion.control.S2IPipeline.from_output(model, output_dir)`, or evaluate/s2i.py
 --control_dir), samples/ (map | generated grids), checkpoint-N/ folders (each also loadable by
-`from_output`), train_log.jsonl and TensorBoard logs.
+`from_output`), train_log.jsonl, TensorBoard logs and a README.md model card; with --export_lora kohya|diffusers
+also the UNet's adapter as an exact LoRA file (the signal encoder stays in its own file).
 
 The encoder's learning rate is capped at 1e-4 (the paper's setting): by default it is
 min(--learning_rate, 1e-4), and an --encoder_learning_rate above the cap is an error rather than silently
@@ -26,7 +27,7 @@ from pathlib import Path
 
 import torch.nn.functional as F
 
-from ether_diffusion import training
+from ether_diffusion import export, training
 from ether_diffusion.adapter_file import save_adapter
 from ether_diffusion.adapters import CONTROL_TARGETS, count_adapter_parameters
 from ether_diffusion.ade20k import ADE20KDataset, load_control_map, resolve_data_dir
@@ -68,6 +69,7 @@ def parse_args(argv=None):
     training.add_training_args(parser, learning_rate=None, learning_rate_help=(
         "Adapter learning rate; default: the paper's for the method (ETHER/ETHER+ 1e-3, OFT/Naive 1e-5, LoRA/HRA 1e-4)."))
     training.add_checkpoint_args(parser)
+    export.add_export_args(parser)
     g = training.add_validation_args(parser)
     g.add_argument("--validation_maps", type=training.comma_list, default=None,
                    help="Comma-separated map files (same format as the annotations) sampled every --validation_steps; "
@@ -81,6 +83,7 @@ def parse_args(argv=None):
         raise UserError(f"--max_train_samples must be at least 1, got {args.max_train_samples}")
     if args.learning_rate is None:
         args.learning_rate = PAPER_LEARNING_RATES[args.method]
+    export.check_export_args(args)
     if args.encoder_learning_rate is None:
         args.encoder_learning_rate = min(args.learning_rate, ENCODER_LR_CAP)
     if not 0 < args.encoder_learning_rate <= ENCODER_LR_CAP:
@@ -200,7 +203,8 @@ def main(argv=None):
                                     extra_metadata={**adapter_metadata, "steps": global_step})
         encoder_file = save_control_encoder(encoder, args.output_dir)
         final = training.save_final_grid(args.output_dir, global_step, last_validation, validate)
-        accelerator.print(f"wrote {adapter_file}, {encoder_file} and {final}")
+        written = export.finish_run(args.output_dir, adapter_file, args.export_lora, final)
+        accelerator.print(f"wrote {adapter_file}, {encoder_file}, {final} and {', '.join(map(str, written))}")
     accelerator.end_training()
 
 

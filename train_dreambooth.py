@@ -10,7 +10,8 @@ argument names and defaults, plus --method, --n_blocks, --target_modules and --c
 
 Writes <output_dir>/adapter.safetensors (load it with ether_diffusion.load_adapter or
 `python -m ether_diffusion.sample`), samples/ (validation grids and the final grid), checkpoint-N/ folders,
-train_log.jsonl and TensorBoard logs; with --export_merged DIR also a stock diffusers pipeline folder.
+train_log.jsonl, TensorBoard logs and a README.md model card; with --export_lora kohya|diffusers also the adapter
+as an exact LoRA file beside it (ether_diffusion.export), with --export_merged DIR a stock diffusers pipeline folder.
 """
 import logging
 from pathlib import Path
@@ -18,7 +19,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ether_diffusion import dreambooth_data, training
+from ether_diffusion import dreambooth_data, export, training
 from ether_diffusion.adapters import count_adapter_parameters
 from ether_diffusion.adapter_file import save_adapter
 from ether_diffusion.errors import UserError, run_cli
@@ -57,6 +58,7 @@ def parse_args(argv=None):
                    help="Center crop to the resolution (default: random crop) after resizing the shorter side.")
     g.add_argument("--export_merged", type=str, default=None, metavar="DIR",
                    help="Also write a stock diffusers pipeline folder with the adapter merged into the UNet.")
+    export.add_export_args(g)
     training.add_adapter_args(parser)
     training.add_training_args(parser, learning_rate=None, learning_rate_help=(
         "Learning rate; default: the paper's for the method (ETHER/ETHER+ 6e-3, OFT/Naive 6e-5, LoRA/HRA 6e-4)."))
@@ -68,6 +70,7 @@ def parse_args(argv=None):
     training.check_common_args(args, required=("pretrained_model_name_or_path", "instance_data_dir", "instance_prompt"))
     if args.learning_rate is None:
         args.learning_rate = PAPER_LEARNING_RATES[args.method]
+    export.check_export_args(args)
     if args.with_prior_preservation:
         if not args.class_prompt:
             raise UserError("--with_prior_preservation needs --class_prompt (the prompt of the class images)")
@@ -98,12 +101,6 @@ def prepare_class_images(args, accelerator, model_path) -> list[Path]:
     class_images = dreambooth_data.list_images(args.class_data_dir, what="class")[: args.num_class_images]
     dreambooth_data.check_images(class_images)
     return class_images
-
-
-def export_merged_pipeline(model, adapter_file, out_dir):
-    """A stock diffusers pipeline folder (float32) with the adapter folded into the UNet weights."""
-    pipe = load_pipeline(model, adapter=adapter_file, merge=True)
-    pipe.save_pretrained(out_dir, safe_serialization=True)
 
 
 def main(argv=None):
@@ -189,9 +186,10 @@ def main(argv=None):
         final = training.save_final_grid(
             args.output_dir, global_step, last_validation,
             lambda step, **kw: validate(step, args.validation_prompt or [args.instance_prompt], **kw))
-        accelerator.print(f"wrote {adapter_file} and {final}")
+        written = export.finish_run(args.output_dir, adapter_file, args.export_lora, final)
+        accelerator.print(f"wrote {adapter_file}, {final} and {', '.join(map(str, written))}")
         if args.export_merged:
-            export_merged_pipeline(model_path, adapter_file, args.export_merged)
+            export.export_merged(adapter_file, args.export_merged)
             accelerator.print(f"wrote a merged diffusers pipeline to {args.export_merged}")
     accelerator.end_training()
 

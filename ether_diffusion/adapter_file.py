@@ -6,7 +6,6 @@ Header keys (all strings, as safetensors requires): `format` ("ether-diffusion-a
 `load_adapter` checks all of it against the model before touching a weight, and names the mismatch.
 """
 import json
-import os
 from pathlib import Path
 
 import torch
@@ -15,6 +14,7 @@ from safetensors.torch import save_file
 
 from .adapters import PEFT_METHODS, AdapterConfig, adapter_config_of, adapter_state_dict, inject_adapters
 from .errors import UserError
+from .files import atomic_path
 
 FORMAT = "ether-diffusion-adapter"
 FORMAT_VERSION = 1
@@ -38,25 +38,34 @@ def save_adapter(model: torch.nn.Module, path, extra_metadata: dict | None = Non
         target_modules=json.dumps(cfg.target_modules),
         shapes=json.dumps({k: list(v.shape) for k, v in state.items()}),
     )
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(state, str(tmp), metadata=meta)
-    os.replace(tmp, path)
-    return path
+    with atomic_path(path) as tmp:
+        save_file(state, str(tmp), metadata=meta)
+    return Path(path)
 
 
-def read_adapter_metadata(path) -> dict:
-    """The header of an adapter file, checked to be ours; `UserError` names the file otherwise."""
+def read_safetensors_metadata(path) -> dict:
+    """The metadata header of any safetensors file (empty if it has none); `UserError` names a missing or
+    unreadable file."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"adapter file not found: {path}")
     try:
         with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
+            return f.metadata() or {}
     except Exception as e:  # safetensors raises several types for a bad header
         raise UserError(f"{path} is not a safetensors file ({e})") from None
-    if meta.get("format") != FORMAT:
+
+
+def is_adapter_file(meta: dict) -> bool:
+    """Whether a safetensors header (`read_safetensors_metadata`) is one of our adapter files."""
+    return meta.get("format") == FORMAT
+
+
+def read_adapter_metadata(path) -> dict:
+    """The header of an adapter file, checked to be ours; `UserError` names the file otherwise."""
+    path = Path(path)
+    meta = read_safetensors_metadata(path)
+    if not is_adapter_file(meta):
         raise UserError(f"{path} is a safetensors file but not an ether-diffusion adapter (no '{FORMAT}' metadata)")
     if int(meta.get("format_version", "0")) > FORMAT_VERSION:
         raise UserError(f"{path} has adapter format version {meta['format_version']}; this version reads <= {FORMAT_VERSION}")

@@ -1,5 +1,6 @@
 """Files, read and written one way everywhere: an unreadable image is a `UserError` naming it, and whatever
 we write (an image, a built-in folder) appears complete or not at all."""
+import contextlib
 import os
 import shutil
 import tempfile
@@ -43,20 +44,63 @@ def load_rgb(path) -> Image.Image:
         return ImageOps.exif_transpose(image).convert("RGB")
 
 
-def save_image(image: Image.Image, path, **save_kwargs) -> Path:
-    """Write through a temporary file in the same folder and rename it into place: an interrupted run never
-    leaves a partial image that a rerun would take as done, and a concurrent reader never sees one."""
+@contextlib.contextmanager
+def atomic_path(path):
+    """Yield a temporary file name in `path`'s folder (same suffix, so writers that go by the suffix work);
+    once the block succeeds it is renamed to `path`, if it fails it is removed. An interrupted run never
+    leaves a partial file that a rerun would take as done, and a concurrent reader never sees one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=path.suffix)
     os.close(fd)
     try:
-        image.save(tmp, **save_kwargs)
+        yield Path(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    return path
+
+
+def save_image(image: Image.Image, path, **save_kwargs) -> Path:
+    """Write an image atomically (`atomic_path`)."""
+    with atomic_path(path) as tmp:
+        image.save(tmp, **save_kwargs)
+    return Path(path)
+
+
+def write_text(path, text: str) -> Path:
+    """Write a text file (UTF-8) atomically (`atomic_path`)."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    return Path(path)
+
+
+def replace_folder(src, dst):
+    """Rename the finished folder `src` to `dst`; an older `dst` is swapped out first and then deleted, so
+    `dst` is always either the old folder or the new one, complete."""
+    src, dst = Path(src), Path(dst)
+    if dst.exists():
+        old = dst.with_name(dst.name + ".old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(dst, old)
+        os.replace(src, dst)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(src, dst)
+
+
+def write_folder(target, build) -> Path:
+    """`build(folder)` in a temporary folder beside `target`, then put in place with `replace_folder`
+    (replacing an older `target`): a failed or interrupted build leaves `target` as it was."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".tmp-{target.name}-"))
+    try:
+        build(tmp)
+        replace_folder(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
 
 
 def build_folder_once(target, build) -> Path:

@@ -22,7 +22,6 @@ import difflib
 import json
 import logging
 import math
-import os
 import random
 import re
 import shutil
@@ -35,6 +34,7 @@ import yaml
 from .adapter_file import config_difference, config_from_metadata, read_adapter_metadata, save_adapter
 from .adapters import ATTENTION_TARGETS, METHODS, AdapterConfig, adapter_parameters, check_targets, inject_adapters
 from .errors import UserError, first_line
+from .files import replace_folder
 from .pipelines import TORCH_DTYPES, model_load_errors
 
 logger = logging.getLogger(__name__)
@@ -636,21 +636,10 @@ def save_checkpoint(accelerator, output_dir, step: int, model, optimizer, lr_sch
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         (tmp / CHECKPOINT_STATE).write_text(json.dumps({"global_step": step, **state}, indent=2, default=str))
-        _replace_dir(tmp, final)
+        replace_folder(tmp, final)  # the same step saved again (a rerun in the same output_dir) replaces it
         prune_checkpoints(output_dir, total_limit)
     accelerator.wait_for_everyone()
     return final
-
-
-def _replace_dir(src: Path, dst: Path):
-    if dst.exists():  # the same step saved again (a rerun in the same output_dir): swap, then delete the old
-        old = dst.with_name(dst.name + ".old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(dst, old)
-        os.replace(src, dst)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(src, dst)
 
 
 def prune_checkpoints(output_dir, total_limit: int | None):

@@ -32,7 +32,7 @@ from ether_diffusion.errors import UserError, run_cli
 from ether_diffusion.files import load_rgb, save_image
 from evaluate.metrics import (DEFAULT_CLIP, DEFAULT_DINO, DEFAULT_LPIPS, ClipEmbedder, DinoEmbedder, LpipsDistance,
                               cosine_matrix, is_all_black)
-from evaluate.protocol import adapters_from_dir, adapters_from_manifest, load_protocol
+from evaluate.protocol import ADAPTER_FILE, adapters_from_dir, adapters_from_manifest, load_protocol
 
 METRICS = ("dino", "clip_i", "clip_t", "lpips", "lpips_diversity")
 GENERATION_LOG = "generation_log.jsonl"
@@ -51,6 +51,9 @@ def parse_args(argv=None):
     adapters = parser.add_mutually_exclusive_group()
     adapters.add_argument("--adapters", help="folder with one adapter per subject: DIR/<subject>/adapter.safetensors")
     adapters.add_argument("--manifest", help="CSV with columns subject,prompt_index,adapter (one adapter per job)")
+    parser.add_argument("--adapter_file", default=ADAPTER_FILE,
+                        help="the file name in each --adapters subject folder: an adapter file, or a LoRA exported from "
+                             "it (e.g. lora_kohya.safetensors, written by the trainers' --export_lora kohya)")
     parser.add_argument("--output_dir", required=True)
     parser.add_argument("--token", default="qwe", help="the identifier used in training")
     parser.add_argument("--images_per_prompt", type=int, default=4)
@@ -101,8 +104,7 @@ def generate(args, jobs, adapters, accelerator):
     """Generate the jobs not done yet, split across processes. Returns how many this process generated."""
     from tqdm.auto import tqdm
 
-    from ether_diffusion import load_adapter
-    from ether_diffusion.pipelines import TORCH_DTYPES, load_pipeline
+    from ether_diffusion.pipelines import TORCH_DTYPES, apply_adapter, load_pipeline
 
     output_dir = Path(args.output_dir)
     pending = [job for job in jobs if not is_done(output_dir, job, args.images_per_prompt)]
@@ -129,7 +131,8 @@ def generate(args, jobs, adapters, accelerator):
     for job in tqdm(my_jobs, desc=f"jobs (process {accelerator.process_index})", disable=not accelerator.is_local_main_process):
         adapter = adapters[(job.subject, job.prompt_index)]
         if adapter != loaded:
-            load_adapter(pipe.unet, adapter)  # same method and layers: reuses the wrappers, copies the tensors
+            # An adapter file of the same method and layers reuses the wrappers; a LoRA file replaces the last one.
+            apply_adapter(pipe, adapter)
             loaded = adapter
         seed = job.seed(args.seed)
         images = pipe(job.prompt(args.token), num_images_per_prompt=args.images_per_prompt, height=size, width=size,
@@ -232,7 +235,7 @@ def write_reports(args, protocol, jobs, tallies):
             s = protocol.subjects[name]
             writer.writerow([name, s.class_name, int(s.live), t.images, t.black, *(fmt(v) for v in t.means().values())])
 
-    settings = {k: getattr(args, k) for k in ("dataset", "pretrained_model_name_or_path", "adapters", "manifest", "token",
+    settings = {k: getattr(args, k) for k in ("dataset", "pretrained_model_name_or_path", "adapters", "adapter_file", "manifest", "token",
                                               "images_per_prompt", "seed", "num_inference_steps", "guidance_scale",
                                               "resolution", "dino", "clip", "lpips_net", "lpips_resolution",
                                               "clip_t_with_token", "subjects", "prompts")}
@@ -295,7 +298,8 @@ def main(argv=None):
     Path(args.output_dir).mkdir(parents=True, exist_ok=True)
 
     if not args.skip_generation:
-        adapters = adapters_from_manifest(args.manifest, jobs) if args.manifest else adapters_from_dir(args.adapters, jobs)
+        adapters = (adapters_from_manifest(args.manifest, jobs) if args.manifest
+                    else adapters_from_dir(args.adapters, jobs, args.adapter_file))
         generate(args, jobs, adapters, accelerator)
     accelerator.wait_for_everyone()
 

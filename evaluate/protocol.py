@@ -19,6 +19,7 @@ from ether_diffusion.errors import UserError
 from ether_diffusion.files import image_files
 
 PROMPTS_FILE = "prompts_and_classes.txt"
+ADAPTER_FILE = "adapter.safetensors"  # what the trainers write in their output folder
 LIVE_CLASSES = ("cat", "dog")
 _TEMPLATE = re.compile(r"""^\s*(['"])(.*)\1\.format\(\s*unique_token\s*,\s*class_token\s*\)\s*,?\s*$""")
 
@@ -134,12 +135,13 @@ def load_protocol(root) -> DreamBoothProtocol:
 
 
 # ------------------------------------------------------------------------------------------------ adapters
-def adapters_from_dir(folder, jobs) -> dict[tuple[str, int], Path]:
-    """One adapter per subject: `folder/<subject>/adapter.safetensors` for every job's subject."""
+def adapters_from_dir(folder, jobs, filename: str = ADAPTER_FILE) -> dict[tuple[str, int], Path]:
+    """One adapter per subject: `folder/<subject>/<filename>` for every job's subject (an adapter file, or a
+    LoRA file exported from one)."""
     folder = Path(folder)
     adapters = {}
     for job in jobs:
-        path = folder / job.subject / "adapter.safetensors"
+        path = folder / job.subject / filename
         if not path.is_file():
             raise UserError(f"missing adapter for subject {job.subject}: {path} does not exist")
         adapters[(job.subject, job.prompt_index)] = path
