@@ -273,66 +273,64 @@ def adapter_summary(meta: dict) -> str:
 
 def write_model_card(output_dir, adapter_file, exports: dict[str, Path] | None = None, grid=None) -> Path:
     """`README.md` in the output folder, as diffusers' training examples write one: YAML card data (base
-    model, instance prompt, tags) and how to use the adapter and its exports in diffusers, ComfyUI and A1111."""
+    model, instance prompt, tags) and how to use the adapter and its exports in diffusers, ComfyUI and A1111.
+    Everything it says is read from the adapter file's header."""
     from huggingface_hub import ModelCardData
 
-    output_dir = Path(output_dir)
-    exports = exports or {}
+    output_dir, adapter_name, exports = Path(output_dir), Path(adapter_file).name, exports or {}
     meta = read_adapter_metadata(adapter_file)
-    method = meta["method"]
+    method, title = meta["method"], METHOD_TITLES[meta["method"]]
     base = meta.get("base_model") or "the base model"
+    builtin = base.startswith("builtin:")  # our offline models: not on the hub, loaded by ether_diffusion
     prompt = meta.get("instance_prompt") or None
     s2i = meta.get("task") == "s2i"
-    data = ModelCardData(base_model=base if meta.get("base_model") else None, instance_prompt=prompt,
+    data = ModelCardData(base_model=None if builtin or not meta.get("base_model") else base, instance_prompt=prompt,
                          library_name="diffusers",
                          tags=["stable-diffusion", "text-to-image", "diffusers", "diffusers-training", "ether-diffusion",
                                method.replace("+", "-plus"), *(["lora"] if exports else [])])
-    title = METHOD_TITLES[method]
-    lines = [
-        "---", data.to_yaml(), "---", "",
-        f"# {title} adapter for {base}", "",
-        f"{'Semantic map to image (ADE20K) with a ControlNet-style signal encoder' if s2i else 'DreamBooth'}, "
-        f"trained with ether-diffusion for {meta.get('steps', '?')} steps: "
-        f"{adapter_summary(meta)}.", "",
-    ]
+    task = "Semantic map to image (ADE20K) with a ControlNet-style signal encoder" if s2i else "DreamBooth"
+    lines = ["---", data.to_yaml(), "---", "", f"# {title} adapter for {base}", "",
+             f"{task}, trained with ether-diffusion for {meta.get('steps', '?')} steps: {adapter_summary(meta)}.", ""]
     if prompt:
         lines += [f"Trigger prompt: `{prompt}`.", ""]
     if grid is not None and Path(grid).is_file():
         lines += [f"![samples at the last step]({Path(os.path.relpath(grid, output_dir)).as_posix()})", ""]
-    lines += ["## Files", "", f"- `{Path(adapter_file).name}`: the adapter (ether-diffusion format; "
-              "`ether_diffusion.load_adapter`, `python -m ether_diffusion.sample --adapter`)."]
+
+    lines += ["## Files", "", f"- `{adapter_name}`: the adapter (ether-diffusion's format: `ether_diffusion.load_adapter`, "
+              "`python -m ether_diffusion.sample --adapter`)."]
     if s2i:
         lines.append("- `control_encoder.safetensors` + `.json`: the signal encoder that reads the map "
                      "(`ether_diffusion.control.S2IPipeline.from_output`). A LoRA file carries the UNet's adapter only.")
     for fmt, path in exports.items():
-        lines.append(f"- `{Path(path).name}`: the same adapter as an exact LoRA ({fmt} format, fp16): "
-                     "the update W' - W of every layer is low rank, so nothing is approximated.")
-    sample_prompt = prompt or "a photo"
-    lines += ["", "## Use it in diffusers", "", "```python", "import torch",
-              "from diffusers import StableDiffusionPipeline", "",
-              f'pipe = StableDiffusionPipeline.from_pretrained("{base}", torch_dtype=torch.float16).to("cuda")']
+        lines.append(f"- `{Path(path).name}`: the same adapter as an exact rank-{lora_rank(config_from_metadata(meta))} "
+                     f"LoRA ({fmt} format): every layer's update W' - W is low rank, so nothing is approximated.")
+
+    lines += ["", "## Use it in diffusers", "", "```python"]
+    if builtin:
+        lines += ["from ether_diffusion.pipelines import load_pipeline", "",
+                  f'pipe = load_pipeline("{base}")  # a stock StableDiffusionPipeline']
+    else:
+        lines += ["import torch", "from diffusers import StableDiffusionPipeline", "",
+                  f'pipe = StableDiffusionPipeline.from_pretrained("{base}", torch_dtype=torch.float16).to("cuda")']
     if exports:
         name = Path(next(iter(exports.values()))).name
         lines.append(f'pipe.load_lora_weights("{output_dir.name}", weight_name="{name}")  # this folder')
     else:
-        lines += ["from ether_diffusion import load_adapter", "",
-                  f'load_adapter(pipe.unet, "{output_dir.name}/{Path(adapter_file).name}")']
-    lines += [f'image = pipe("{sample_prompt}").images[0]', "```", ""]
-    kohya = exports.get("kohya")
-    lines += ["## Use it in ComfyUI / AUTOMATIC1111", ""]
-    if kohya:
-        name = Path(kohya).name
-        lines += [f"`{name}` is a kohya-format LoRA, the form both read. ComfyUI: copy it to `ComfyUI/models/loras/` "
-                  "and add a *Load LoRA* node after the checkpoint loader (strength 1.0). AUTOMATIC1111: copy it to "
-                  f"`models/Lora/` and write `<lora:{Path(name).stem}:1>` in the prompt.", ""]
+        lines += ["from ether_diffusion import load_adapter", "", f'load_adapter(pipe.unet, "{output_dir.name}/{adapter_name}")']
+    lines += [f'image = pipe("{prompt or "a photo"}").images[0]', "```", "", "## Use it in ComfyUI / AUTOMATIC1111", ""]
+    if "kohya" in exports:
+        name = Path(exports["kohya"]).name
+        lines.append(f"`{name}` is a kohya-format LoRA, the form both read. ComfyUI: copy it to `ComfyUI/models/loras/` "
+                     "and add a *Load LoRA* node after the checkpoint loader (strength 1.0). AUTOMATIC1111: copy it to "
+                     f"`models/Lora/` and write `<lora:{Path(name).stem}:1>` in the prompt.")
     elif method in FULL_RANK_METHODS:
-        lines += [f"A {title} update is full rank: no LoRA file holds it. Export a merged pipeline folder with "
-                  f"`python -m ether_diffusion.export {Path(adapter_file).name} --format merged OUT`.", ""]
+        lines.append(f"A {title} update is full rank: no LoRA file holds it. Export a merged pipeline folder with "
+                     f"`python -m ether_diffusion.export {adapter_name} --format merged OUT`.")
     else:
-        lines += ["Export the adapter as an exact kohya-format LoRA, the form both read: "
-                  f"`python -m ether_diffusion.export {Path(adapter_file).name} --format kohya lora_kohya.safetensors` "
-                  "(or train with `--export_lora kohya`).", ""]
-    return write_text(output_dir / MODEL_CARD, "\n".join(lines))
+        lines.append("Export the adapter as an exact kohya-format LoRA, the form both read: "
+                     f"`python -m ether_diffusion.export {adapter_name} --format kohya {EXPORT_FILE_NAMES['kohya']}` "
+                     "(or train with `--export_lora kohya`).")
+    return write_text(output_dir / MODEL_CARD, "\n".join(lines) + "\n")
 
 
 # --------------------------------------------------------------------------------------------- command line

@@ -275,12 +275,23 @@ def test_model_card(adapters, tmp_path):
     written = finish_run(out, out / "adapter.safetensors", "kohya", out / "samples" / "final.png")
     assert written == [out / EXPORT_FILE_NAMES["kohya"], out / "README.md"]
     card = ModelCard.load(out / "README.md")
-    assert card.data.base_model == TINY and card.data.instance_prompt == PROMPT and "lora" in card.data.tags
-    text = card.text
-    for needle in ("ETHER+", "n = 4 blocks", "7 steps", f"Trigger prompt: `{PROMPT}`", "](samples/final.png)",
-                   "load_lora_weights", 'weight_name="lora_kohya.safetensors"', "ComfyUI/models/loras",
+    assert card.data.instance_prompt == PROMPT and "lora" in card.data.tags and "ether-plus" in card.data.tags
+    for needle in (f"ETHER+ adapter for {TINY}", "n = 4 blocks", "7 steps", f"Trigger prompt: `{PROMPT}`",
+                   "](samples/final.png)", "exact rank-16 LoRA", f'load_pipeline("{TINY}")',
+                   'load_lora_weights("run", weight_name="lora_kohya.safetensors")', "ComfyUI/models/loras",
                    "<lora:lora_kohya:1>"):
-        assert needle in text, needle
+        assert needle in card.text, needle
+
+    # a hub base model and a full-rank method without an export: how to load it, and why no LoRA
+    pipe = load_pipeline(TINY)
+    inject_adapters(pipe.unet, AdapterConfig(method="oft", n_blocks=4))
+    sd15 = "runwayml/stable-diffusion-v1-5"
+    save_adapter(pipe.unet, tmp_path / "oft" / "adapter.safetensors", extra_metadata={"base_model": sd15, "steps": 3})
+    card = ModelCard.load(finish_run(tmp_path / "oft", tmp_path / "oft" / "adapter.safetensors")[0])
+    assert card.data.base_model == sd15 and "instance_prompt" not in card.data.to_dict()
+    for needle in (f'StableDiffusionPipeline.from_pretrained("{sd15}"', 'load_adapter(pipe.unet, "oft/adapter.safetensors")',
+                   "no LoRA file holds it", "--format merged"):
+        assert needle in card.text, needle
 
 
 def test_trainer_export_lora_writes_the_file_and_the_card(tmp_path):
