@@ -63,10 +63,10 @@ def lora_rank(cfg: AdapterConfig) -> int:
     return {"ether": cfg.n_blocks, "ether+": 4 * cfg.n_blocks}.get(cfg.method, cfg.rank)
 
 
-def check_low_rank(method: str, what: str = "a LoRA file"):
+def check_low_rank(method: str, what: str = "a LoRA export"):
     if method in FULL_RANK_METHODS:
-        raise UserError(f"a {METHOD_TITLES[method]} adapter changes every weight at full rank, so {what} cannot hold "
-                        "it: export it with --format merged (a diffusers pipeline folder) instead")
+        raise UserError(f"{what}: {METHOD_TITLES[method]} changes every weight at full rank and no LoRA file holds "
+                        "that; export a merged model (a diffusers pipeline folder) with --format merged instead")
 
 
 def exact_factors(name: str, module) -> tuple[torch.Tensor, torch.Tensor]:
@@ -103,6 +103,7 @@ def balance(up: torch.Tensor, down: torch.Tensor, rank: int) -> tuple[torch.Tens
     root = s.sqrt()
     up, down = (q_up @ u) * root, root[:, None] * (vh @ q_down.T)
     pad = rank - s.numel()
+    assert pad >= 0, f"an update of rank {s.numel()} does not fit rank {rank}"
     return torch.cat([up, up.new_zeros(up.shape[0], pad)], 1), torch.cat([down, down.new_zeros(pad, down.shape[1])])
 
 
@@ -169,7 +170,8 @@ def export_lora(adapter, fmt: str, out, model: str | None = None, dtype: torch.d
         raise UserError(f"unknown LoRA format {fmt!r}; choose one of {', '.join(LORA_FORMATS)}")
     meta = read_adapter_metadata(adapter)
     cfg = config_from_metadata(meta)
-    rank = lora_rank(cfg)  # refuses OFT/Naive before any model is loaded
+    check_low_rank(cfg.method, what=f"{adapter}: --format {fmt}")  # before any model is loaded
+    rank = lora_rank(cfg)
     model = base_model_of(meta, model, adapter)
     unet = load_unet(model)
     load_adapter(unet, adapter)
@@ -245,7 +247,7 @@ def add_export_args(parser):
 def check_export_args(args):
     """Refuse what the exports at the end of a run would refuse, before training starts rather than after."""
     if args.export_lora:
-        check_low_rank(args.method, what="--export_lora")
+        check_low_rank(args.method, what=f"--export_lora {args.export_lora}")
     if getattr(args, "export_merged", None):
         check_merged_target(args.export_merged)
 
