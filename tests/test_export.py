@@ -53,6 +53,7 @@ def write_adapter(model, method, n_blocks, rank, path, seed=0):
     """An adapter as training leaves one: every parameter moved from its start (ETHER+ and HRA start at the
     identity, LoRA with B = 0), so each layer has a real update to export."""
     pipe = load_pipeline(model)
+    torch.manual_seed(seed)  # the methods' own initialisation draws from the global generator
     inject_adapters(pipe.unet, AdapterConfig(method=method, n_blocks=n_blocks, rank=rank))
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
