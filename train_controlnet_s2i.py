@@ -15,8 +15,10 @@ argument names of diffusers' examples (see train_dreambooth.py), plus --method, 
 Writes <output_dir>/adapter.safetensors, control_encoder.safetensors and control_encoder.json (load them
 with `ether_diffusion.control.S2IPipeline.from_output(model, output_dir)`, or evaluate/s2i.py
 --control_dir), samples/ (map | generated grids), checkpoint-N/ folders (each also loadable by
-`from_output`), train_log.jsonl and TensorBoard logs. One run per output folder (`ether_diffusion.run_folder`):
-a folder with another run in it needs --resume_from_checkpoint latest or --overwrite_output_dir.
+`from_output`), train_log.jsonl, TensorBoard logs and a README.md model card; with --export_lora kohya|diffusers
+also the UNet's adapter as an exact LoRA file (the signal encoder stays in its own file). One run per output
+folder (`ether_diffusion.run_folder`): a folder with another run in it needs --resume_from_checkpoint latest or
+--overwrite_output_dir.
 
 The encoder's learning rate is capped at 1e-4 (the paper's setting): by default it is
 min(--learning_rate, 1e-4), and an --encoder_learning_rate above the cap is an error rather than silently
@@ -27,7 +29,7 @@ from pathlib import Path
 
 import torch.nn.functional as F
 
-from ether_diffusion import arguments, checkpoints, checks, processes, run_folder, training
+from ether_diffusion import arguments, checkpoints, checks, export, processes, run_folder, training
 from ether_diffusion.adapter_file import ADAPTER_FILE, save_adapter
 from ether_diffusion.adapters import CONTROL_TARGETS, count_adapter_parameters
 from ether_diffusion.ade20k import ADE20KDataset, load_control_map
@@ -66,6 +68,7 @@ def parse_args(argv=None):
     arguments.add_adapter_args(parser, default_targets=CONTROL_TARGETS)
     arguments.add_training_args(parser, task="s2i")
     arguments.add_checkpoint_args(parser)
+    export.add_export_args(parser)
     g = arguments.add_validation_args(parser)
     g.add_argument("--validation_maps", type=arguments.comma_list, default=None,
                    help="Comma-separated map files (same format as the annotations) sampled every --validation_steps; "
@@ -77,6 +80,7 @@ def parse_args(argv=None):
     arguments.check_common_args(args, required=("pretrained_model_name_or_path", "train_data_dir"))
     checks.at_least(args, 1, "max_train_samples")
     arguments.finish_learning_rate(args, task="s2i")
+    export.check_export_args(args)
     if args.encoder_learning_rate is None:
         args.encoder_learning_rate = min(args.learning_rate, ENCODER_LR_CAP)
     if not 0 < args.encoder_learning_rate <= ENCODER_LR_CAP:
@@ -200,7 +204,9 @@ def main(argv=None):
         with writing(Path(args.output_dir, ENCODER_WEIGHTS)):
             encoder_file = save_control_encoder(encoder, args.output_dir)
         final = training.save_final_grid(args.output_dir, global_step, last_validation, validate)
-        accelerator.print(f"wrote {adapter_file}, {encoder_file} and {final}")
+        with writing(f"the LoRA export and model card in {args.output_dir}"):
+            written = export.finish_run(args.output_dir, adapter_file, args.export_lora, final)
+        accelerator.print(f"wrote {adapter_file}, {encoder_file}, {final} and {', '.join(map(str, written))}")
 
     processes.on_main(accelerator, save_outputs)
     accelerator.end_training()

@@ -10,7 +10,8 @@ argument names and defaults, plus --method, --n_blocks, --target_modules and --c
 
 Writes <output_dir>/adapter.safetensors (load it with ether_diffusion.load_adapter or
 `python -m ether_diffusion.sample`), samples/ (validation grids and the final grid), checkpoint-N/ folders,
-train_log.jsonl and TensorBoard logs; with --export_merged DIR also a stock diffusers pipeline folder.
+train_log.jsonl, TensorBoard logs and a README.md model card; with --export_lora kohya|diffusers also the adapter
+as an exact LoRA file beside it (ether_diffusion.export), with --export_merged DIR a stock diffusers pipeline folder.
 One run per output folder (`ether_diffusion.run_folder`): a folder with another run in it needs
 --resume_from_checkpoint latest or --overwrite_output_dir.
 """
@@ -20,7 +21,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ether_diffusion import arguments, checkpoints, checks, dreambooth_data, processes, run_folder, training
+from ether_diffusion import arguments, checkpoints, checks, dreambooth_data, export, processes, run_folder, training
 from ether_diffusion.adapter_file import ADAPTER_FILE, save_adapter
 from ether_diffusion.adapters import count_adapter_parameters
 from ether_diffusion.builtin import resolve_instance_dir, resolve_model_path
@@ -57,6 +58,7 @@ def parse_args(argv=None):
                    help="Center crop to the resolution (default: random crop) after resizing the shorter side.")
     g.add_argument("--export_merged", type=str, default=None, metavar="DIR",
                    help="Also write a stock diffusers pipeline folder with the adapter merged into the UNet.")
+    export.add_export_args(g)
     arguments.add_adapter_args(parser)
     arguments.add_training_args(parser, task="dreambooth")
     arguments.add_checkpoint_args(parser)
@@ -66,6 +68,7 @@ def parse_args(argv=None):
 
     arguments.check_common_args(args, required=("pretrained_model_name_or_path", "instance_data_dir", "instance_prompt"))
     arguments.finish_learning_rate(args, task="dreambooth")
+    export.check_export_args(args)
     if args.with_prior_preservation:
         if not args.class_prompt:
             raise UserError("--with_prior_preservation needs --class_prompt (the prompt of the class images)")
@@ -75,7 +78,6 @@ def parse_args(argv=None):
         args.class_data_dir = args.class_data_dir or str(Path(args.output_dir, "class-images"))
     elif args.class_data_dir or args.class_prompt:
         logger.warning("--class_data_dir / --class_prompt are only used with --with_prior_preservation")
-    check_output_folder(args.export_merged, "--export_merged")  # before training, not after the adapter is written
     return args
 
 
@@ -98,12 +100,6 @@ def prepare_class_images(args, accelerator, model_path) -> list[Path]:
     class_images = dreambooth_data.list_images(args.class_data_dir, what="class")[: args.num_class_images]
     dreambooth_data.check_images(class_images)
     return class_images
-
-
-def export_merged_pipeline(model, adapter_file, out_dir):
-    """A stock diffusers pipeline folder (float32) with the adapter folded into the UNet weights."""
-    pipe = load_pipeline(model, adapter=adapter_file, merge=True)
-    pipe.save_pretrained(out_dir, safe_serialization=True)
 
 
 def main(argv=None):
@@ -191,10 +187,11 @@ def main(argv=None):
         final = training.save_final_grid(
             args.output_dir, global_step, last_validation,
             lambda step, **kw: validate(step, args.validation_prompt or [args.instance_prompt], **kw))
-        accelerator.print(f"wrote {adapter_file} and {final}")
+        written = export.finish_run(args.output_dir, adapter_file, args.export_lora, final)
+        accelerator.print(f"wrote {adapter_file}, {final} and {', '.join(map(str, written))}")
         if args.export_merged:
             with writing(args.export_merged):
-                export_merged_pipeline(model_path, adapter_file, args.export_merged)
+                export.export_merged(adapter_file, args.export_merged)
             accelerator.print(f"wrote a merged diffusers pipeline to {args.export_merged}")
 
     processes.on_main(accelerator, save_outputs)

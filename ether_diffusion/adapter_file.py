@@ -6,7 +6,6 @@ Header keys (all strings, as safetensors requires): `format` ("ether-diffusion-a
 `load_adapter` checks all of it against the model before touching a weight, and names the mismatch.
 """
 import json
-import os
 from pathlib import Path
 
 import torch
@@ -16,7 +15,7 @@ from safetensors.torch import save_file
 from .adapters import AdapterConfig, adapter_config_of, adapter_state_dict, inject_adapters
 from .adapters.methods import METHODS
 from .errors import UserError, first_line
-from .files import check_output_folder
+from .files import atomic_path, check_output_folder
 
 ADAPTER_FILE = "adapter.safetensors"  # the adapter's name in a training output folder and in a checkpoint
 FORMAT = "ether-diffusion-adapter"
@@ -46,30 +45,38 @@ def save_adapter(model: torch.nn.Module, path, extra_metadata: dict | None = Non
         target_modules=json.dumps(cfg.target_modules),
         shapes=json.dumps({k: list(v.shape) for k, v in state.items()}),
     )
-    tmp = path.with_name(path.name + ".tmp")
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        save_file(state, str(tmp), metadata=meta)
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            save_file(state, str(tmp), metadata=meta)
     except PermissionError:
         raise UserError(f"cannot write {path}: permission denied") from None
-    finally:
-        tmp.unlink(missing_ok=True)
     return path
+
+
+def read_safetensors_metadata(path) -> dict:
+    """The metadata header of any safetensors file (empty if it has none); `UserError` names a missing or
+    unreadable file."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"adapter file not found: {path}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return f.metadata() or {}
+    except Exception as e:  # safetensors raises several types for a bad header
+        raise UserError(f"{path} is not a safetensors file ({e})") from None
+
+
+def is_adapter_file(meta: dict) -> bool:
+    """Whether a safetensors header (`read_safetensors_metadata`) is one of our adapter files."""
+    return meta.get("format") == FORMAT
 
 
 def read_adapter_metadata(path) -> dict:
     """The header of an adapter file, checked to be ours and complete (every setting and the tensor shapes
     readable); `UserError` names the file otherwise."""
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"adapter file not found: {path}")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-    except Exception as e:  # safetensors raises several types for a bad header
-        raise UserError(f"{path} is not a safetensors file ({e})") from None
-    if meta.get("format") != FORMAT:
+    meta = read_safetensors_metadata(path)
+    if not is_adapter_file(meta):
         raise UserError(f"{path} is a safetensors file but not an ether-diffusion adapter (no '{FORMAT}' metadata)")
     version = _header_value(meta, path, "format_version", int, "an integer")
     if version > FORMAT_VERSION:

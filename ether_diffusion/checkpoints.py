@@ -32,6 +32,7 @@ from .adapter_file import (ADAPTER_FILE, config_difference, config_from_metadata
 from .adapters import AdapterConfig
 from .adapters.methods import METHODS
 from .errors import UserError, first_line, writing
+from .files import replace_folder
 
 logger = logging.getLogger(__name__)
 
@@ -259,7 +260,7 @@ def save_checkpoint(accelerator, output_dir, step: int, model, optimizer, lr_sch
         with writing(final / CHECKPOINT_STATE):
             _write_flushed(tmp / CHECKPOINT_STATE, json.dumps({"global_step": step, **state, "files": files},
                                                              indent=2, default=str))
-        _replace_dir(tmp, final)
+        replace_folder(tmp, final)  # the same step saved again (a resumed run passing it again) replaces it
         _flush_dir(output_dir)
         prune_checkpoints(output_dir, total_limit)
 
@@ -323,17 +324,6 @@ def _flush_dir(folder: Path):
         pass
     finally:
         os.close(fd)
-
-
-def _replace_dir(src: Path, dst: Path):
-    if dst.exists():  # the same step saved again (a resumed run passing it again): swap, then delete the old
-        old = dst.with_name(dst.name + ".old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(dst, old)
-        os.replace(src, dst)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(src, dst)
 
 
 def prune_checkpoints(output_dir, total_limit: int | None):

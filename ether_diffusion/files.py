@@ -102,16 +102,16 @@ def check_image_output(path, flag: str):
 
 
 @contextlib.contextmanager
-def replaced_atomically(path):
-    """A temporary file name beside `path` (hidden, same suffix) to write to; renamed onto `path` when the
-    block ends, removed if it fails. An interrupted run never leaves a partial file that a rerun would take
-    as done, and a concurrent reader never sees one."""
+def atomic_path(path):
+    """Yield a temporary file name in `path`'s folder (same suffix, so writers that go by the suffix work);
+    once the block succeeds it is renamed to `path`, if it fails it is removed. An interrupted run never
+    leaves a partial file that a rerun would take as done, and a concurrent reader never sees one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=path.suffix)
     os.close(fd)
     try:
-        yield tmp
+        yield Path(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -119,17 +119,45 @@ def replaced_atomically(path):
 
 
 def save_image(image: Image.Image, path, **save_kwargs) -> Path:
-    """An image written whole or not at all (`replaced_atomically`)."""
-    with replaced_atomically(path) as tmp:
+    """Write an image atomically (`atomic_path`)."""
+    with atomic_path(path) as tmp:
         image.save(tmp, **save_kwargs)
     return Path(path)
 
 
 def write_text(path, text: str) -> Path:
-    """A text file (a report) written whole or not at all (`replaced_atomically`)."""
-    with replaced_atomically(path) as tmp:
-        Path(tmp).write_text(text, encoding="utf-8")
+    """Write a text file (UTF-8) atomically (`atomic_path`)."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
     return Path(path)
+
+
+def replace_folder(src, dst):
+    """Rename the finished folder `src` to `dst`; an older `dst` is swapped out first and then deleted, so
+    `dst` is always either the old folder or the new one, complete."""
+    src, dst = Path(src), Path(dst)
+    if dst.exists():
+        old = dst.with_name(dst.name + ".old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(dst, old)
+        os.replace(src, dst)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(src, dst)
+
+
+def write_folder(target, build) -> Path:
+    """`build(folder)` in a temporary folder beside `target`, then put in place with `replace_folder`
+    (replacing an older `target`): a failed or interrupted build leaves `target` as it was."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".tmp-{target.name}-"))
+    try:
+        build(tmp)
+        replace_folder(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
 
 
 def build_folder_once(target, build) -> Path:

@@ -30,7 +30,9 @@ def use_dpm_solver(pipe):
 def parse_args(argv=None):
     p = ArgumentParser(prog="python -m ether_diffusion.sample", description=__doc__.split("\n")[0])
     p.add_argument("--model", required=True, help="Hub id, diffusers folder or a builtin: model (builtin:tiny-sd).")
-    p.add_argument("--adapter", default=None, help="An adapter .safetensors file (omit to sample the base model).")
+    p.add_argument("--adapter", default=None,
+                   help="An adapter .safetensors file, or a LoRA file exported from one (kohya or diffusers format); "
+                        "omit to sample the base model.")
     p.add_argument("--prompt", action="append", required=True, help="Prompt (repeat for several rows).")
     p.add_argument("--num_images", type=int, default=4, help="Images per prompt (grid columns).")
     p.add_argument("--grid", default="samples.png", help="Where to write the grid (an image file: .png, .jpg, ...).")

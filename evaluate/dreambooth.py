@@ -27,19 +27,19 @@ if __package__ in (None, ""):  # run as a script (accelerate launch evaluate/dre
 import torch
 from tqdm.auto import tqdm
 
-from ether_diffusion import checks, load_adapter
-from ether_diffusion.adapter_file import read_adapter_metadata
+from ether_diffusion import checks
+from ether_diffusion.adapter_file import is_adapter_file, read_adapter_metadata, read_safetensors_metadata
 from ether_diffusion.devices import TORCH_DTYPES
 from ether_diffusion.errors import ArgumentParser, UserError, run_cli
 from ether_diffusion.files import load_rgb, save_image, write_text
 from ether_diffusion.grids import image_grid, save_grid
-from ether_diffusion.pipelines import load_pipeline
+from ether_diffusion.pipelines import apply_adapter, load_pipeline
 from evaluate import harness
 from evaluate.harness import fmt
 from evaluate.metrics import (DEFAULT_CLIP, DEFAULT_DINO, DEFAULT_LPIPS, ClipEmbedder, DinoEmbedder, LpipsDistance,
                               cosine_matrix, is_all_black)
 from evaluate.paper_tables import PAPER, TABLE_2
-from evaluate.protocol import adapters_from_dir, adapters_from_manifest, load_protocol
+from evaluate.protocol import ADAPTER_FILE, adapters_from_dir, adapters_from_manifest, load_protocol
 
 METRICS = ("dino", "clip_i", "clip_t", "lpips", "lpips_diversity")
 GENERATION_LOG = "generation_log.jsonl"
@@ -53,6 +53,9 @@ def parse_args(argv=None):
     adapters = parser.add_mutually_exclusive_group()
     adapters.add_argument("--adapters", help="folder with one adapter per subject: DIR/<subject>/adapter.safetensors")
     adapters.add_argument("--manifest", help="CSV with columns subject,prompt_index,adapter (one adapter per job)")
+    parser.add_argument("--adapter_file", default=ADAPTER_FILE,
+                        help="the file name in each --adapters subject folder: an adapter file, or a LoRA exported from "
+                             "it (e.g. lora_kohya.safetensors, written by the trainers' --export_lora kohya)")
     parser.add_argument("--output_dir", required=True)
     parser.add_argument("--token", default="qwe", help="the identifier used in training")
     parser.add_argument("--images_per_prompt", type=int, default=4)
@@ -124,7 +127,8 @@ def generate(args, jobs, adapters, accelerator):
     for job in tqdm(my_jobs, desc=f"jobs (process {accelerator.process_index})", disable=not accelerator.is_local_main_process):
         adapter = adapters[(job.subject, job.prompt_index)]
         if adapter != loaded:
-            load_adapter(pipe.unet, adapter)  # same method and layers: reuses the wrappers, copies the tensors
+            # An adapter file of the same method and layers reuses the wrappers; a LoRA file replaces the last one.
+            apply_adapter(pipe, adapter)
             loaded = adapter
         seed = harness.item_seed(args.seed, job.key)
         images = pipe(job.prompt(args.token), num_images_per_prompt=args.images_per_prompt, height=size, width=size,
@@ -228,7 +232,7 @@ def write_reports(args, protocol, jobs, tallies):
             s = protocol.subjects[name]
             writer.writerow([name, s.class_name, int(s.live), t.images, t.black, *(fmt(v) for v in t.means().values())])
 
-    settings = {k: getattr(args, k) for k in ("dataset", "pretrained_model_name_or_path", "adapters", "manifest", "token",
+    settings = {k: getattr(args, k) for k in ("dataset", "pretrained_model_name_or_path", "adapters", "adapter_file", "manifest", "token",
                                               "images_per_prompt", "seed", "num_inference_steps", "guidance_scale",
                                               "resolution", "dino", "clip", "lpips_net", "lpips_resolution",
                                               "clip_t_with_token", "subjects", "prompts")}
@@ -286,9 +290,11 @@ def main(argv=None):
     real_images = {name: [load_rgb(p) for p in protocol.subjects[name].images] for name in dict.fromkeys(j.subject for j in jobs)}
     adapters = None
     if not args.skip_generation:
-        adapters = adapters_from_manifest(args.manifest, jobs) if args.manifest else adapters_from_dir(args.adapters, jobs)
+        adapters = (adapters_from_manifest(args.manifest, jobs) if args.manifest
+                    else adapters_from_dir(args.adapters, jobs, args.adapter_file))
         for adapter in set(adapters.values()):  # headers only, before any generation (tensors: as each loads)
-            read_adapter_metadata(adapter)
+            if is_adapter_file(read_safetensors_metadata(adapter)):  # else a LoRA file: diffusers checks it
+                read_adapter_metadata(adapter)
 
     def report(device):
         tallies = score(args, protocol, jobs, real_images, device)
