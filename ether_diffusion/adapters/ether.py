@@ -60,50 +60,50 @@ class _Blocks:
         """(tokens, n*k) -> (batch, tokens, group*k) without a copy (t itself for a single matrix)."""
         return t if self.batch == 1 else t.view(t.shape[0], self.batch, -1).transpose(0, 1)
 
+    def unit_rows(self, vectors, dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The r unit vectors per block as rows, (n, r, k) (or (r, k) for n = 1), in `dtype`; the same in the
+        parameters' float32; the norms. Normalised in float32 and only then cast, so fp16 training does not
+        lose the vector's direction in the norm."""
+        if self.n == 1:
+            raw = vectors[0] if self.r == 1 else torch.cat(vectors)
+        else:
+            raw = torch.stack(vectors, 1)
+        raw = raw if raw.dtype == torch.float32 else raw.float()
+        norms = torch.linalg.vector_norm(raw, dim=-1, keepdim=True).clamp_min_(_EPS)
+        unit = raw / norms
+        return (unit if dtype == torch.float32 else unit.to(dtype)), unit, norms
+
+    def vector_grads(self, unit, norms, grad) -> tuple[torch.Tensor, ...]:
+        """dL/d(each raw vector) from dL/d(rows), through the normalisation: (g - u (u . g)) / |raw| per row."""
+        if self.group > 1:
+            grad = grad.view(self.batch, self.group, self.r, self.group, self.k).diagonal(dim1=1, dim2=3)
+            grad = grad.permute(0, 3, 1, 2).reshape(self.n, self.r, self.k)
+        grad = grad if grad.dtype == torch.float32 else grad.float()
+        grad = torch.addcmul(grad, unit, (unit * grad).sum(-1, keepdim=True), value=-1).div_(norms)
+        if self.n == 1:
+            return grad.split(1) if self.r > 1 else (grad,)
+        return grad.unbind(1)
+
     def matrices(self, rows: torch.Tensor) -> torch.Tensor:
-        """(n, r, k) rows -> the (batch, group*r, group*k) block-diagonal matrices (2-D for one matrix)."""
+        """Rows from `unit_rows` -> the (batch, group*r, group*k) block-diagonal matrices (2-D for one)."""
+        if self.group == 1:
+            return rows
         g = self.group
-        if g > 1:
-            grouped = rows.new_zeros(self.batch, g, self.r, g, self.k)
-            grouped.diagonal(dim1=1, dim2=3).copy_(rows.view(self.batch, g, self.r, self.k).permute(0, 2, 3, 1))
-            rows = grouped.view(self.batch, g * self.r, g * self.k)
-        return rows[0] if self.batch == 1 else rows
+        grouped = rows.new_zeros(self.batch, g, self.r, g, self.k)
+        grouped.diagonal(dim1=1, dim2=3).copy_(rows.view(self.batch, g, self.r, self.k).permute(0, 2, 3, 1))
+        grouped = grouped.view(self.batch, g * self.r, g * self.k)
+        return grouped[0] if self.batch == 1 else grouped
 
-    def rows(self, matrices: torch.Tensor) -> torch.Tensor:
-        """Inverse of `matrices` (its diagonal blocks): -> (n, r, k)."""
-        g = self.group
-        if g == 1:
-            return matrices.unsqueeze(0) if self.batch == 1 else matrices
-        m = matrices.view(self.batch, g, self.r, g, self.k)
-        return m.diagonal(dim1=1, dim2=3).permute(0, 3, 1, 2).reshape(self.n, self.r, self.k)
-
-    def reflect(self, t, p, a, out=None):
-        """`t + p^T A` per block: a new tensor (or `out`), or in place on t when `out is t`."""
+    def reflect(self, t, p, a, alpha, out=None):
+        """`t + alpha p^T A` per block: a new tensor (or `out`), or in place on t when `out is t`."""
         if out is t:  # `out=` rather than addmm_: the same kernel, and FlopCounterMode counts it
-            self.addmm(self.view(t), p.mT, a, out=self.view(t))
+            self.addmm(self.view(t), p.mT, a, alpha=alpha, out=self.view(t))
             return t
         if self.batch == 1:
-            return torch.addmm(t, p.mT, a, out=out)
+            return torch.addmm(t, p.mT, a, alpha=alpha, out=out)
         out = torch.empty_like(t) if out is None else out
-        torch.baddbmm(self.view(t), p.mT, a, out=self.view(out))
+        torch.baddbmm(self.view(t), p.mT, a, alpha=alpha, out=self.view(out))
         return out
-
-
-def _unit_rows(vectors, dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(n, r, k) unit rows in `dtype`, the same in the parameters' float32, and the norms (n, r, 1).
-
-    Normalised in float32 (the parameters' dtype) and only then cast, so fp16 training does not lose the
-    vector's direction in the norm."""
-    raw = torch.stack(vectors, 1).float()
-    norms = torch.linalg.vector_norm(raw, dim=-1, keepdim=True).clamp_min_(_EPS)
-    unit = raw / norms
-    return unit.to(dtype), unit, norms
-
-
-def _unit_rows_backward(unit, norms, grad) -> torch.Tensor:
-    """dL/d(raw) from dL/d(raw / |raw|) per row: (g - u (u . g)) / |raw|."""
-    grad = grad.float()
-    return torch.addcmul(grad, unit, (unit * grad).sum(-1, keepdim=True), value=-1).div_(norms)
 
 
 def _keep_output_input(n: int, tokens: int, d_in: int, low_memory: bool) -> bool:
@@ -118,30 +118,32 @@ def _keep_output_input(n: int, tokens: int, d_in: int, low_memory: bool) -> bool
 class _ReflectedLinear(torch.autograd.Function):
     """`y = ((x H) W^T) H~ + b` with H (and for ETHER+ H~) from the raw vectors; see the module docstring.
 
-    `scale` holds S as an (r, 1) tensor: [[-2]] for ETHER, [[-1], [1]] for ETHER+ (which then passes four
-    vectors: u, v of the input side, u~, v~ of the output side)."""
+    ETHER passes `u` (r = 1) and `sign=None`: C = A and the -2 goes in as `alpha` (no kernel for it). ETHER+
+    passes u, v, u~, v~ (r = 2 per side), `sign` = [[-1], [1]] so that C = sign * A, and alpha = 1."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, scale, low_memory, *vectors):
+    def forward(ctx, x, weight, bias, alpha, sign, low_memory, *vectors):
         dtype = x.dtype
         d_out, d_in = weight.shape
-        r = scale.shape[0]
+        r = 1 if sign is None else 2
         x2 = x.reshape(-1, d_in)
         tokens = x2.shape[0]
         n = vectors[0].shape[0]
+        if sign is not None and sign.dtype != dtype:
+            sign = sign.to(dtype)
         side_in = _Blocks(n, d_in // n, r)
-        a_in, unit_in, norms_in = _unit_rows(vectors[:r], dtype)
-        c_in = side_in.matrices(a_in * scale.to(dtype))
+        a_in, unit_in, norms_in = side_in.unit_rows(vectors[:r], dtype)
+        c_in = a_in if sign is None else side_in.matrices(a_in * sign)
         a_in = side_in.matrices(a_in)
         p = side_in.mm(c_in, side_in.view(x2).mT)
-        x_h = side_in.reflect(x2, p, a_in)
+        x_h = side_in.reflect(x2, p, a_in, alpha)
         z = p_out = side_out = a_out = c_out = unit_out = norms_out = None
         if len(vectors) == r:  # ETHER: no output side
             y = F.linear(x_h, weight, bias)
         else:
             side_out = _Blocks(n, d_out // n, r)
-            a_out, unit_out, norms_out = _unit_rows(vectors[r:], dtype)
-            c_out = side_out.matrices(a_out * scale.to(dtype))
+            a_out, unit_out, norms_out = side_out.unit_rows(vectors[r:], dtype)
+            c_out = side_out.matrices(a_out * sign)
             a_out = side_out.matrices(a_out)
             if _keep_output_input(n, tokens, d_in, low_memory):
                 z = F.linear(x_h, weight)
@@ -155,8 +157,8 @@ class _ReflectedLinear(torch.autograd.Function):
                     p_out = side_out.mm(c_out, yb.mT)
                 else:
                     p_out = side_out.addmm(side_out.mm(c_out, side_out.view(bias.view(1, -1)).mT), c_out, yb.mT, beta=-1)
-            side_out.reflect(y, p_out, a_out, out=y)
-        ctx.sides = side_in, side_out
+            side_out.reflect(y, p_out, a_out, alpha, out=y)
+        ctx.sides, ctx.alpha = (side_in, side_out), alpha
         ctx.save_for_backward(x2, weight, bias, p, a_in, c_in, unit_in, norms_in, z, p_out, a_out, c_out, unit_out, norms_out)
         return y.view(*x.shape[:-1], d_out)
 
@@ -164,60 +166,65 @@ class _ReflectedLinear(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad):
         x2, weight, bias, p, a_in, c_in, unit_in, norms_in, z, p_out, a_out, c_out, unit_out, norms_out = ctx.saved_tensors
-        side_in, side_out = ctx.sides
+        (side_in, side_out), alpha = ctx.sides, ctx.alpha
         tokens, d_in = x2.shape
-        g = grad.reshape(tokens, -1).to(x2.dtype)
+        g = grad.reshape(tokens, -1)
+        g = g if g.dtype == x2.dtype else g.to(x2.dtype)
         grads_out = ()
         if side_out is not None:  # the output side: grads of its vectors and dL/dz
             gb = side_out.view(g)
             q_out = side_out.mm(c_out, gb.mT)
-            g_z = side_out.reflect(g, q_out, a_out)
+            g_z = side_out.reflect(g, q_out, a_out, alpha)
             if z is not None:
-                da_out = side_out.rows(side_out.addmm(side_out.mm(p_out, gb), q_out, side_out.view(z)))
+                da_out = side_out.addmm(side_out.mm(p_out, gb), q_out, side_out.view(z), alpha=alpha, beta=alpha)
             else:
                 # q~_b z_b with z = x H W^T is (q~_b (x H)) W_b^T: rebuilt from x instead of kept.
                 n, r, m = side_out.n, side_out.r, side_out.k
-                qx = q_out.reshape(n * r, tokens) @ side_in.reflect(x2, p, a_in)  # rows in (block, vector) order
-                da_out = torch.baddbmm(side_out.rows(side_out.mm(p_out, gb)), qx.view(n, r, d_in), weight.view(n, m, d_in).mT)
-            grads_out = _unit_rows_backward(unit_out, norms_out, da_out).unbind(1)
+                qx = q_out.reshape(n * r, tokens) @ side_in.reflect(x2, p, a_in, alpha)  # rows in (block, vector) order
+                if n == 1:
+                    da_out = torch.addmm(torch.mm(p_out, g), qx, weight.mT)
+                else:
+                    da_out = side_out.mm(p_out, gb) + side_out.matrices(torch.bmm(qx.view(n, r, d_in), weight.view(n, m, d_in).mT))
+                da_out = da_out if alpha == 1 else da_out.mul_(alpha)
+            grads_out = side_out.vector_grads(unit_out, norms_out, da_out)
         else:
             g_z = g
         g_x = g_z @ weight  # dL/d(x H)
         gxb = side_in.view(g_x)
         q = side_in.mm(c_in, gxb.mT)
-        da_in = side_in.rows(side_in.addmm(side_in.mm(p, gxb), q, side_in.view(x2)))
+        da_in = side_in.addmm(side_in.mm(p, gxb), q, side_in.view(x2), alpha=alpha, beta=alpha)
         grad_weight = grad_bias = None
         if ctx.needs_input_grad[1]:
-            grad_weight = g_z.mT @ side_in.reflect(x2, p, a_in)
+            grad_weight = g_z.mT @ side_in.reflect(x2, p, a_in, alpha)
         if bias is not None and ctx.needs_input_grad[2]:
             grad_bias = g.sum(0)
         grad_x = None
         if ctx.needs_input_grad[0]:
-            grad_x = side_in.reflect(g_x, q, a_in, out=g_x).view(*grad.shape[:-1], d_in)
-        grads_in = _unit_rows_backward(unit_in, norms_in, da_in).unbind(1)
-        return grad_x, grad_weight, grad_bias, None, None, *grads_in, *grads_out
+            grad_x = side_in.reflect(g_x, q, a_in, alpha, out=g_x).view(*grad.shape[:-1], d_in)
+        grads_in = side_in.vector_grads(unit_in, norms_in, da_in)
+        return grad_x, grad_weight, grad_bias, None, None, None, *grads_in, *grads_out
 
 
 def reflect(x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """`x H` for the block-diagonal Householder reflection `H = I - 2 u u^T`, u of shape (n, d/n). No grad."""
-    return _side_transform(x, (u,), -2.0)
+    return _side_transform(x, (u,))
 
 
 def reflect_plus(x: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """`x H+` for the block-diagonal `H+ = I - u u^T + v v^T` (ETHER+), u and v of shape (n, d/n). No grad."""
-    return _side_transform(x, (u, v), (-1.0, 1.0))
+    return _side_transform(x, (u, v))
 
 
 @torch.no_grad()
-def _side_transform(x, vectors, scale):
+def _side_transform(x, vectors):
     # The forward's input side on its own (for merging): the same layout and kernels.
     n, k = vectors[0].shape
     side = _Blocks(n, k, len(vectors))
-    a, _, _ = _unit_rows(vectors, x.dtype)
-    c = side.matrices(a * torch.tensor(scale, dtype=x.dtype, device=x.device).view(-1, 1))
+    a, _, _ = side.unit_rows(vectors, x.dtype)
+    c = a if len(vectors) == 1 else side.matrices(a * torch.tensor([[-1.0], [1.0]], dtype=x.dtype, device=x.device))
     a = side.matrices(a)
     x2 = x.reshape(-1, n * k)
-    return side.reflect(x2, side.mm(c, side.view(x2).mT), a).view(x.shape)
+    return side.reflect(x2, side.mm(c, side.view(x2).mT), a, -2.0 if len(vectors) == 1 else 1.0).view(x.shape)
 
 
 def dense_blocks(u: torch.Tensor, v: torch.Tensor | None = None, dtype=torch.float64) -> torch.Tensor:
@@ -286,6 +293,7 @@ class ETHERLinear(AdapterLinear):
     def __init__(self, base_layer: nn.Linear, n_blocks: int, plus: bool, generator=None):
         super().__init__(base_layer, n_blocks)
         self.plus = plus
+        self.alpha = 1.0 if plus else -2.0  # H = I + alpha C^T A (module docstring)
         self.low_memory = False
         d_in, d_out = base_layer.in_features, base_layer.out_features
         dev = base_layer.weight.device
@@ -299,8 +307,8 @@ class ETHERLinear(AdapterLinear):
             self.ether_v = nn.Parameter(self.ether_u.detach().clone())
             self.ether_u_out = nn.Parameter(random_vectors(d_out))
             self.ether_v_out = nn.Parameter(self.ether_u_out.detach().clone())
-        # S of `H = I + (S A)^T A` (module docstring); a buffer so no tensor is built per call.
-        self.register_buffer("ether_scale", torch.tensor([[-1.0], [1.0]] if plus else [[-2.0]], device=dev), persistent=False)
+        # ETHER+'s signs of `H = I - u u^T + v v^T` (module docstring): a buffer, so no tensor is built per call.
+        self.register_buffer("ether_sign", torch.tensor([[-1.0], [1.0]], device=dev) if plus else None, persistent=False)
 
     def vectors(self) -> tuple[torch.Tensor, ...]:
         return (self.ether_u, self.ether_v, self.ether_u_out, self.ether_v_out) if self.plus else (self.ether_u,)
@@ -314,8 +322,8 @@ class ETHERLinear(AdapterLinear):
             dtype = torch.get_autocast_dtype(device)
             with torch.autocast(device, enabled=False):
                 return _ReflectedLinear.apply(x.to(dtype), w.to(dtype), None if b is None else b.to(dtype),
-                                              self.ether_scale, self.low_memory, *self.vectors())
-        return _ReflectedLinear.apply(x, w, b, self.ether_scale, self.low_memory, *self.vectors())
+                                              self.alpha, self.ether_sign, self.low_memory, *self.vectors())
+        return _ReflectedLinear.apply(x, w, b, self.alpha, self.ether_sign, self.low_memory, *self.vectors())
 
     def input_transform(self) -> torch.Tensor:
         return block_matrix(self.ether_u, self.ether_v if self.plus else None)
