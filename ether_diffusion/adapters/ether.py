@@ -115,6 +115,13 @@ def _keep_output_input(n: int, tokens: int, d_in: int, low_memory: bool) -> bool
     return not low_memory and (n > 1 or tokens < 2 * d_in)
 
 
+def _thin_input_side(side: "_Blocks", tokens: int, d_in: int) -> bool:
+    """Whether, when x needs no gradient, the input side's backward should skip g' = dL/d(x H) (a GEMM of
+    2 tokens in out FLOPs) and take the two products it needs through W: 4 n r tokens out FLOPs, plus two
+    passes over W (4 r group in out). Chosen when that is at most half the GEMM."""
+    return 2 * (4 * side.n * side.r * tokens + 4 * side.r * side.group * d_in) <= 2 * tokens * d_in
+
+
 class _ReflectedLinear(torch.autograd.Function):
     """`y = ((x H) W^T) H~ + b` with H (and for ETHER+ H~) from the raw vectors; see the module docstring.
 
@@ -189,10 +196,18 @@ class _ReflectedLinear(torch.autograd.Function):
             grads_out = side_out.vector_grads(unit_out, norms_out, da_out)
         else:
             g_z = g
-        g_x = g_z @ weight  # dL/d(x H)
-        gxb = side_in.view(g_x)
-        q = side_in.mm(c_in, gxb.mT)
-        da_in = side_in.addmm(side_in.mm(p, gxb), q, side_in.view(x2), alpha=alpha, beta=alpha)
+        if ctx.needs_input_grad[0] or not _thin_input_side(side_in, tokens, d_in):
+            g_x = g_z @ weight  # dL/d(x H)
+            gxb = side_in.view(g_x)
+            q = side_in.mm(c_in, gxb.mT)
+            p_gx = side_in.mm(p, gxb)
+        else:
+            # x needs no gradient (cross-attention keys/values read frozen text features): the input side needs
+            # dL/d(x H) only through C g'^T and p g', so go through W instead of forming g' (a full GEMM).
+            w_blocks = weight.view(-1, side_in.batch, d_in // side_in.batch)  # (out, batch, group k)
+            q = (side_in.mm(c_in, w_blocks.permute(1, 2, 0).squeeze(0)).reshape(-1, weight.shape[0]) @ g_z.mT).view(p.shape)
+            p_gx = side_in.mm((p.reshape(-1, tokens) @ g_z).view(*p.shape[:-1], -1), w_blocks.permute(1, 0, 2).squeeze(0))
+        da_in = side_in.addmm(p_gx, q, side_in.view(x2), alpha=alpha, beta=alpha)
         grad_weight = grad_bias = None
         if ctx.needs_input_grad[1]:
             grad_weight = g_z.mT @ side_in.reflect(x2, p, a_in, alpha)
