@@ -36,7 +36,7 @@ from .base import AdapterLinear
 # matrix per group: batched matmuls over hundreds of 4..10-wide blocks run 2-5x slower on CPU BLAS than over
 # fewer 16..20-wide groups, though the latter multiply by the zeros off the diagonal (measured in
 # docs/benchmarks.md; the FLOPs of the reflections then grow by the group size, at most GROUP_WIDTH / k).
-GROUP_WIDTH = 16
+GROUP_WIDTH = 32
 _EPS = 1e-12  # as F.normalize
 
 
@@ -106,13 +106,14 @@ class _Blocks:
         return out
 
 
-def _keep_output_input(n: int, tokens: int, d_in: int, low_memory: bool) -> bool:
+def _keep_output_input(n: int, r: int, tokens: int, d_in: int, low_memory: bool) -> bool:
     """Whether the output side's backward keeps its input z = x H W^T (tokens x out) or rebuilds what it
-    needs from x: `q~ z_b = (q~ x H) W_b^T` costs a pass over W and 4 r n tokens in FLOPs instead.
+    needs from x: `q~ z_b = (q~ x H) W_b^T` costs 2 n r tokens in FLOPs (one GEMM), a pass over x and one
+    over W instead.
 
-    Measured (docs/benchmarks.md): rebuilding is as fast or faster for n = 1 once tokens >= 2 in, and costs
-    time elsewhere; `low_memory` rebuilds always, for LoRA's activation memory."""
-    return not low_memory and (n > 1 or tokens < 2 * d_in)
+    Measured (docs/benchmarks.md): rebuilding is as fast or faster when n r <= 8 and tokens >= 2 in, and
+    costs time elsewhere; `low_memory` rebuilds always, for LoRA's activation memory."""
+    return not low_memory and (n * r > 8 or tokens < 2 * d_in)
 
 
 def _thin_input_side(side: "_Blocks", tokens: int, d_in: int) -> bool:
@@ -152,7 +153,7 @@ class _ReflectedLinear(torch.autograd.Function):
             a_out, unit_out, norms_out = side_out.unit_rows(vectors[r:], dtype)
             c_out = side_out.matrices(a_out * sign)
             a_out = side_out.matrices(a_out)
-            if _keep_output_input(n, tokens, d_in, low_memory):
+            if _keep_output_input(n, r, tokens, d_in, low_memory):
                 z = F.linear(x_h, weight)
                 p_out = side_out.mm(c_out, side_out.view(z).mT)
                 y = z + bias if bias is not None else z.clone()
