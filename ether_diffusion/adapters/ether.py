@@ -38,6 +38,7 @@ from .base import AdapterLinear
 # docs/benchmarks.md; the FLOPs of the reflections then grow by the group size, at most GROUP_WIDTH / k).
 GROUP_WIDTH = 32
 _EPS = 1e-12  # as F.normalize
+_HALF = (torch.float16, torch.bfloat16)
 
 
 class _Blocks:
@@ -62,23 +63,23 @@ class _Blocks:
 
     def unit_rows(self, vectors, dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The r unit vectors per block as rows, (n, r, k) (or (r, k) for n = 1), in `dtype`; the same in the
-        parameters' float32; the norms. Normalised in float32 and only then cast, so fp16 training does not
-        lose the vector's direction in the norm."""
+        parameters' dtype (float32, or float64 in checks); the norms. Normalised at least in float32 and only
+        then cast, so fp16 training does not lose the vector's direction in the norm."""
         if self.n == 1:
             raw = vectors[0] if self.r == 1 else torch.cat(vectors)
         else:
             raw = torch.stack(vectors, 1)
-        raw = raw if raw.dtype == torch.float32 else raw.float()
+        raw = raw.float() if raw.dtype in _HALF else raw
         norms = torch.linalg.vector_norm(raw, dim=-1, keepdim=True).clamp_min_(_EPS)
         unit = raw / norms
-        return (unit if dtype == torch.float32 else unit.to(dtype)), unit, norms
+        return (unit if dtype == unit.dtype else unit.to(dtype)), unit, norms
 
     def vector_grads(self, unit, norms, grad) -> tuple[torch.Tensor, ...]:
         """dL/d(each raw vector) from dL/d(rows), through the normalisation: (g - u (u . g)) / |raw| per row."""
         if self.group > 1:
             grad = grad.view(self.batch, self.group, self.r, self.group, self.k).diagonal(dim1=1, dim2=3)
             grad = grad.permute(0, 3, 1, 2).reshape(self.n, self.r, self.k)
-        grad = grad if grad.dtype == torch.float32 else grad.float()
+        grad = grad if grad.dtype == unit.dtype else grad.to(unit.dtype)
         grad = torch.addcmul(grad, unit, (unit * grad).sum(-1, keepdim=True), value=-1).div_(norms)
         if self.n == 1:
             return grad.split(1) if self.r > 1 else (grad,)
