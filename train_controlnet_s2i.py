@@ -26,29 +26,27 @@ from pathlib import Path
 
 import torch.nn.functional as F
 
-from ether_diffusion import training
-from ether_diffusion.adapter_file import save_adapter
+from ether_diffusion import arguments, checkpoints, training
+from ether_diffusion.adapter_file import ADAPTER_FILE, save_adapter
 from ether_diffusion.adapters import CONTROL_TARGETS, count_adapter_parameters
-from ether_diffusion.ade20k import ADE20KDataset, load_control_map, resolve_data_dir
+from ether_diffusion.ade20k import ADE20KDataset, load_control_map
+from ether_diffusion.builtin import resolve_data_dir, resolve_model_path
 from ether_diffusion.control import (ENCODER_CONFIG, S2IPipeline, attach_control_encoder, encoder_config,
-                                     load_control_encoder, make_control_encoder, sample_control_grid,
-                                     save_control_encoder, use_control, vae_scale_factor)
-from ether_diffusion.errors import UserError, run_cli
-from ether_diffusion.tiny_sd import resolve_model_path
+                                     load_control_encoder, make_control_encoder, save_control_encoder, use_control,
+                                     vae_scale_factor)
+from ether_diffusion.errors import ArgumentParser, UserError, run_cli
+from ether_diffusion.grids import sample_control_grid
 
 logger = logging.getLogger(__name__)
 
-# The paper's S2I learning rates when --learning_rate is not given. LoRA and HRA are not in the paper's S2I
-# experiments: 1e-4 (diffusers' LoRA examples' default) is our assumption.
-PAPER_LEARNING_RATES = {"ether": 1e-3, "ether+": 1e-3, "oft": 1e-5, "naive": 1e-5, "lora": 1e-4, "hra": 1e-4}
 ENCODER_LR_CAP = 1e-4
 DEFAULT_VALIDATION_MAPS = 4  # training maps shown when no --validation_maps are given
 
 
 def parse_args(argv=None):
-    parser = training.ArgumentParser(description="Semantic map -> image (ADE20K) with ETHER / ETHER+ and a signal encoder.")
-    training.add_config_arg(parser)
-    training.add_model_args(parser, output_dir="s2i-adapter")
+    parser = ArgumentParser(description="Semantic map -> image (ADE20K) with ETHER / ETHER+ and a signal encoder.")
+    arguments.add_config_arg(parser)
+    arguments.add_model_args(parser, output_dir="s2i-adapter")
     g = parser.add_argument_group("data")
     g.add_argument("--train_data_dir", type=str, default=None,
                    help="ADEChallengeData2016 folder (or its parent): images/training/*.jpg + annotations/training/*.png. "
@@ -64,23 +62,21 @@ def parse_args(argv=None):
     g.add_argument("--encoder_learning_rate", type=float, default=None,
                    help=f"Learning rate of the signal encoder, at most {ENCODER_LR_CAP:g} (a larger value is an error); "
                         f"default: min(--learning_rate, {ENCODER_LR_CAP:g}).")
-    training.add_adapter_args(parser, default_targets=CONTROL_TARGETS)
-    training.add_training_args(parser, learning_rate=None, learning_rate_help=(
-        "Adapter learning rate; default: the paper's for the method (ETHER/ETHER+ 1e-3, OFT/Naive 1e-5, LoRA/HRA 1e-4)."))
-    training.add_checkpoint_args(parser)
-    g = training.add_validation_args(parser)
-    g.add_argument("--validation_maps", type=training.comma_list, default=None,
+    arguments.add_adapter_args(parser, default_targets=CONTROL_TARGETS)
+    arguments.add_training_args(parser, task="s2i")
+    arguments.add_checkpoint_args(parser)
+    g = arguments.add_validation_args(parser)
+    g.add_argument("--validation_maps", type=arguments.comma_list, default=None,
                    help="Comma-separated map files (same format as the annotations) sampled every --validation_steps; "
                         "default: the first four training maps. --validation_prompt: one for all maps or one per map; "
                         "default: each map's caption (caption file by name, else its class names).")
-    training.add_logging_args(parser)
-    args = training.parse_args(parser, argv)
+    arguments.add_logging_args(parser)
+    args = arguments.parse_args(parser, argv)
 
-    training.check_common_args(args, required=("pretrained_model_name_or_path", "train_data_dir"))
+    arguments.check_common_args(args, required=("pretrained_model_name_or_path", "train_data_dir"))
     if args.max_train_samples is not None and args.max_train_samples < 1:
         raise UserError(f"--max_train_samples must be at least 1, got {args.max_train_samples}")
-    if args.learning_rate is None:
-        args.learning_rate = PAPER_LEARNING_RATES[args.method]
+    arguments.finish_learning_rate(args, task="s2i")
     if args.encoder_learning_rate is None:
         args.encoder_learning_rate = min(args.learning_rate, ENCODER_LR_CAP)
     if not 0 < args.encoder_learning_rate <= ENCODER_LR_CAP:
@@ -135,10 +131,10 @@ def main(argv=None):
                             center_crop=args.center_crop)
     dataset.check_maps(progress=True)
     validation_maps, validation_prompts = load_validation_inputs(args, dataset)
-    adapter_config = training.adapter_config_from_args(args)
-    resume_from = training.find_resume_checkpoint(args.output_dir, args.resume_from_checkpoint)
+    adapter_config = arguments.adapter_config_from_args(args)
+    resume_from = checkpoints.find_resume_checkpoint(args.output_dir, args.resume_from_checkpoint)
     if resume_from is not None:
-        training.check_checkpoint_matches(resume_from, adapter_config)
+        checkpoints.check_checkpoint_matches(resume_from, adapter_config)
         load_control_encoder(resume_from)  # present and readable
 
     accelerator = training.setup_accelerator(args)
@@ -196,7 +192,7 @@ def main(argv=None):
     # adapter + encoder: what S2IPipeline.from_output(model, output_dir) loads; and a final grid.
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        adapter_file = save_adapter(accelerator.unwrap_model(unet), Path(args.output_dir, "adapter.safetensors"),
+        adapter_file = save_adapter(accelerator.unwrap_model(unet), Path(args.output_dir, ADAPTER_FILE),
                                     extra_metadata={**adapter_metadata, "steps": global_step})
         encoder_file = save_control_encoder(encoder, args.output_dir)
         final = training.save_final_grid(args.output_dir, global_step, last_validation, validate)

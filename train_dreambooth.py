@@ -18,25 +18,22 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ether_diffusion import dreambooth_data, training
+from ether_diffusion import arguments, checkpoints, dreambooth_data, training
+from ether_diffusion.adapter_file import ADAPTER_FILE, save_adapter
 from ether_diffusion.adapters import count_adapter_parameters
-from ether_diffusion.adapter_file import save_adapter
-from ether_diffusion.errors import UserError, run_cli
-from ether_diffusion.pipelines import TORCH_DTYPES, load_pipeline
-from ether_diffusion.sample import sample_grid
-from ether_diffusion.tiny_sd import resolve_model_path
+from ether_diffusion.builtin import resolve_instance_dir, resolve_model_path
+from ether_diffusion.devices import TORCH_DTYPES
+from ether_diffusion.errors import ArgumentParser, UserError, run_cli
+from ether_diffusion.grids import sample_grid
+from ether_diffusion.pipelines import load_pipeline
 
 logger = logging.getLogger(__name__)
 
-# The paper's DreamBooth learning rates (App. C.1) when --learning_rate is not given. HRA is not in the paper:
-# it gets LoRA's rate.
-PAPER_LEARNING_RATES = {"ether": 6e-3, "ether+": 6e-3, "oft": 6e-5, "naive": 6e-5, "lora": 6e-4, "hra": 6e-4}
-
 
 def parse_args(argv=None):
-    parser = training.ArgumentParser(description="DreamBooth with ETHER / ETHER+ and the paper's baselines.")
-    training.add_config_arg(parser)
-    training.add_model_args(parser, output_dir="dreambooth-adapter")
+    parser = ArgumentParser(description="DreamBooth with ETHER / ETHER+ and the paper's baselines.")
+    arguments.add_config_arg(parser)
+    arguments.add_model_args(parser, output_dir="dreambooth-adapter")
     g = parser.add_argument_group("dreambooth")
     g.add_argument("--instance_data_dir", type=str, default=None,
                    help="A folder with the subject's images (`builtin:demo-subject`: the project's drawn subject).")
@@ -57,17 +54,15 @@ def parse_args(argv=None):
                    help="Center crop to the resolution (default: random crop) after resizing the shorter side.")
     g.add_argument("--export_merged", type=str, default=None, metavar="DIR",
                    help="Also write a stock diffusers pipeline folder with the adapter merged into the UNet.")
-    training.add_adapter_args(parser)
-    training.add_training_args(parser, learning_rate=None, learning_rate_help=(
-        "Learning rate; default: the paper's for the method (ETHER/ETHER+ 6e-3, OFT/Naive 6e-5, LoRA/HRA 6e-4)."))
-    training.add_checkpoint_args(parser)
-    training.add_validation_args(parser)
-    training.add_logging_args(parser)
-    args = training.parse_args(parser, argv)
+    arguments.add_adapter_args(parser)
+    arguments.add_training_args(parser, task="dreambooth")
+    arguments.add_checkpoint_args(parser)
+    arguments.add_validation_args(parser)
+    arguments.add_logging_args(parser)
+    args = arguments.parse_args(parser, argv)
 
-    training.check_common_args(args, required=("pretrained_model_name_or_path", "instance_data_dir", "instance_prompt"))
-    if args.learning_rate is None:
-        args.learning_rate = PAPER_LEARNING_RATES[args.method]
+    arguments.check_common_args(args, required=("pretrained_model_name_or_path", "instance_data_dir", "instance_prompt"))
+    arguments.finish_learning_rate(args, task="dreambooth")
     if args.with_prior_preservation:
         if not args.class_prompt:
             raise UserError("--with_prior_preservation needs --class_prompt (the prompt of the class images)")
@@ -111,13 +106,13 @@ def main(argv=None):
     training.setup_logging()
 
     # Everything that can be wrong with the input fails here, before a model is loaded.
-    instance_dir = dreambooth_data.resolve_instance_dir(args.instance_data_dir, args.output_dir)
+    instance_dir = resolve_instance_dir(args.instance_data_dir, args.output_dir)
     instance_images = dreambooth_data.list_images(instance_dir, what="instance")
     dreambooth_data.check_images(instance_images)
-    adapter_config = training.adapter_config_from_args(args)
-    resume_from = training.find_resume_checkpoint(args.output_dir, args.resume_from_checkpoint)
+    adapter_config = arguments.adapter_config_from_args(args)
+    resume_from = checkpoints.find_resume_checkpoint(args.output_dir, args.resume_from_checkpoint)
     if resume_from is not None:
-        training.check_checkpoint_matches(resume_from, adapter_config)
+        checkpoints.check_checkpoint_matches(resume_from, adapter_config)
 
     accelerator = training.setup_accelerator(args)
     # Models: frozen; the adapter must fit the UNet before class images are generated.
@@ -184,7 +179,7 @@ def main(argv=None):
     # The adapter, a final grid and (optionally) a merged pipeline.
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        adapter_file = save_adapter(accelerator.unwrap_model(unet), Path(args.output_dir, "adapter.safetensors"),
+        adapter_file = save_adapter(accelerator.unwrap_model(unet), Path(args.output_dir, ADAPTER_FILE),
                                     extra_metadata={**adapter_metadata, "steps": global_step})
         final = training.save_final_grid(
             args.output_dir, global_step, last_validation,

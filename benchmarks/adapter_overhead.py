@@ -31,6 +31,7 @@ import torch
 import torch.nn as nn
 
 from ether_diffusion import AdapterConfig, inject_adapters
+from ether_diffusion.adapters import adapter_parameters
 from ether_diffusion.adapters.ether import set_low_memory
 from ether_diffusion.analysis import use_dense_h
 
@@ -144,8 +145,6 @@ def mid_size_unet():
 
 
 def bench_unet(repeats, device, clock, sync):
-    from ether_diffusion.adapters import adapter_parameters
-
     base = mid_size_unet().to(device)
     x = torch.randn(1, 4, 32, 32, device=device)
     t = torch.tensor([500], device=device)

@@ -13,9 +13,11 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .adapters import PEFT_METHODS, AdapterConfig, adapter_config_of, adapter_state_dict, inject_adapters
+from .adapters import AdapterConfig, adapter_config_of, adapter_state_dict, inject_adapters
+from .adapters.methods import METHODS
 from .errors import UserError
 
+ADAPTER_FILE = "adapter.safetensors"  # the adapter's name in a training output folder and in a checkpoint
 FORMAT = "ether-diffusion-adapter"
 FORMAT_VERSION = 1
 _RESERVED = ("format", "format_version", "method", "n_blocks", "rank", "alpha", "target_modules", "shapes")
@@ -76,7 +78,7 @@ def config_from_metadata(meta: dict) -> AdapterConfig:
 def config_difference(have: AdapterConfig, want: AdapterConfig) -> tuple[str, object, object] | None:
     """The first setting in which two adapters differ, as (key, have, want), or None. n_blocks only shapes
     the block-diagonal methods and rank only PEFT's, so each method is compared on what it uses."""
-    shape_key = "rank" if have.method in PEFT_METHODS else "n_blocks"
+    shape_key = METHODS[have.method].shape_key
     for key in ("method", shape_key, "target_modules"):
         if getattr(have, key) != getattr(want, key):
             return key, getattr(have, key), getattr(want, key)

@@ -1,8 +1,9 @@
 """A subject the project draws itself, for the demo and tests: "qwe toy", a red round creature with big eyes,
 a yellow star on its belly and blue feet, seen at different places, sizes and backgrounds.
 
-`instance_data_dir: builtin:demo-subject` (see `configs/dreambooth/demo.yaml`) makes the DreamBooth trainer
-write these images into `<output_dir>/demo-subject/` on first use, so the demo needs no download.
+`instance_data_dir: builtin:demo-subject` (see `builtin.py` and `configs/dreambooth/demo.yaml`) makes the
+DreamBooth trainer write these images into `<output_dir>/demo-subject/` on first use, so the demo needs no
+download.
 """
 import math
 import random
@@ -12,7 +13,6 @@ from PIL import Image, ImageDraw
 
 from .files import save_image
 
-BUILTIN_DEMO_SUBJECT = "builtin:demo-subject"
 BACKGROUNDS = [(186, 220, 240), (235, 225, 190), (200, 235, 200), (240, 205, 215), (215, 210, 240), (230, 230, 230)]
 FLOORS = [(120, 95, 70), (90, 140, 80), (150, 150, 160), (200, 180, 140)]
 

@@ -14,12 +14,12 @@ import torchvision.transforms.functional as TF
 from PIL import Image
 from tqdm.auto import tqdm
 
-from .demo_subject import BUILTIN_DEMO_SUBJECT, write_demo_subject
 from .crop import resize_and_crop
 from .errors import UserError
 from .files import IMAGE_EXTENSIONS, image_files, load_rgb, save_image
 
 logger = logging.getLogger(__name__)
+
 
 def list_images(folder, what: str = "instance") -> list[Path]:
     """The images of a folder that must have some; non-image files are skipped with a warning."""
@@ -37,13 +37,6 @@ def list_images(folder, what: str = "instance") -> list[Path]:
 def check_images(paths):
     for p in paths:
         load_rgb(p)
-
-
-def resolve_instance_dir(value: str, output_dir) -> Path:
-    """`builtin:demo-subject` -> `<output_dir>/demo-subject`, drawn there if missing; other values unchanged."""
-    if value == BUILTIN_DEMO_SUBJECT:
-        return write_demo_subject(Path(output_dir, "demo-subject"))
-    return Path(value)
 
 
 class SubjectDataset(torch.utils.data.Dataset):

@@ -1,16 +1,12 @@
-"""Loading a stock `StableDiffusionPipeline` with an adapter, and sample grids."""
+"""Loading a stock `StableDiffusionPipeline` with an adapter."""
 import contextlib
-import math
 
 import torch
-from PIL import Image
 
 from .adapter_file import load_adapter
+from .adapters import merge_adapters
+from .builtin import resolve_model_path
 from .errors import UserError, first_line
-from .tiny_sd import resolve_model_path
-
-# Precision names as the command lines spell them ("no" is accelerate's for full precision).
-TORCH_DTYPES = {"no": torch.float32, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 @contextlib.contextmanager
@@ -24,10 +20,10 @@ def model_load_errors(name: str):
 
 
 def load_pipeline(model: str, adapter=None, device="cpu", torch_dtype=torch.float32, merge: bool = False):
-    """A stock diffusers `StableDiffusionPipeline` from a hub id, a folder or `builtin:tiny-sd`, with the
+    """A stock diffusers `StableDiffusionPipeline` from a hub id, a folder or a `builtin:` model, with the
     adapter file (if any) injected into its UNet. `merge=True` folds it into the weights (faster
     sampling, and the pipeline is then plain diffusers: `save_pretrained` writes a normal folder)."""
-    from diffusers import StableDiffusionPipeline
+    from diffusers import StableDiffusionPipeline  # diffusers imports in seconds: only when a model loads
 
     path = resolve_model_path(model)
     with model_load_errors(model):
@@ -36,23 +32,6 @@ def load_pipeline(model: str, adapter=None, device="cpu", torch_dtype=torch.floa
     if adapter is not None:
         load_adapter(pipe.unet, adapter)
         if merge:
-            from .adapters import merge_adapters
-
             merge_adapters(pipe.unet)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
-
-
-def image_grid(images, rows: int | None = None, cols: int | None = None) -> Image.Image:
-    """Paste equally sized images into a rows x cols grid (row-major)."""
-    if not images:
-        raise ValueError("image_grid needs at least one image")
-    if cols is None:
-        cols = math.ceil(len(images) / rows) if rows else len(images)
-    if rows is None:
-        rows = math.ceil(len(images) / cols)
-    w, h = images[0].size
-    grid = Image.new("RGB", (cols * w, rows * h), "white")
-    for i, im in enumerate(images):
-        grid.paste(im.convert("RGB").resize((w, h)), ((i % cols) * w, (i // cols) * h))
-    return grid

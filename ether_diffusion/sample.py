@@ -4,28 +4,16 @@
         --prompt "a photo of qwe toy" --prompt "a photo of qwe toy on the beach" --num_images 4 --grid out.png
 
 One row per prompt, one column per image; column j starts from the same noise in every row, so rows compare
-prompts. The trainers' validation grids are made by the same `sample_grid`.
+prompts (`grids.sample_grid`, which the DreamBooth trainer's validation grids use too).
 """
 from pathlib import Path
 
 import torch
 
-from .errors import UserError, run_cli
-from .pipelines import TORCH_DTYPES, image_grid, load_pipeline
-
-
-
-def sample_grid(pipe, prompts, num_images: int, seed: int = 0, num_inference_steps: int = 25,
-                guidance_scale: float = 7.5, height=None, width=None):
-    """Generate `num_images` per prompt; returns (grid, rows of PIL images). Seeded by a CPU generator, so the
-    same seed gives the same noise on any device."""
-    rows = []
-    for prompt in prompts:
-        generator = torch.Generator("cpu").manual_seed(seed)
-        out = pipe(prompt, num_images_per_prompt=num_images, generator=generator,
-                   num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, height=height, width=width)
-        rows.append(out.images)
-    return image_grid([im for row in rows for im in row], rows=len(rows), cols=num_images), rows
+from .devices import TORCH_DTYPES, default_device
+from .errors import ArgumentParser, UserError, run_cli
+from .grids import sample_grid, save_grid
+from .pipelines import load_pipeline
 
 
 def use_dpm_solver(pipe):
@@ -36,19 +24,9 @@ def use_dpm_solver(pipe):
     return pipe
 
 
-def default_device() -> str:
-    if torch.cuda.is_available():
-        return "cuda"
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        return "mps"
-    return "cpu"
-
-
 def parse_args(argv=None):
-    from .training import ArgumentParser
-
     p = ArgumentParser(prog="python -m ether_diffusion.sample", description=__doc__.split("\n")[0])
-    p.add_argument("--model", required=True, help="Hub id, diffusers folder or builtin:tiny-sd.")
+    p.add_argument("--model", required=True, help="Hub id, diffusers folder or a builtin: model (builtin:tiny-sd).")
     p.add_argument("--adapter", default=None, help="An adapter .safetensors file (omit to sample the base model).")
     p.add_argument("--prompt", action="append", required=True, help="Prompt (repeat for several rows).")
     p.add_argument("--num_images", type=int, default=4, help="Images per prompt (grid columns).")
@@ -92,8 +70,7 @@ def main(argv=None):
     grid, rows = sample_grid(pipe, args.prompt, args.num_images, seed=args.seed,
                              num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
                              height=args.resolution, width=args.resolution)
-    Path(args.grid).parent.mkdir(parents=True, exist_ok=True)
-    grid.save(args.grid)
+    save_grid(grid, args.grid)
     if args.out_dir:
         Path(args.out_dir).mkdir(parents=True, exist_ok=True)
         for r, row in enumerate(rows):

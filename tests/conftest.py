@@ -7,11 +7,28 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import pytest
 import torch
 
+import user_errors
+from ether_diffusion.builtin import resolve_model_path
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "user_error(mistake, tool=...): a user mistake this test shows is handled "
+                                       "(listed in docs/user_errors.md, see tests/user_errors.py)")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    user_errors.collect(item, outcome.get_result())
+
+
+def pytest_sessionfinish(session):
+    if os.environ.get("USER_ERRORS_TABLE"):
+        user_errors.write_table(os.environ["USER_ERRORS_TABLE"])
+
 
 @pytest.fixture(scope="session")
 def tiny_sd_path():
-    from ether_diffusion.tiny_sd import resolve_model_path
-
     return resolve_model_path("builtin:tiny-sd")
 
 

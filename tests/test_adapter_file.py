@@ -10,6 +10,7 @@ from safetensors.torch import save_file
 from ether_diffusion import AdapterConfig, inject_adapters, load_adapter, merge_adapters, save_adapter
 from ether_diffusion.adapters import METHODS, adapter_parameters
 from ether_diffusion.errors import UserError
+from ether_diffusion.pipelines import load_pipeline
 
 
 def _trained(unet, method, n=2, seed=0):
@@ -120,8 +121,6 @@ def test_save_without_adapters_is_an_error(tiny_unet, tmp_path):
 
 def test_stock_pipeline_loads_adapter_and_merged_export_is_plain_diffusers(tiny_sd_path, tmp_path):
     from diffusers import StableDiffusionPipeline, UNet2DConditionModel
-
-    from ether_diffusion.pipelines import load_pipeline
 
     unet = UNet2DConditionModel.from_pretrained(tiny_sd_path, subfolder="unet")
     _trained(unet, "ether+", n=2)

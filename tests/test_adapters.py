@@ -6,8 +6,10 @@ import torch
 import torch.nn as nn
 
 from ether_diffusion import AdapterConfig, inject_adapters, merge_adapters
-from ether_diffusion.adapters import METHODS, adapter_modules, adapter_parameters, count_adapter_parameters
+from ether_diffusion.adapters import (CONTROL_TARGETS, METHODS, adapter_modules, adapter_parameters,
+                                      count_adapter_parameters)
 from ether_diffusion.errors import UserError
+from ether_diffusion.tiny_sd import build_sd15_unet
 
 BLOCK_METHODS = ("ether", "ether+", "oft", "naive")
 
@@ -221,8 +223,6 @@ def test_adapter_parameters_stay_float32_under_low_precision_base(tiny_unet, une
 
 @pytest.mark.parametrize("method,n,expected", [(m, n, c) for m, c in (("ether", 99_456), ("ether+", 398_592)) for n in (1, 4, 32)])
 def test_sd15_parameter_counts(method, n, expected):
-    from ether_diffusion.tiny_sd import build_sd15_unet
-
     unet = build_sd15_unet("meta")
     names = inject_adapters(unet, AdapterConfig(method=method, n_blocks=n))
     assert len(names) == 128  # 32 attention modules x q, k, v, out
@@ -230,9 +230,6 @@ def test_sd15_parameter_counts(method, n, expected):
 
 
 def test_sd15_control_targets_count():
-    from ether_diffusion.adapters import CONTROL_TARGETS
-    from ether_diffusion.tiny_sd import build_sd15_unet
-
     for method, expected in (("ether", 111_936), ("ether+", 623_232)):
         unet = build_sd15_unet("meta")
         inject_adapters(unet, AdapterConfig(method=method, n_blocks=4, target_modules=list(CONTROL_TARGETS)))

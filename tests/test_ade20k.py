@@ -9,7 +9,7 @@ from PIL import Image
 from ether_diffusion.ade20k import (NUM_CLASSES, ADE20KDataset, caption_from_labels, colorize, colors_to_labels,
                                     load_control_map, load_palette)
 from ether_diffusion.errors import UserError
-from ether_diffusion.testing_ade20k import write_tiny_ade20k
+from ether_diffusion.tiny_ade20k import write_tiny_ade20k
 
 ROAD, SKYSCRAPER = 7, 49
 

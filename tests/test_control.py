@@ -8,9 +8,10 @@ from PIL import Image
 from ether_diffusion import AdapterConfig, inject_adapters, save_adapter
 from ether_diffusion.ade20k import colorize
 from ether_diffusion.control import (ENCODER_CONFIG, ENCODER_WEIGHTS, ControlledConvIn, S2IPipeline,
-                                     attach_control_encoder, control_grid, detach_control_encoder,
-                                     load_control_encoder, make_control_encoder, save_control_encoder, use_control)
+                                     attach_control_encoder, detach_control_encoder, load_control_encoder,
+                                     make_control_encoder, save_control_encoder, use_control)
 from ether_diffusion.errors import UserError
+from ether_diffusion.grids import control_grid
 from ether_diffusion.pipelines import load_pipeline
 from ether_diffusion.tiny_sd import build_sd15_unet
 

@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 
 from ether_diffusion.errors import UserError
-from evaluate.testing import write_tiny_backbones
+from evaluate.tiny_backbones import write_tiny_backbones
 from evaluate.metrics import (ClipEmbedder, DinoEmbedder, LpipsDistance, SegmentationScores, UperNetSegmenter,
                               cosine_matrix, is_all_black, load_fid_features, load_lpips, make_fid)
 from evaluate.metrics.similarity import parse_clip_spec

@@ -5,6 +5,7 @@ import pytest
 from PIL import Image
 
 from ether_diffusion.errors import UserError
+from evaluate.harness import item_seed
 from evaluate.protocol import PROMPTS_FILE, adapters_from_dir, adapters_from_manifest, load_protocol
 
 DATASET = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "dreambooth"
@@ -60,11 +61,11 @@ def test_job_subsets_and_bad_selections(protocol):
 
 
 def test_job_seed_depends_only_on_the_job(protocol):
-    full = {(j.subject, j.prompt_index): j.seed(7) for j in protocol.jobs()}
+    full = {(j.subject, j.prompt_index): item_seed(7, j.key) for j in protocol.jobs()}
     subset = protocol.jobs(["dog5"], [3])
-    assert subset[0].seed(7) == full[("dog5", 3)]
+    assert item_seed(7, subset[0].key) == full[("dog5", 3)]
     assert len(set(full.values())) == 750
-    assert subset[0].seed(8) != subset[0].seed(7)
+    assert item_seed(8, subset[0].key) != item_seed(7, subset[0].key)
 
 
 # ------------------------------------------------------------------------------------------- bad datasets

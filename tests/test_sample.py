@@ -12,7 +12,7 @@ from ether_diffusion import AdapterConfig, inject_adapters, save_adapter
 from ether_diffusion.adapters import adapter_state_dict
 from ether_diffusion.errors import run_cli
 from ether_diffusion.sample import main
-from ether_diffusion.tiny_sd import resolve_model_path
+from ether_diffusion.builtin import resolve_model_path
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = "builtin:tiny-sd"

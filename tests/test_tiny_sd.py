@@ -3,11 +3,13 @@ import json
 
 import torch
 
-from ether_diffusion.tiny_sd import BUILTIN_TINY, build_tiny_sd, resolve_model_path
+from ether_diffusion.builtin import TINY_SD, resolve_model_path
+from ether_diffusion.errors import UserError
+from ether_diffusion.tiny_sd import build_tiny_sd
 
 
 def test_builtin_name_resolves_to_a_diffusers_folder(tiny_sd_path):
-    assert resolve_model_path(BUILTIN_TINY) == tiny_sd_path
+    assert resolve_model_path(TINY_SD) == tiny_sd_path
     index = json.loads((__import__("pathlib").Path(tiny_sd_path) / "model_index.json").read_text())
     assert index["_class_name"] == "StableDiffusionPipeline"
     assert resolve_model_path("runwayml/stable-diffusion-v1-5") == "runwayml/stable-diffusion-v1-5"
@@ -16,8 +18,6 @@ def test_builtin_name_resolves_to_a_diffusers_folder(tiny_sd_path):
 
 def test_missing_model_folder_is_named(tmp_path):
     import pytest
-
-    from ether_diffusion.errors import UserError
 
     with pytest.raises(UserError, match="model folder not found: .*/no-model"):
         resolve_model_path(str(tmp_path / "no-model"))

@@ -14,9 +14,12 @@ from trainer_helpers import REPO, TINY, import_script, stop_and_resume
 from trainer_helpers import fails as fails_in_process
 from trainer_helpers import launch as launch_script
 
-from ether_diffusion import dreambooth_data
+from ether_diffusion import arguments, dreambooth_data, inject_adapters, load_adapter
+from ether_diffusion.adapters import count_adapter_parameters
+from ether_diffusion.builtin import resolve_instance_dir, resolve_model_path
 from ether_diffusion.demo_subject import draw_demo_subject, write_demo_subject
 from ether_diffusion.errors import UserError
+from ether_diffusion.tiny_sd import build_sd15_unet
 
 DOG = REPO.parent / "shared" / "datasets" / "dreambooth" / "dog"
 
@@ -126,9 +129,6 @@ def test_real_photos_of_mixed_sizes_train_and_export_a_stock_pipeline(tmp_path):
     # the merged folder is plain diffusers and computes what base model + adapter compute
     from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 
-    from ether_diffusion import load_adapter
-    from ether_diffusion.tiny_sd import resolve_model_path
-
     pipe = StableDiffusionPipeline.from_pretrained(merged)
     assert type(pipe.unet.down_blocks[0].attentions[0].transformer_blocks[0].attn1.to_q) is torch.nn.Linear
     base = UNet2DConditionModel.from_pretrained(resolve_model_path(TINY), subfolder="unet")
@@ -148,6 +148,7 @@ def base_args(instance_dir, out):
             "a photo of qwe toy", "--output_dir", out, "--resolution", 32, "--report_to", "none"]
 
 
+@pytest.mark.user_error("--instance_data_dir names a missing folder", tool="train_dreambooth.py")
 def test_missing_and_empty_instance_folders(script, tmp_path, capsys):
     line = fails(script, base_args(tmp_path / "nope", tmp_path / "o"), capsys)
     assert f"instance image folder not found: {tmp_path / 'nope'}" in line
@@ -265,8 +266,8 @@ def test_demo_subject_is_drawn_once_and_deterministically(tmp_path):
     assert [p.read_bytes() for p in files] == [p.read_bytes() for p in sorted(write_demo_subject(tmp_path / "b").iterdir())]
     images = draw_demo_subject(5)
     assert len({im.tobytes() for im in images}) == 5  # five different pictures
-    assert dreambooth_data.resolve_instance_dir("builtin:demo-subject", tmp_path / "out") == tmp_path / "out" / "demo-subject"
-    assert dreambooth_data.resolve_instance_dir("photos/dog", tmp_path) == Path("photos/dog")
+    assert resolve_instance_dir("builtin:demo-subject", tmp_path / "out") == tmp_path / "out" / "demo-subject"
+    assert resolve_instance_dir("photos/dog", tmp_path) == Path("photos/dog")
     with pytest.raises(UserError, match="cannot read image"):
         (folder / "qwe-toy-00.png").write_bytes(b"")
         dreambooth_data.check_images(dreambooth_data.list_images(folder))
@@ -284,10 +285,6 @@ PAPER = {  # config: (method, n_blocks or rank, learning rate, trainable paramet
 
 @pytest.mark.parametrize("name", sorted(PAPER))
 def test_paper_configs_hold_the_papers_settings_and_fit_sd15(script, name):
-    from ether_diffusion import inject_adapters, training
-    from ether_diffusion.adapters import count_adapter_parameters
-    from ether_diffusion.tiny_sd import build_sd15_unet
-
     args = script.parse_args(["--config", f"configs/dreambooth/{name}.yaml", "--instance_data_dir", "dog",
                               "--instance_prompt", "a photo of qwe dog", "--class_prompt", "a photo of dog"])
     method, n, lr, count = PAPER[name]
@@ -296,5 +293,5 @@ def test_paper_configs_hold_the_papers_settings_and_fit_sd15(script, name):
     assert (args.with_prior_preservation, args.num_class_images) == (True, 200)
     assert args.target_modules == ["to_q", "to_k", "to_v", "to_out.0"]
     unet = build_sd15_unet()  # on the meta device: no weights allocated
-    inject_adapters(unet, training.adapter_config_from_args(args))
+    inject_adapters(unet, arguments.adapter_config_from_args(args))
     assert count_adapter_parameters(unet) == count

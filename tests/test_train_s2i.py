@@ -11,13 +11,14 @@ from PIL import Image
 from safetensors.torch import load_file
 from trainer_helpers import TINY, fails, import_script, launch, stop_and_resume
 
-from ether_diffusion import AdapterConfig, inject_adapters
-from ether_diffusion.adapters import CONTROL_TARGETS, adapter_state_dict
+from ether_diffusion import AdapterConfig, arguments, inject_adapters
+from ether_diffusion.adapters import CONTROL_TARGETS, adapter_state_dict, count_adapter_parameters
 from ether_diffusion.ade20k import ADE20KDataset, colorize
-from ether_diffusion.control import (ENCODER_CONFIG, ENCODER_WEIGHTS, S2IPipeline, sample_control_grid,
-                                     use_control)
+from ether_diffusion.control import ENCODER_CONFIG, ENCODER_WEIGHTS, S2IPipeline, use_control
+from ether_diffusion.grids import sample_control_grid
 from ether_diffusion.sample import use_dpm_solver
-from ether_diffusion.testing_ade20k import write_tiny_ade20k
+from ether_diffusion.tiny_ade20k import write_tiny_ade20k
+from ether_diffusion.tiny_sd import build_sd15_unet
 
 ENCODER_FILES = (ENCODER_WEIGHTS, ENCODER_CONFIG)
 
@@ -258,17 +259,13 @@ PAPER = {  # config: (method, n_blocks, learning rate, encoder learning rate, ad
 
 @pytest.mark.parametrize("name", sorted(PAPER))
 def test_paper_configs_hold_the_papers_settings_and_fit_sd15(script, name):
-    from ether_diffusion import training
-    from ether_diffusion.adapters import count_adapter_parameters
-    from ether_diffusion.tiny_sd import build_sd15_unet
-
     args = script.parse_args(["--config", f"configs/s2i/{name}.yaml", "--train_data_dir", "ade"])
     method, n, lr, encoder_lr, count = PAPER[name]
     assert (args.method, args.n_blocks, args.learning_rate, args.encoder_learning_rate) == (method, n, lr, encoder_lr)
     assert (args.train_batch_size, args.resolution) == (10, 512)
     assert args.target_modules == list(CONTROL_TARGETS)
     unet = build_sd15_unet()  # on the meta device: no weights allocated
-    inject_adapters(unet, training.adapter_config_from_args(args))
+    inject_adapters(unet, arguments.adapter_config_from_args(args))
     encoder = script.add_encoder(unet, scale_factor=8)
     assert count_adapter_parameters(unet) == count
     assert sum(p.numel() for p in encoder.parameters()) == 1_086_480

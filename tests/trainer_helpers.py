@@ -1,4 +1,5 @@
-"""What the trainer tests share: a real `accelerate launch` and the in-process bad-input check."""
+"""What the trainer tests share: a real `accelerate launch`, the in-process bad-input check, the trainers'
+whole argument parser and a two-layer model."""
 import os
 import shutil
 import subprocess
@@ -6,8 +7,11 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch.nn as nn
 
-from ether_diffusion.errors import run_cli
+import user_errors
+from ether_diffusion import arguments
+from ether_diffusion.errors import ArgumentParser, run_cli
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = "builtin:tiny-sd"
@@ -49,7 +53,7 @@ def fails(main, argv, capsys) -> str:
     assert "Traceback" not in err
     last = err.strip().splitlines()[-1]
     assert last.startswith("error: ")
-    return last
+    return user_errors.record(last)
 
 
 def import_script(name: str):
@@ -60,3 +64,23 @@ def import_script(name: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def make_parser():
+    """Every argument group the trainers share, as a DreamBooth trainer has them."""
+    p = ArgumentParser()
+    arguments.add_config_arg(p)
+    arguments.add_model_args(p, output_dir="out")
+    arguments.add_adapter_args(p)
+    arguments.add_training_args(p, task="dreambooth")
+    arguments.add_checkpoint_args(p)
+    arguments.add_validation_args(p)
+    arguments.add_logging_args(p)
+    return p
+
+
+class TinyBlock(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.to_q = nn.Linear(8, 8)
+        self.to_v = nn.Linear(8, 4)

@@ -330,6 +330,10 @@ class ETHERLinear(AdapterLinear):
     def vectors(self) -> tuple[torch.Tensor, ...]:
         return (self.ether_u, self.ether_v, self.ether_u_out, self.ether_v_out) if self.plus else (self.ether_u,)
 
+    @property
+    def method(self) -> str:
+        return "ether+" if self.plus else "ether"
+
     def forward(self, x):
         w, b = self.base_layer.weight, self.base_layer.bias
         device = x.device.type

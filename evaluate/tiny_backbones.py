@@ -10,7 +10,7 @@ Each folder has the format the real backbone is given in, so it loads through th
     upernet/    transformers UperNetForSemanticSegmentation (ConvNeXt backbone, 150 classes) + processor
     inception/  fid_features.json + fid_features.safetensors (a two-layer conv net standing in for InceptionV3)
 
-Numbers computed with them mean nothing; they prove the plumbing. `python -m evaluate.testing DIR`
+Numbers computed with them mean nothing; they prove the plumbing. `python -m evaluate.tiny_backbones DIR`
 writes them and prints the paths.
 """
 import json
@@ -18,6 +18,10 @@ import sys
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
+
+from evaluate.metrics.fid import ConvFeatures, save_conv_features
+from evaluate.metrics.perceptual import save_lpips
 
 IMAGE_SIZE = 32  # input size of the ViT / CLIP stand-ins
 
@@ -34,7 +38,6 @@ def write_tiny_dino(folder) -> Path:
 
 def write_tiny_clip(folder) -> Path:
     import open_clip
-    from safetensors.torch import save_file
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -53,8 +56,6 @@ def write_tiny_clip(folder) -> Path:
 
 def write_tiny_lpips(folder) -> Path:
     import lpips
-
-    from evaluate.metrics.perceptual import save_lpips
 
     model = lpips.LPIPS(net="squeeze", pretrained=False, pnet_rand=True, verbose=False)
     with torch.no_grad():  # real LPIPS heads are non-negative (clamped in training), so distances are >= 0
@@ -76,8 +77,6 @@ def write_tiny_upernet(folder) -> Path:
 
 
 def write_tiny_inception(folder) -> Path:
-    from evaluate.metrics.fid import ConvFeatures, save_conv_features
-
     return save_conv_features(ConvFeatures(channels=(8, 16), input_size=32), folder)
 
 
@@ -95,6 +94,6 @@ def write_tiny_backbones(root, seed: int = 0) -> dict[str, Path]:
 
 if __name__ == "__main__":
     if len(sys.argv) != 2:
-        sys.exit("usage: python -m evaluate.testing OUTPUT_DIR")
+        sys.exit("usage: python -m evaluate.tiny_backbones OUTPUT_DIR")
     for name, path in write_tiny_backbones(sys.argv[1]).items():
         print(f"{name}: {path}")
