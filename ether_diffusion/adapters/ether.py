@@ -13,17 +13,19 @@ PEFT's HRA do. The frozen weight never receives a gradient and nothing of size o
 All transforms are block-diagonal with `n` blocks: the input is split into n chunks of in/n features and
 each chunk is reflected by its own vector. Vectors are stored unnormalised and normalised in every forward.
 
-How the training forward runs. Each side is `H = I + C^T A` per block, with `A` the r unit vectors as rows
-and `C = S A`: `S = -2` (r = 1) for ETHER, `S = diag(-1, 1)` on the rows (u, v) for ETHER+. On tokens,
-`x H = x + p^T A` with `p = C x^T` (r numbers per token and block): two thin matmuls, 4 r FLOPs per feature
-and token whatever n is. `_ReflectedLinear` is one autograd Function for the whole layer (input side, frozen
-GEMM, output side) with a hand-written backward; for a side with incoming gradient g' it is
+How the training forward runs. Each side is `H = I + alpha C^T A` per block, `A` holding the r unit vectors
+as rows: ETHER (r = 1) has C = A = u and alpha = -2; ETHER+ (r = 2) has A = [u; v], C = [-u; v], alpha = 1.
+On tokens, `x H = x + alpha p^T A` with `p = C x^T` (r numbers per token and block): two thin matmuls,
+4 r FLOPs per feature and token whatever n is. `_ReflectedLinear` is one autograd Function for the whole
+layer (input side, frozen GEMM, output side) with a hand-written backward; for a side with incoming
+gradient g' it is
 
-    q = C g'^T,    dL/dx = g' + q^T A,    dL/dA (through A and through C = S A) = p g' + q x
+    q = C g'^T,    dL/dx = g' + alpha q^T A,    dL/dA (through A and C) = alpha (p g' + q x)
 
-so a side costs a handful of kernels instead of a dozen autograd nodes, and the backward needs only x, the
-thin projections p and, for the output side, its input z = x H W^T (or, with `low_memory`, not even z; see
-`_keep_output_input`). Benchmarks and the choices made by measurement: `docs/benchmarks.md`.
+so a side costs a handful of kernels instead of a dozen autograd nodes, and the backward keeps only x, the
+thin projections p and, for the output side, its input z = x H W^T (or not even z: `_keep_output_input`).
+Layout and route choices (`_Blocks`, `_keep_output_input`, `_thin_input_side`) were made by measurement:
+docs/benchmarks.md.
 """
 import torch
 import torch.nn as nn
@@ -32,10 +34,10 @@ from torch.autograd.function import once_differentiable
 
 from .base import AdapterLinear
 
-# Blocks narrower than this many features are processed in groups of consecutive blocks, as one block-diagonal
-# matrix per group: batched matmuls over hundreds of 4..10-wide blocks run 2-5x slower on CPU BLAS than over
-# fewer 16..20-wide groups, though the latter multiply by the zeros off the diagonal (measured in
-# docs/benchmarks.md; the FLOPs of the reflections then grow by the group size, at most GROUP_WIDTH / k).
+# ETHER+ blocks narrower than this many features run in groups of consecutive blocks, one block-diagonal
+# matrix per group: CPU BLAS runs batched matmuls over many 4..20-wide blocks 2-5x slower than over fewer
+# groups at least this wide, though these multiply by the zeros off the diagonal, so the reflections' FLOPs
+# grow by the group size (measured in docs/benchmarks.md; 1 turns grouping off).
 GROUP_WIDTH = 32
 _EPS = 1e-12  # as F.normalize
 _HALF = (torch.float16, torch.bfloat16)
