@@ -3,7 +3,7 @@
 Every output and gradient is compared with autograd through the paper's dense transforms in float64, on
 each route the backward can take: the output side's input kept or rebuilt from x (`low_memory`), inputs
 with and without a gradient, narrow blocks grouped into block-diagonal matrices, a base layer that trains.
-Then finite differences, autocast, the memory option and the FLOP count.
+Then finite differences, autocast and the memory option (FLOPs: tests/test_analysis.py).
 """
 import itertools
 
@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from ether_diffusion import AdapterConfig, analysis, inject_adapters
+from ether_diffusion import AdapterConfig, inject_adapters
 from ether_diffusion.adapters import adapter_modules, ether
 from ether_diffusion.adapters.ether import dense_blocks, set_low_memory
 
@@ -162,37 +162,3 @@ def test_set_low_memory_switches_every_ether_plus_layer(tiny_unet):
     assert set_low_memory(tiny_unet) == 32
     assert all(m.low_memory for _, m in adapter_modules(tiny_unet))
     assert set_low_memory(tiny_unet, False) == 32 and not any(m.low_memory for _, m in adapter_modules(tiny_unet))
-
-
-def _step_flops(width, tokens, method=None, n=1):
-    """(FLOPs counted for forward + backward, the analytic essential reflection FLOPs) on `meta`."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    with torch.device("meta"):
-        holder = nn.Module()
-        holder.to_q = nn.Linear(width, width)
-        x = torch.randn(tokens, width, requires_grad=True)
-    holder.requires_grad_(False)
-    if method:
-        inject_adapters(holder, AdapterConfig(method=method, n_blocks=n, target_modules=["to_q"]))
-    with FlopCounterMode(display=False) as counter:
-        essential = analysis.essential_reflection_flops(holder, lambda: holder.to_q(x).sum().backward())
-    return counter.get_total_flops(), essential
-
-
-def test_ether_plus_flops_are_the_essential_reflection_flops_for_every_n():
-    """SD-1.5's 1280-wide self-attention at 256 tokens (blocks of 1280 / 32 = 40 >= GROUP_WIDTH): the count
-    is the frozen layer's plus the reflections' 24 tokens (in + out), whatever n is."""
-    frozen, _ = _step_flops(1280, 256)
-    for n in (1, 4, 32):
-        counted, essential = _step_flops(1280, 256, "ether+", n)
-        assert counted - frozen == essential == 24 * 256 * (1280 + 1280)
-
-
-def test_narrow_ether_plus_blocks_are_grouped_at_a_known_flop_cost():
-    """320 wide, n = 32: blocks of 10 run as block-diagonal groups of 4 (40 wide), which multiply the
-    reflections' FLOPs (not the layer's) by 4: the price of fast kernels, chosen by measurement."""
-    frozen, _ = _step_flops(320, 64)
-    counted, essential = _step_flops(320, 64, "ether+", 32)
-    assert ether._Blocks(32, 10, 2).group == 4
-    assert counted - frozen == 4 * essential
