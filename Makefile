@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: setup test demo demo-s2i bench clean
+.PHONY: setup test demo demo-s2i bench user-errors-table clean
 
 setup: $(VENV)/.installed
 
@@ -29,6 +29,9 @@ demo: setup
 demo-s2i: setup
 	$(VENV)/bin/accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no \
 		train_controlnet_s2i.py --config configs/s2i/demo.yaml
+
+user-errors-table: setup
+	USER_ERRORS_TABLE=docs/user_errors.md $(PY) -m pytest tests -m user_error -q
 
 bench: setup
 	$(PY) benchmarks/adapter_overhead.py

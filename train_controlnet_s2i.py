@@ -15,7 +15,10 @@ argument names of diffusers' examples (see train_dreambooth.py), plus --method, 
 Writes <output_dir>/adapter.safetensors, control_encoder.safetensors and control_encoder.json (load them
 with `ether_diffusion.control.S2IPipeline.from_output(model, output_dir)`, or evaluate/s2i.py
 --control_dir), samples/ (map | generated grids), checkpoint-N/ folders (each also loadable by
-`from_output`), train_log.jsonl and TensorBoard logs.
+`from_output`), train_log.jsonl, TensorBoard logs and a README.md model card; with --export_lora kohya|diffusers
+also the UNet's adapter as an exact LoRA file (the signal encoder stays in its own file). One run per output
+folder (`ether_diffusion.run_folder`): a folder with another run in it needs --resume_from_checkpoint latest or
+--overwrite_output_dir.
 
 The encoder's learning rate is capped at 1e-4 (the paper's setting): by default it is
 min(--learning_rate, 1e-4), and an --encoder_learning_rate above the cap is an error rather than silently
@@ -26,29 +29,27 @@ from pathlib import Path
 
 import torch.nn.functional as F
 
-from ether_diffusion import training
-from ether_diffusion.adapter_file import save_adapter
+from ether_diffusion import arguments, checkpoints, checks, export, processes, run_folder, training
+from ether_diffusion.adapter_file import ADAPTER_FILE, save_adapter
 from ether_diffusion.adapters import CONTROL_TARGETS, count_adapter_parameters
-from ether_diffusion.ade20k import ADE20KDataset, load_control_map, resolve_data_dir
-from ether_diffusion.control import (ENCODER_CONFIG, S2IPipeline, attach_control_encoder, encoder_config,
-                                     load_control_encoder, make_control_encoder, sample_control_grid,
-                                     save_control_encoder, use_control, vae_scale_factor)
-from ether_diffusion.errors import UserError, run_cli
-from ether_diffusion.tiny_sd import resolve_model_path
+from ether_diffusion.ade20k import ADE20KDataset, load_control_map
+from ether_diffusion.builtin import resolve_data_dir, resolve_model_path
+from ether_diffusion.control import (ENCODER_CONFIG, ENCODER_WEIGHTS, S2IPipeline, attach_control_encoder, encoder_config,
+                                     load_control_encoder, make_control_encoder, save_control_encoder, use_control,
+                                     vae_scale_factor)
+from ether_diffusion.errors import ArgumentParser, UserError, run_cli, writing
+from ether_diffusion.grids import sample_control_grid
 
 logger = logging.getLogger(__name__)
 
-# The paper's S2I learning rates when --learning_rate is not given. LoRA and HRA are not in the paper's S2I
-# experiments: 1e-4 (diffusers' LoRA examples' default) is our assumption.
-PAPER_LEARNING_RATES = {"ether": 1e-3, "ether+": 1e-3, "oft": 1e-5, "naive": 1e-5, "lora": 1e-4, "hra": 1e-4}
 ENCODER_LR_CAP = 1e-4
 DEFAULT_VALIDATION_MAPS = 4  # training maps shown when no --validation_maps are given
 
 
 def parse_args(argv=None):
-    parser = training.ArgumentParser(description="Semantic map -> image (ADE20K) with ETHER / ETHER+ and a signal encoder.")
-    training.add_config_arg(parser)
-    training.add_model_args(parser, output_dir="s2i-adapter")
+    parser = ArgumentParser(description="Semantic map -> image (ADE20K) with ETHER / ETHER+ and a signal encoder.")
+    arguments.add_config_arg(parser)
+    arguments.add_model_args(parser, output_dir="s2i-adapter")
     g = parser.add_argument_group("data")
     g.add_argument("--train_data_dir", type=str, default=None,
                    help="ADEChallengeData2016 folder (or its parent): images/training/*.jpg + annotations/training/*.png. "
@@ -64,23 +65,22 @@ def parse_args(argv=None):
     g.add_argument("--encoder_learning_rate", type=float, default=None,
                    help=f"Learning rate of the signal encoder, at most {ENCODER_LR_CAP:g} (a larger value is an error); "
                         f"default: min(--learning_rate, {ENCODER_LR_CAP:g}).")
-    training.add_adapter_args(parser, default_targets=CONTROL_TARGETS)
-    training.add_training_args(parser, learning_rate=None, learning_rate_help=(
-        "Adapter learning rate; default: the paper's for the method (ETHER/ETHER+ 1e-3, OFT/Naive 1e-5, LoRA/HRA 1e-4)."))
-    training.add_checkpoint_args(parser)
-    g = training.add_validation_args(parser)
-    g.add_argument("--validation_maps", type=training.comma_list, default=None,
+    arguments.add_adapter_args(parser, default_targets=CONTROL_TARGETS)
+    arguments.add_training_args(parser, task="s2i")
+    arguments.add_checkpoint_args(parser)
+    export.add_export_args(parser)
+    g = arguments.add_validation_args(parser)
+    g.add_argument("--validation_maps", type=arguments.comma_list, default=None,
                    help="Comma-separated map files (same format as the annotations) sampled every --validation_steps; "
                         "default: the first four training maps. --validation_prompt: one for all maps or one per map; "
                         "default: each map's caption (caption file by name, else its class names).")
-    training.add_logging_args(parser)
-    args = training.parse_args(parser, argv)
+    arguments.add_logging_args(parser)
+    args = arguments.parse_args(parser, argv)
 
-    training.check_common_args(args, required=("pretrained_model_name_or_path", "train_data_dir"))
-    if args.max_train_samples is not None and args.max_train_samples < 1:
-        raise UserError(f"--max_train_samples must be at least 1, got {args.max_train_samples}")
-    if args.learning_rate is None:
-        args.learning_rate = PAPER_LEARNING_RATES[args.method]
+    arguments.check_common_args(args, required=("pretrained_model_name_or_path", "train_data_dir"))
+    checks.at_least(args, 1, "max_train_samples")
+    arguments.finish_learning_rate(args, task="s2i")
+    export.check_export_args(args)
     if args.encoder_learning_rate is None:
         args.encoder_learning_rate = min(args.learning_rate, ENCODER_LR_CAP)
     if not 0 < args.encoder_learning_rate <= ENCODER_LR_CAP:
@@ -135,13 +135,14 @@ def main(argv=None):
                             center_crop=args.center_crop)
     dataset.check_maps(progress=True)
     validation_maps, validation_prompts = load_validation_inputs(args, dataset)
-    adapter_config = training.adapter_config_from_args(args)
-    resume_from = training.find_resume_checkpoint(args.output_dir, args.resume_from_checkpoint)
-    if resume_from is not None:
-        training.check_checkpoint_matches(resume_from, adapter_config)
-        load_control_encoder(resume_from)  # present and readable
+    adapter_config = arguments.adapter_config_from_args(args)
 
     accelerator = training.setup_accelerator(args)
+    # The output folder is this run's alone (locked), and a checkpoint in it is resumed only if it is this run's.
+    settings = checkpoints.run_settings(accelerator, args, dataset_size=len(dataset))
+    resume_from = run_folder.claim(accelerator, args, adapter_config, settings, outputs=(ENCODER_WEIGHTS, ENCODER_CONFIG))
+    if resume_from is not None:
+        load_control_encoder(resume_from)  # present and readable, before the model is loaded
     model_path = resolve_model_path(args.pretrained_model_name_or_path)
     tokenizer, text_encoder, vae, unet, noise_scheduler = training.load_models(args, model_path, adapter_config)
     # Frozen weights in the mixed-precision dtype, then adapters, then the encoder: both stay float32.
@@ -189,19 +190,27 @@ def main(argv=None):
     })
     global_step, last_validation = training.train_loop(
         accelerator, args, unet, optimizer, lr_scheduler, train_dataloader, sampler, compute_loss,
-        global_step=global_step, steps_per_epoch=steps_per_epoch, train_log=train_log,
+        global_step=global_step, steps_per_epoch=steps_per_epoch, settings=settings, train_log=train_log,
         adapter_metadata=adapter_metadata, save_extra=lambda folder: save_control_encoder(encoder, folder),
         validate=validate)
 
-    # adapter + encoder: what S2IPipeline.from_output(model, output_dir) loads; and a final grid.
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        adapter_file = save_adapter(accelerator.unwrap_model(unet), Path(args.output_dir, "adapter.safetensors"),
-                                    extra_metadata={**adapter_metadata, "steps": global_step})
-        encoder_file = save_control_encoder(encoder, args.output_dir)
+    # adapter + encoder: what S2IPipeline.from_output(model, output_dir) loads; and a final grid. The main
+    # process writes them, and a failure (a full disk) stops every process with its line.
+    def save_outputs():
+        adapter_file = Path(args.output_dir, ADAPTER_FILE)
+        with writing(adapter_file):
+            save_adapter(accelerator.unwrap_model(unet), adapter_file,
+                         extra_metadata={**adapter_metadata, "steps": global_step})
+        with writing(Path(args.output_dir, ENCODER_WEIGHTS)):
+            encoder_file = save_control_encoder(encoder, args.output_dir)
         final = training.save_final_grid(args.output_dir, global_step, last_validation, validate)
-        accelerator.print(f"wrote {adapter_file}, {encoder_file} and {final}")
+        with writing(f"the LoRA export and model card in {args.output_dir}"):
+            written = export.finish_run(args.output_dir, adapter_file, args.export_lora, final)
+        accelerator.print(f"wrote {adapter_file}, {encoder_file}, {final} and {', '.join(map(str, written))}")
+
+    processes.on_main(accelerator, save_outputs)
     accelerator.end_training()
+    run_folder.release_output_dir(args.output_dir)
 
 
 if __name__ == "__main__":

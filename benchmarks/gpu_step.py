@@ -16,8 +16,11 @@ import torch.nn.functional as F
 
 from ether_diffusion import AdapterConfig, analysis, inject_adapters
 from ether_diffusion.adapters import adapter_parameters
+from ether_diffusion.builtin import resolve_model_path
+from ether_diffusion.tiny_sd import build_sd15_unet
 
-# (label, method, n_blocks, dense H?): the set plus the paper-code ETHER+ for contrast
+# (label, method, n_blocks, dense H?): ETHER/ETHER+ at n = 1, 4, 32, LoRA r=4 and OFT n=4 as in
+# adapter_overhead.py, plus the paper-code (dense H) ETHER+ for contrast
 CONFIGS = [
     ("ETHER n=1", "ether", 1, False), ("ETHER n=4", "ether", 4, False), ("ETHER n=32", "ether", 32, False),
     ("ETHER+ n=1", "ether+", 1, False), ("ETHER+ n=4", "ether+", 4, False), ("ETHER+ n=32", "ether+", 32, False),
@@ -30,8 +33,6 @@ DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 def build_unet(kind: str, device, dtype):
     from diffusers import UNet2DConditionModel
-
-    from ether_diffusion.tiny_sd import build_sd15_unet, resolve_model_path
 
     if kind == "sd15":
         unet = build_sd15_unet(device)  # random init straight on the device: no 3.4 GB on the host

@@ -31,8 +31,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # train_dreambooth.py lives at the repository root
 
 from ether_diffusion import AdapterConfig, analysis, inject_adapters, load_adapter  # noqa: E402
+from ether_diffusion.adapters.methods import METHODS as METHOD_TABLE  # noqa: E402
+from ether_diffusion.builtin import resolve_instance_dir, resolve_model_path  # noqa: E402
 from ether_diffusion.errors import run_cli  # noqa: E402
-from ether_diffusion.tiny_sd import build_sd15_unet, resolve_model_path  # noqa: E402
+from ether_diffusion.pipelines import load_pipeline  # noqa: E402
+from ether_diffusion.tiny_sd import build_sd15_unet  # noqa: E402
 
 METHODS = ("ether", "ether+", "oft", "naive", "lora")
 LR_MULTIPLIERS = (0.1, 1, 10, 100)
@@ -89,7 +92,7 @@ def lr_sweep(args, work_dir: Path) -> list[dict]:
     rows = []
     for method in METHODS:
         for mult in LR_MULTIPLIERS:
-            lr = train_dreambooth.PAPER_LEARNING_RATES[method] * mult
+            lr = METHOD_TABLE[method].dreambooth_lr * mult
             adapter = train(args, method, lr, work_dir / f"{method}-x{mult:g}")
             unet = copy.deepcopy(base)
             load_adapter(unet, adapter)
@@ -144,8 +147,6 @@ def plot_energy(rows, path: Path, floor: float = 1e-12, rounding: float = 1e-8):
 def random_transforms(args, path: Path, steps: int):
     """Rows: ETHER, ETHER+, OFT, Naive; columns: growing noise on the adapter parameters; same seed."""
     import matplotlib.pyplot as plt
-
-    from ether_diffusion.pipelines import load_pipeline
 
     pipe = load_pipeline(args.pretrained_model_name_or_path, device=args.device)
     base = pipe.unet
@@ -220,7 +221,8 @@ def markdown(args, rows, flops) -> str:
         "needs the weight gradient (as costly as the layer's forward), so it falls with n towards a floor. Our "
         "ETHER applies the reflection to the activations as two batched matmuls over the n blocks of d/n "
         "features: 4·d FLOPs per token and side forward for ETHER, 8·d for ETHER+, backward 2x, whatever n is. "
-        "The last column is that reflection arithmetic; the counted total is the frozen UNet's plus it.",
+        "The last column is that reflection arithmetic; the counted total is the frozen UNet's plus about it "
+        "(kernel choices in `adapters/ether.py` move it by under 0.5%: docs/benchmarks.md).",
         "",
         "| method | n | TFLOPs counted | essential reflection GFLOPs |",
         "|---|---|---|---|",
@@ -236,13 +238,9 @@ def main(argv=None):
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         work_dir = Path(args.work_dir or tmp)
-        if args.instance_data_dir.startswith("builtin:"):  # draw it once, not once per run
-            from ether_diffusion.dreambooth_data import resolve_instance_dir
-
-            subject_label = args.instance_data_dir
-            args.instance_data_dir = str(resolve_instance_dir(subject_label, work_dir))
-        else:
-            subject_label = args.instance_data_dir
+        subject_label = args.instance_data_dir
+        # a builtin: subject is drawn once here, not once per run
+        args.instance_data_dir = str(resolve_instance_dir(args.instance_data_dir, work_dir))
         rows = lr_sweep(args, work_dir)
     args.instance_data_dir = subject_label
     plot_distances(rows, out / "lr_distances.png")

@@ -22,8 +22,8 @@ Captions come from a caption file in the `metadata.jsonl` convention of datasets
 name, so one file can hold both splits). Without one, a caption is made from the class names present in the
 (cropped) map, largest area first: "a photo of wall, floor, bed".
 
-`builtin:tiny-ade20k` (a data folder value, see `resolve_data_dir`) is a tiny random folder in this layout
-that the S2I demo writes itself.
+`builtin:tiny-ade20k` (a data folder value, see `builtin.py`) is a tiny random folder in this layout that
+the S2I demo writes itself (`tiny_ade20k.py`).
 """
 import csv
 import json
@@ -38,14 +38,13 @@ from PIL import Image
 
 from .crop import resize_and_crop
 from .errors import UserError
-from .files import IMAGE_EXTENSIONS, build_folder_once, image_files, open_image
+from .files import IMAGE_EXTENSIONS, image_files, open_image, to_rgb
 
 logger = logging.getLogger(__name__)
 
 NUM_CLASSES = 150  # label values 1..150; 0 is "other"
 PALETTE_FILE = Path(__file__).with_name("ade20k_palette.csv")
 SPLIT_DIRS = {"train": "training", "training": "training", "val": "validation", "validation": "validation"}
-BUILTIN_TINY_ADE20K = "builtin:tiny-ade20k"  # a tiny ADE20K-layout folder the project writes itself (demo)
 
 
 # ----------------------------------------------------------------------------------------------- palette
@@ -143,18 +142,6 @@ def load_control_map(path, resolution, conditioning_is_rgb=False):
 
 
 # ----------------------------------------------------------------------------------------------- dataset
-
-
-def resolve_data_dir(value, output_dir) -> Path:
-    """`builtin:tiny-ade20k` -> `<output_dir>/tiny-ade20k`, written there (once) by `write_tiny_ade20k`;
-    any other value is returned as a Path. Processes that start together never read a half-written dataset
-    (`files.build_folder_once`)."""
-    if value != BUILTIN_TINY_ADE20K:
-        return Path(value)
-    from .testing_ade20k import write_tiny_ade20k
-
-    return build_folder_once(Path(output_dir, "tiny-ade20k"),
-                             lambda folder: write_tiny_ade20k(folder, n_train=8, n_val=2, size=64))
 
 
 def read_caption_file(path, known_file_names):
@@ -272,7 +259,7 @@ class ADE20KDataset(torch.utils.data.Dataset):
     def __getitem__(self, key):
         index, seed = key if isinstance(key, tuple) else (key, None)
         image_path, annotation_path = self.pairs[index]
-        image = open_image(image_path).convert("RGB")
+        image = to_rgb(open_image(image_path), image_path)
         labels = self.load_labels(annotation_path, image.size)
         generator = torch.Generator().manual_seed(seed) if seed is not None else None
         image, labels = resize_and_crop(image, labels, self.resolution, center=self.center_crop, generator=generator)

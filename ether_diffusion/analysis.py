@@ -1,6 +1,6 @@
 """How far a finetuned UNet moved: transformation distance, weight distance, hyperspherical energy, FLOPs.
 
-Definitions (our `nn.Linear` notation, `W` of shape (out, in), see DESIGN.md section 3):
+Definitions (our `nn.Linear` notation, `W` of shape (out, in), as in `adapters/ether.py`):
 
 - Transformation distance `||T - I||_F`. ETHER, OFT, Naive: `T` is the block-diagonal input-side transform
   (`W' = W T`). ETHER+ transforms both sides (`W' = H~ W H`); its distance counts both:
@@ -25,28 +25,20 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .adapters import OWN_WRAPPERS, AdapterConfig, adapter_modules, adapter_parameters, inject_adapters
+from .adapters import AdapterConfig, adapter_modules, adapter_parameters, base_layer_of, inject_adapters
+from .adapters.base import AdapterLinear
 from .adapters.ether import ETHERLinear, dense_blocks
-from .adapters.oft import BlockDiagonalLinear
+from .adapters.methods import method_of
 
 
 # ---------------------------------------------------------------------------------------------- per layer
 def _base_weight(module) -> torch.Tensor:
-    base = module.base_layer if isinstance(module, OWN_WRAPPERS) else module.get_base_layer()
-    return base.weight
-
-
-def method_of(module) -> str:
-    if isinstance(module, ETHERLinear):
-        return "ether+" if module.plus else "ether"
-    if isinstance(module, BlockDiagonalLinear):
-        return type(module).__name__.removesuffix("Linear").lower()  # "oft" / "naive"
-    return "hra" if hasattr(module, "hra_u") else "lora"
+    return base_layer_of(module).weight
 
 
 def transforms(module) -> list[torch.Tensor]:
     """The layer's multiplicative transforms (float64, dense; analysis only). Empty for LoRA."""
-    if isinstance(module, OWN_WRAPPERS):
+    if isinstance(module, AdapterLinear):
         return [t for t in (module.input_transform(), module.output_transform()) if t is not None]
     if method_of(module) == "hra":
         return [module.get_delta_weight("default").double()]
@@ -55,7 +47,7 @@ def transforms(module) -> list[torch.Tensor]:
 
 def merged_weight(module) -> torch.Tensor:
     """`W'` in float32, without changing the module."""
-    if isinstance(module, OWN_WRAPPERS):
+    if isinstance(module, AdapterLinear):
         return module.merged_weight().float()
     w = _base_weight(module).float()
     if method_of(module) == "hra":
@@ -176,9 +168,12 @@ def essential_reflection_flops(model: nn.Module, run) -> int:
     `I - 2uu^T`, 8 for ETHER+'s `I - uu^T + vv^T`, independent of n; backward counted as twice forward.
 
     `run()` performs the step; tokens are read off the ETHER layers' inputs by forward hooks.
-    (Our `ETHERLinear` runs exactly this arithmetic as batched matmuls over the n blocks, so
-    FlopCounterMode's count of an ETHER step is the frozen step's plus this number; the check is in
-    tests/test_analysis.py.)"""
+    (Our `ETHERLinear` runs this arithmetic as thin matmuls over the n blocks, so FlopCounterMode's count
+    of a layer is the frozen layer's plus this number, with three exceptions chosen by measurement in
+    `adapters/ether.py`: ETHER+ blocks narrower than `GROUP_WIDTH` run in block-diagonal groups (their
+    count times the group size), ETHER+ may rebuild its output side's input with one thin GEMM instead of
+    keeping it, and a layer whose input needs no gradient skips the input-gradient GEMM. Checks in
+    tests/test_analysis.py and tests/test_ether_function.py.)"""
     counts = []
 
     def hook(module, args):

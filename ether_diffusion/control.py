@@ -19,17 +19,22 @@ runs the UNet on `cat([uncond, cond])`, and both halves must see the same map.
 import contextlib
 import json
 import math
+import os
 from pathlib import Path
 
 import torch
+import torchvision.transforms.functional as TF
 from PIL import Image
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .adapter_file import ADAPTER_FILE
 from .errors import UserError
+from .pipelines import load_pipeline
 
 ENCODER_WEIGHTS = "control_encoder.safetensors"
 ENCODER_CONFIG = "control_encoder.json"
-ADAPTER_FILE = "adapter.safetensors"
 # ControlNet's channels; its three stride-2 stages match SD's VAE factor 8.
 CONTROLNET_CHANNELS = (16, 32, 96, 256)
 
@@ -57,6 +62,7 @@ def _base_conv_in(unet) -> nn.Conv2d:
 def make_control_encoder(unet, scale_factor: int, block_out_channels=None, conditioning_channels: int = 3):
     """A fresh hint encoder for `unet`: output width = `conv_in`'s, one stride-2 stage per factor of 2 in
     `scale_factor` (the VAE's), so its output lands exactly on the latent grid."""
+    # diffusers imports in seconds; this module is also read by code that never builds an encoder.
     from diffusers.models.controlnets.controlnet import ControlNetConditioningEmbedding
 
     block_out_channels = tuple(block_out_channels or encoder_channels_for(scale_factor))
@@ -153,22 +159,22 @@ def use_control(unet, control):
 # ------------------------------------------------------------------------------------------- files
 def save_control_encoder(encoder, output_dir) -> Path:
     """`control_encoder.safetensors` (float32) + `control_encoder.json` (its channels and VAE factor)."""
-    from safetensors.torch import save_file
-
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().float().cpu().contiguous() for k, v in encoder.state_dict().items()}
-    save_file(state, output_dir / ENCODER_WEIGHTS)
-    (output_dir / ENCODER_CONFIG).write_text(json.dumps(encoder_config(encoder), indent=2) + "\n")
-    return output_dir / ENCODER_WEIGHTS
+    # Each file whole or not at all (temp file + rename): a full disk never leaves a half-written encoder.
+    weights, config = output_dir / ENCODER_WEIGHTS, output_dir / ENCODER_CONFIG
+    save_file(state, f"{weights}.tmp")
+    Path(f"{config}.tmp").write_text(json.dumps(encoder_config(encoder), indent=2) + "\n")
+    os.replace(f"{weights}.tmp", weights)
+    os.replace(f"{config}.tmp", config)
+    return weights
 
 
 def load_control_encoder(output_dir):
     """The encoder saved by `save_control_encoder` in `output_dir`; a UserError names a missing or
     mismatched file."""
-    from diffusers.models.controlnets.controlnet import ControlNetConditioningEmbedding
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+    from diffusers.models.controlnets.controlnet import ControlNetConditioningEmbedding  # see make_control_encoder
 
     output_dir = Path(output_dir)
     weights, config_file = output_dir / ENCODER_WEIGHTS, output_dir / ENCODER_CONFIG
@@ -199,8 +205,6 @@ def load_control_encoder(output_dir):
 # ------------------------------------------------------------------------------------------- pipeline
 def control_tensor(images, height: int, width: int) -> torch.Tensor:
     """PIL map(s) -> (B, 3, height, width) in [0, 1]; nearest resize keeps palette colours exact."""
-    import torchvision.transforms.functional as TF
-
     images = [images] if isinstance(images, Image.Image) else list(images)
     return torch.stack([TF.to_tensor(im.convert("RGB").resize((width, height), Image.NEAREST)) for im in images])
 
@@ -222,10 +226,8 @@ class S2IPipeline:
 
     @classmethod
     def from_output(cls, model, output_dir, device="cpu", torch_dtype=torch.float32):
-        """Base model (hub id, folder or builtin:tiny-sd) + `adapter.safetensors` and the control encoder
+        """Base model (hub id, folder or `builtin:` model) + `adapter.safetensors` and the control encoder
         from one training output folder."""
-        from .pipelines import load_pipeline
-
         encoder = load_control_encoder(output_dir)  # first: its errors are cheaper than loading the model
         pipe = load_pipeline(model, adapter=Path(output_dir) / ADAPTER_FILE, device=device, torch_dtype=torch_dtype)
         return cls(pipe, encoder.to(device=device, dtype=torch_dtype))
@@ -250,27 +252,3 @@ class S2IPipeline:
             return self.pipe(prompt=prompts, negative_prompt=negative_prompt, height=height, width=width,
                              num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
                              generator=generator, num_images_per_prompt=num_images_per_prompt).images
-
-
-def control_grid(control_images, generated, images_per_map: int = 1) -> Image.Image:
-    """One row per map: map | its generated image(s), maps resized (nearest) to the generated size."""
-    from .pipelines import image_grid
-
-    size = generated[0].size
-    cells = []
-    for i, control in enumerate(control_images):
-        cells.append(control.convert("RGB").resize(size, Image.NEAREST))
-        cells.extend(generated[i * images_per_map:(i + 1) * images_per_map])
-    return image_grid(cells, rows=len(control_images), cols=1 + images_per_map)
-
-
-def sample_control_grid(s2i: S2IPipeline, prompts, control_images, num_images: int, seed: int = 0,
-                        num_inference_steps: int = 25, guidance_scale: float = 7.5, height=None, width=None):
-    """One row per map: map | `num_images` images generated from it and its prompt. Every row starts from
-    the same seed (a CPU generator, the same noise on any device), so the columns compare maps."""
-    images = []
-    for prompt, control in zip(prompts, control_images, strict=True):
-        generator = torch.Generator("cpu").manual_seed(seed)
-        images += s2i(prompt, control, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
-                      generator=generator, height=height, width=width, num_images_per_prompt=num_images)
-    return control_grid(control_images, images, images_per_map=num_images)

@@ -3,7 +3,7 @@
 Every test and the demo run the same `from_pretrained` code as with the real SD-1.5: only the sizes differ.
 The UNet keeps SD's module names (`down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q`, ...), the
 tokenizer is the real CLIP BPE vocabulary shipped inside open_clip, so token ids match SD-1.5's.
-`builtin:tiny-sd` is accepted wherever a model path is (see `resolve_model_path`).
+`builtin:tiny-sd` is accepted wherever a model path is (see `builtin.py`).
 """
 import gzip
 import json
@@ -13,10 +13,6 @@ from pathlib import Path
 
 import torch
 
-from .errors import UserError
-from .files import build_folder_once
-
-BUILTIN_TINY = "builtin:tiny-sd"
 TINY_VERSION = 1  # bump when the tiny model changes, so stale caches are rebuilt
 
 # SD-1.x scheduler settings (the ones in runwayml's scheduler_config.json).
@@ -120,27 +116,3 @@ def cache_root() -> Path:
 
 def tiny_sd_cache_dir() -> Path:
     return cache_root() / f"tiny-sd-v{TINY_VERSION}"
-
-
-def resolve_model_path(name_or_path: str) -> str:
-    """`builtin:tiny-sd` -> the cached tiny model folder (built on first use), `builtin:toy-sd` -> the toy
-    world's pretrained SD (assembled once from the package's weights, see toy/model.py); anything else
-    unchanged.
-
-    Built with `files.build_folder_once`: concurrent processes never see a half-written model.
-    """
-    if name_or_path == "builtin:toy-sd":
-        # Imported here: toy.model builds on this module (tokenizer files, scheduler settings).
-        from .toy.model import toy_sd_path
-
-        return str(toy_sd_path())
-    if name_or_path != BUILTIN_TINY:
-        # A hub id is "org/name"; something that starts like a path is a folder and must exist, so the user
-        # gets "not found" instead of the hub client's complaint about repo id characters.
-        path = Path(name_or_path).expanduser()
-        if name_or_path.startswith(("/", ".", "~")) and not path.exists():
-            raise UserError(f"model folder not found: {name_or_path}")
-        if path.is_file():
-            raise UserError(f"{name_or_path} is a file, not a diffusers model folder or hub id")
-        return name_or_path
-    return str(build_folder_once(tiny_sd_cache_dir(), build_tiny_sd))

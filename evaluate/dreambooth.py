@@ -16,41 +16,46 @@ Averaging follows the OFT evaluation code the paper reused: DINO, CLIP-I and LPI
 (real photo, generated image) pair, CLIP-T over generated images, all pooled over subjects. LPIPS diversity
 averages over the pairs of images generated for the same prompt.
 """
-import argparse
 import csv
 import json
-import math
 import sys
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script (accelerate launch / torchrun evaluate/dreambooth.py)
+if __package__ in (None, ""):  # run as a script (accelerate launch evaluate/dreambooth.py): find `evaluate`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
+from tqdm.auto import tqdm
 
-from ether_diffusion.errors import UserError, run_cli
-from ether_diffusion.files import load_rgb, save_image
+from ether_diffusion import checks
+from ether_diffusion.adapter_file import is_adapter_file, read_adapter_metadata, read_safetensors_metadata
+from ether_diffusion.devices import TORCH_DTYPES
+from ether_diffusion.errors import ArgumentParser, UserError, run_cli
+from ether_diffusion.files import load_rgb, save_image, write_text
+from ether_diffusion.grids import image_grid, save_grid
+from ether_diffusion.pipelines import apply_adapter, load_pipeline
+from evaluate import harness
+from evaluate.harness import fmt
 from evaluate.metrics import (DEFAULT_CLIP, DEFAULT_DINO, DEFAULT_LPIPS, ClipEmbedder, DinoEmbedder, LpipsDistance,
                               cosine_matrix, is_all_black)
-from evaluate.protocol import adapters_from_dir, adapters_from_manifest, load_protocol
+from evaluate.paper_tables import PAPER, TABLE_2
+from evaluate.protocol import ADAPTER_FILE, adapters_from_dir, adapters_from_manifest, load_protocol
 
 METRICS = ("dino", "clip_i", "clip_t", "lpips", "lpips_diversity")
 GENERATION_LOG = "generation_log.jsonl"
 
-# Paper Table 2 (SD-1.5, DreamBooth): (method, #params, DINO, CLIP-I, CLIP-T, LPIPS). Left empty on purpose:
-# the numbers could not be checked against the paper when this was written, and none are made up.
-PAPER_TABLE_2: list[tuple] = []
-PAPER = "Bini et al., ETHER, ICML 2024 (arXiv 2405.20271)"
-
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dataset", required=True, help="DreamBooth dataset folder (<subject>/*.jpg + prompts_and_classes.txt)")
     parser.add_argument("--pretrained_model_name_or_path", "--model", default=None,
                         help="base model: hub id, local folder or builtin:tiny-sd (needed unless --skip_generation)")
     adapters = parser.add_mutually_exclusive_group()
     adapters.add_argument("--adapters", help="folder with one adapter per subject: DIR/<subject>/adapter.safetensors")
     adapters.add_argument("--manifest", help="CSV with columns subject,prompt_index,adapter (one adapter per job)")
+    parser.add_argument("--adapter_file", default=ADAPTER_FILE,
+                        help="the file name in each --adapters subject folder: an adapter file, or a LoRA exported from "
+                             "it (e.g. lora_kohya.safetensors, written by the trainers' --export_lora kohya)")
     parser.add_argument("--output_dir", required=True)
     parser.add_argument("--token", default="qwe", help="the identifier used in training")
     parser.add_argument("--images_per_prompt", type=int, default=4)
@@ -71,19 +76,27 @@ def parse_args(argv=None):
     parser.add_argument("--skip_metrics", action="store_true", help="only generate")
     args = parser.parse_args(argv)
 
-    if args.images_per_prompt < 1:
-        raise UserError(f"--images_per_prompt must be at least 1, got {args.images_per_prompt}")
+    harness.check_common_args(args)
+    checks.at_least(args, 1, "images_per_prompt")
+    checks.at_least(args, 32, "lpips_resolution")  # the smallest input LPIPS' AlexNet trunk accepts
     if not args.skip_generation:
         if args.pretrained_model_name_or_path is None:
             raise UserError("--pretrained_model_name_or_path is required to generate (or pass --skip_generation)")
         if args.adapters is None and args.manifest is None:
             raise UserError("pass --adapters DIR or --manifest CSV (or --skip_generation to score existing images)")
-    args.subjects = [s.strip() for s in args.subjects.split(",") if s.strip()] if args.subjects else None
-    if args.prompts:
+    if args.subjects is not None:
+        subjects = [s.strip() for s in args.subjects.split(",") if s.strip()]
+        if not subjects:
+            raise UserError(f"--subjects {args.subjects!r} names no subject")
+        args.subjects = subjects
+    if args.prompts is not None:
         try:
-            args.prompts = [int(p) for p in args.prompts.split(",") if p.strip()]
+            prompts = [int(p) for p in args.prompts.split(",") if p.strip()]
         except ValueError:
             raise UserError(f"--prompts {args.prompts!r}: expected comma-separated integers") from None
+        if not prompts:
+            raise UserError(f"--prompts {args.prompts!r} names no prompt index")
+        args.prompts = prompts
     return args
 
 
@@ -99,25 +112,10 @@ def is_done(output_dir: Path, job, count: int) -> bool:
 # ---------------------------------------------------------------------------------------------- generation
 def generate(args, jobs, adapters, accelerator):
     """Generate the jobs not done yet, split across processes. Returns how many this process generated."""
-    from tqdm.auto import tqdm
-
-    from ether_diffusion import load_adapter
-    from ether_diffusion.pipelines import TORCH_DTYPES, load_pipeline
-
     output_dir = Path(args.output_dir)
-    pending = [job for job in jobs if not is_done(output_dir, job, args.images_per_prompt)]
-    # Everyone lists the pending jobs before anyone writes, so all processes split the same list.
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        print(f"{len(jobs) - len(pending)} of {len(jobs)} jobs already done; generating {len(pending)} "
-              f"on {accelerator.num_processes} process(es)")
-    if not pending:
-        return 0
-
     # Jobs sharing an adapter stay together, so each process loads each adapter once.
-    pending.sort(key=lambda job: (str(adapters[(job.subject, job.prompt_index)]), job.subject, job.prompt_index))
-    with accelerator.split_between_processes(pending) as my_jobs:
-        my_jobs = list(my_jobs)
+    jobs = sorted(jobs, key=lambda job: (str(adapters[(job.subject, job.prompt_index)]), job.subject, job.prompt_index))
+    my_jobs = harness.my_share(accelerator, jobs, lambda job: is_done(output_dir, job, args.images_per_prompt), "jobs")
     if not my_jobs:
         return 0
 
@@ -129,9 +127,10 @@ def generate(args, jobs, adapters, accelerator):
     for job in tqdm(my_jobs, desc=f"jobs (process {accelerator.process_index})", disable=not accelerator.is_local_main_process):
         adapter = adapters[(job.subject, job.prompt_index)]
         if adapter != loaded:
-            load_adapter(pipe.unet, adapter)  # same method and layers: reuses the wrappers, copies the tensors
+            # An adapter file of the same method and layers reuses the wrappers; a LoRA file replaces the last one.
+            apply_adapter(pipe, adapter)
             loaded = adapter
-        seed = job.seed(args.seed)
+        seed = harness.item_seed(args.seed, job.key)
         images = pipe(job.prompt(args.token), num_images_per_prompt=args.images_per_prompt, height=size, width=size,
                       num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
                       generator=torch.Generator("cpu").manual_seed(seed)).images
@@ -206,17 +205,18 @@ def score(args, protocol, jobs, real_images, device):
 
 
 # ---------------------------------------------------------------------------------------------- reports
-def fmt(value) -> str:
-    return "" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.4f}"
-
-
 def write_reports(args, protocol, jobs, tallies):
     output_dir = Path(args.output_dir)
     total, per_subject = Tally(), {}
     for job in jobs:
         per_subject.setdefault(job.subject, Tally()).merge(tallies[(job.subject, job.prompt_index)])
         total.merge(tallies[(job.subject, job.prompt_index)])
-    means = total.means()
+    if total.black == total.images:
+        reasons = dict.fromkeys(METRICS, f"all {total.images} generated images are all-black, so none was scored")
+    else:
+        reasons = {"lpips_diversity": "no prompt has two scored images to compare (one image per prompt, or the "
+                                      "others all-black)"}
+    means, not_computed = harness.without_nan(total.means(), reasons)
 
     with open(output_dir / "per_prompt.csv", "w", newline="") as f:
         writer = csv.writer(f)
@@ -232,25 +232,24 @@ def write_reports(args, protocol, jobs, tallies):
             s = protocol.subjects[name]
             writer.writerow([name, s.class_name, int(s.live), t.images, t.black, *(fmt(v) for v in t.means().values())])
 
-    settings = {k: getattr(args, k) for k in ("dataset", "pretrained_model_name_or_path", "adapters", "manifest", "token",
+    settings = {k: getattr(args, k) for k in ("dataset", "pretrained_model_name_or_path", "adapters", "adapter_file", "manifest", "token",
                                               "images_per_prompt", "seed", "num_inference_steps", "guidance_scale",
                                               "resolution", "dino", "clip", "lpips_net", "lpips_resolution",
                                               "clip_t_with_token", "subjects", "prompts")}
     report = {
         "metrics": means,
+        "not_computed": not_computed,  # {metric: why it is null}
         "averaging": "DINO, CLIP-I, LPIPS: mean over (real, generated) pairs; CLIP-T: over generated images; "
                      "lpips_diversity: over pairs of images of the same prompt; all pooled over subjects",
         "jobs": len(jobs), "subjects": len(per_subject),
         "images": total.images, "black_skipped": total.black,
         "settings": settings,
     }
-    (output_dir / "metrics.json").write_text(json.dumps(report, indent=2) + "\n")
+    harness.write_json(output_dir / "metrics.json", report)
 
     rows = ["| method | #params | DINO | CLIP-I | CLIP-T | LPIPS | LPIPS diversity |", "|---|---|---|---|---|---|---|"]
-    if PAPER_TABLE_2:
-        rows += [f"| {m} (paper) | {p} | {d} | {ci} | {ct} | {lp} | |" for m, p, d, ci, ct, lp in PAPER_TABLE_2]
-    else:
-        rows.append(f"| paper | see paper Table 2 ({PAPER}) | | | | | |")
+    rows += [f"| {m} (paper Table 2) | {p or ''} | {fmt(d, digits=3)} | {fmt(ci, digits=3)} | {fmt(ct, digits=3)} "
+             f"| {fmt(lp, digits=3)} | |" for m, p, d, ci, ct, lp in TABLE_2]
     name = Path(args.adapters or args.manifest or args.output_dir).name
     rows.append(f"| ours: {name} | | {fmt(means['dino'])} | {fmt(means['clip_i'])} | {fmt(means['clip_t'])} "
                 f"| {fmt(means['lpips'])} | {fmt(means['lpips_diversity'])} |")
@@ -263,52 +262,47 @@ def write_reports(args, protocol, jobs, tallies):
         "prompt with each other (what the paper's text describes). CLIP-T is scored against the prompt "
         + ("with" if args.clip_t_with_token else "without") + " the identifier.",
         f"Backbones: DINO `{args.dino}`, CLIP `{args.clip}`, LPIPS `{args.lpips_net}` at {args.lpips_resolution} px.",
+        f"Paper rows: {PAPER}, measured on SD-1.5 with the paper's backbones; comparable only when run the same way.",
+        *(f"Not computed: {name}: {why}." for name, why in not_computed.items()),
         "", "Per subject: `per_subject.csv`; per prompt: `per_prompt.csv`; grids: `grids/`.", "",
     ]
-    (output_dir / "summary.md").write_text("\n".join(summary))
+    write_text(output_dir / "summary.md", "\n".join(summary))
     return report
 
 
 def write_grids(args, jobs):
     """One grid per subject: a row per prompt, a column per image."""
-    from ether_diffusion.pipelines import image_grid
-
     output_dir = Path(args.output_dir)
     (output_dir / "grids").mkdir(exist_ok=True)
     for subject in dict.fromkeys(job.subject for job in jobs):
         subject_jobs = [job for job in jobs if job.subject == subject]
         images = [load_rgb(p) for job in subject_jobs for p in image_paths(output_dir, job, args.images_per_prompt)]
-        image_grid(images, rows=len(subject_jobs), cols=args.images_per_prompt).save(output_dir / "grids" / f"{subject}.png")
+        save_grid(image_grid(images, rows=len(subject_jobs), cols=args.images_per_prompt),
+                  output_dir / "grids" / f"{subject}.png")
 
 
 # ---------------------------------------------------------------------------------------------- main
 def main(argv=None):
-    from accelerate import Accelerator
-
     args = parse_args(argv)
-    accelerator = Accelerator()
-
     protocol = load_protocol(args.dataset)
     jobs = protocol.jobs(args.subjects, args.prompts)
     # Read the real photos first: a corrupt one stops the run before hours of generation.
     real_images = {name: [load_rgb(p) for p in protocol.subjects[name].images] for name in dict.fromkeys(j.subject for j in jobs)}
-    Path(args.output_dir).mkdir(parents=True, exist_ok=True)
-
+    adapters = None
     if not args.skip_generation:
-        adapters = adapters_from_manifest(args.manifest, jobs) if args.manifest else adapters_from_dir(args.adapters, jobs)
-        generate(args, jobs, adapters, accelerator)
-    accelerator.wait_for_everyone()
+        adapters = (adapters_from_manifest(args.manifest, jobs) if args.manifest
+                    else adapters_from_dir(args.adapters, jobs, args.adapter_file))
+        for adapter in set(adapters.values()):  # headers only, before any generation (tensors: as each loads)
+            if is_adapter_file(read_safetensors_metadata(adapter)):  # else a LoRA file: diffusers checks it
+                read_adapter_metadata(adapter)
 
-    report = None
-    if accelerator.is_main_process and not args.skip_metrics:
-        tallies = score(args, protocol, jobs, real_images, accelerator.device)
-        report = write_reports(args, protocol, jobs, tallies)
+    def report(device):
+        tallies = score(args, protocol, jobs, real_images, device)
+        result = write_reports(args, protocol, jobs, tallies)
         write_grids(args, jobs)
-        print(json.dumps(report["metrics"]))
-        print(f"wrote {Path(args.output_dir) / 'summary.md'}")
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
-    return report
+        return result
+
+    return harness.run(args, lambda accelerator: generate(args, jobs, adapters, accelerator), report)
 
 
 if __name__ == "__main__":

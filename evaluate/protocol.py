@@ -11,10 +11,10 @@ without the identifier by default ("a dog in the jungle").
 """
 import csv
 import re
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
+from ether_diffusion.adapter_file import ADAPTER_FILE
 from ether_diffusion.errors import UserError
 from ether_diffusion.files import image_files
 
@@ -42,9 +42,10 @@ class Job:
         """The prompt with `token` as the identifier, or without one when `token` is None/empty."""
         return " ".join(self.template.format(token or "", self.class_name).split())
 
-    def seed(self, base_seed: int) -> int:
-        """A seed that depends only on the job, so any subset, split or resumed run draws the same images."""
-        return (base_seed + zlib.crc32(f"{self.subject}/{self.prompt_index}".encode())) % 2**31
+    @property
+    def key(self) -> str:
+        """The job's name, which its seed is drawn from (`harness.item_seed`)."""
+        return f"{self.subject}/{self.prompt_index}"
 
 
 @dataclass
@@ -134,12 +135,13 @@ def load_protocol(root) -> DreamBoothProtocol:
 
 
 # ------------------------------------------------------------------------------------------------ adapters
-def adapters_from_dir(folder, jobs) -> dict[tuple[str, int], Path]:
-    """One adapter per subject: `folder/<subject>/adapter.safetensors` for every job's subject."""
+def adapters_from_dir(folder, jobs, filename: str = ADAPTER_FILE) -> dict[tuple[str, int], Path]:
+    """One adapter per subject: `folder/<subject>/<filename>` for every job's subject (an adapter file, or a
+    LoRA file exported from one)."""
     folder = Path(folder)
     adapters = {}
     for job in jobs:
-        path = folder / job.subject / "adapter.safetensors"
+        path = folder / job.subject / filename
         if not path.is_file():
             raise UserError(f"missing adapter for subject {job.subject}: {path} does not exist")
         adapters[(job.subject, job.prompt_index)] = path

@@ -16,35 +16,35 @@ whole set, mmsegmentation's definitions), computes FID against the cropped real 
 resolution, and writes `metrics.json`, `per_image.csv`, `summary.md` and `grids/` (map | generated | real).
 The segmenter is also run on the real images: its score there is the ceiling the generated images can reach.
 """
-import argparse
 import csv
-import json
-import math
 import sys
-import zlib
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script (accelerate launch / torchrun evaluate/s2i.py)
+if __package__ in (None, ""):  # run as a script (accelerate launch evaluate/s2i.py): find `evaluate`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 import torchvision.transforms.functional as TF
+from tqdm.auto import tqdm
 
-from ether_diffusion.errors import UserError, run_cli
-from ether_diffusion.files import load_rgb, save_image
+from ether_diffusion import checks
+from ether_diffusion.ade20k import ADE20KDataset
+from ether_diffusion.control import S2IPipeline
+from ether_diffusion.devices import TORCH_DTYPES
+from ether_diffusion.errors import ArgumentParser, UserError, run_cli
+from ether_diffusion.files import load_rgb, save_image, write_text
+from ether_diffusion.grids import image_grid, save_grid
+from evaluate import harness
+from evaluate.harness import fmt
 from evaluate.metrics import (DEFAULT_INCEPTION, DEFAULT_SEGMENTER, SegmentationScores, UperNetSegmenter, is_all_black,
                               make_fid)
+from evaluate.paper_tables import PAPER, TABLE_3
 
 GRID_ROWS = 8
 
-# Paper Table 3 (S2I on ADE20K): (method, #params, mIoU, Acc, FID). Left empty on purpose: the numbers could
-# not be checked against the paper when this was written, and none are made up.
-PAPER_TABLE_3: list[tuple] = []
-PAPER = "Bini et al., ETHER, ICML 2024 (arXiv 2405.20271)"
-
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dataset", required=True, help="ADEChallengeData2016 folder (or its parent)")
     parser.add_argument("--caption_file", default=None, help="metadata.jsonl captions; default: class-name captions")
     parser.add_argument("--conditioning_is_rgb", action="store_true", help="annotations are palette-coloured maps")
@@ -66,8 +66,8 @@ def parse_args(argv=None):
     parser.add_argument("--skip_generation", action="store_true", help="only score the images already in --output_dir")
     parser.add_argument("--skip_metrics", action="store_true", help="only generate")
     args = parser.parse_args(argv)
-    if args.limit is not None and args.limit < 1:
-        raise UserError(f"--limit must be at least 1, got {args.limit}")
+    harness.check_common_args(args)
+    checks.at_least(args, 1, "limit", "batch_size")
     if not args.skip_generation and (args.pretrained_model_name_or_path is None or args.control_dir is None):
         raise UserError("--pretrained_model_name_or_path and --control_dir are needed to generate "
                         "(or pass --skip_generation to score existing images)")
@@ -76,8 +76,6 @@ def parse_args(argv=None):
 
 # ---------------------------------------------------------------------------------------------- data
 def load_dataset(args):
-    from ether_diffusion.ade20k import ADE20KDataset
-
     return ADE20KDataset(args.dataset, split="validation", resolution=args.resolution, caption_file=args.caption_file,
                          conditioning_is_rgb=args.conditioning_is_rgb, max_samples=args.limit, center_crop=True)
 
@@ -90,11 +88,6 @@ def generated_path(args, dataset, index) -> Path:
     return Path(args.output_dir) / "images" / f"{name_of(dataset, index)}.png"
 
 
-def seed_of(args, name) -> int:
-    """Depends only on the map's name, so any split or resumed run draws the same image."""
-    return (args.seed + zlib.crc32(name.encode())) % 2**31
-
-
 def to_uint8(item_pixels: torch.Tensor) -> torch.Tensor:
     """Dataset pixel values in [-1, 1] -> uint8 (3, H, W), what FID is fed."""
     return ((item_pixels.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
@@ -102,18 +95,8 @@ def to_uint8(item_pixels: torch.Tensor) -> torch.Tensor:
 
 # ---------------------------------------------------------------------------------------------- generation
 def generate(args, dataset, accelerator):
-    from tqdm.auto import tqdm
-
-    from ether_diffusion.control import S2IPipeline
-    from ether_diffusion.pipelines import TORCH_DTYPES
-
-    pending = [i for i in range(len(dataset)) if not generated_path(args, dataset, i).is_file()]
-    accelerator.wait_for_everyone()  # everyone lists before anyone writes, so all split the same list
-    if accelerator.is_main_process:
-        print(f"{len(dataset) - len(pending)} of {len(dataset)} images already done; generating {len(pending)} "
-              f"on {accelerator.num_processes} process(es)")
-    with accelerator.split_between_processes(pending) as my_indices:
-        my_indices = list(my_indices)
+    my_indices = harness.my_share(accelerator, range(len(dataset)),
+                                  lambda i: generated_path(args, dataset, i).is_file(), "images")
     if not my_indices:
         return 0
 
@@ -126,7 +109,7 @@ def generate(args, dataset, accelerator):
     for batch in batches:
         items = [dataset[i] for i in batch]
         maps = [TF.to_pil_image(item["conditioning_pixel_values"]) for item in items]
-        generators = [torch.Generator("cpu").manual_seed(seed_of(args, name_of(dataset, i))) for i in batch]
+        generators = [torch.Generator("cpu").manual_seed(harness.item_seed(args.seed, name_of(dataset, i))) for i in batch]
         images = pipe([item["caption"] for item in items], maps, num_inference_steps=args.num_inference_steps,
                       guidance_scale=args.guidance_scale, generator=generators,
                       height=args.resolution, width=args.resolution)
@@ -181,15 +164,15 @@ def score(args, dataset, device):
     metrics = {key: generated_scores.compute()[key] for key in ("miou", "accuracy")}
     metrics["fid"] = float(fid.compute()) if scored >= 2 else float("nan")
     metrics.update({f"real_{key}": real_scores.compute()[key] for key in ("miou", "accuracy")})
-    return metrics, rows, black
+    unlabelled = "the label maps have no labelled pixels (all 0)"
+    segmented = f"all {len(dataset)} generated images are all-black, so none was segmented" if not scored else unlabelled
+    reasons = {"miou": segmented, "accuracy": segmented, "real_miou": unlabelled, "real_accuracy": unlabelled,
+               "fid": f"{scored} generated image(s) are not all-black: FID needs at least 2"}
+    return *harness.without_nan(metrics, reasons), rows, black
 
 
 # ---------------------------------------------------------------------------------------------- reports
-def fmt(value, scale=1.0, digits=4) -> str:
-    return "" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value * scale:.{digits}f}"
-
-
-def write_reports(args, dataset, metrics, rows, black):
+def write_reports(args, dataset, metrics, not_computed, rows, black):
     output_dir = Path(args.output_dir)
     with open(output_dir / "per_image.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=["name", "caption", "black", "miou", "accuracy"])
@@ -200,16 +183,14 @@ def write_reports(args, dataset, metrics, rows, black):
     settings = {k: getattr(args, k) for k in ("dataset", "caption_file", "pretrained_model_name_or_path", "control_dir",
                                               "limit", "resolution", "seed", "num_inference_steps", "guidance_scale",
                                               "segmenter", "inception")}
-    report = {"metrics": metrics, "images": len(dataset), "black_skipped": black, "settings": settings,
+    report = {"metrics": metrics, "not_computed": not_computed, "images": len(dataset), "black_skipped": black,
+              "settings": settings,
               "definitions": "mIoU/accuracy summed over all images (label 0 ignored, 150 classes); FID vs the "
                              "cropped real validation images at the same resolution; real_* = segmenter on real images"}
-    (output_dir / "metrics.json").write_text(json.dumps(report, indent=2) + "\n")
+    harness.write_json(output_dir / "metrics.json", report)
 
     rows_md = ["| method | #params | mIoU (%) | Acc (%) | FID |", "|---|---|---|---|---|"]
-    if PAPER_TABLE_3:
-        rows_md += [f"| {m} (paper) | {p} | {miou} | {acc} | {fid} |" for m, p, miou, acc, fid in PAPER_TABLE_3]
-    else:
-        rows_md.append(f"| paper | see paper Table 3 ({PAPER}) | | | |")
+    rows_md += [f"| {m} (paper Table 3) | {p} | {miou:.1f} | {acc:.1f} | {fid:.1f} |" for m, p, miou, acc, fid in TABLE_3]
     name = Path(args.control_dir or args.output_dir).name
     rows_md.append(f"| ours: {name} | | {fmt(metrics['miou'], 100, 2)} | {fmt(metrics['accuracy'], 100, 2)} "
                    f"| {fmt(metrics['fid'], 1, 2)} |")
@@ -221,17 +202,17 @@ def write_reports(args, dataset, metrics, rows, black):
         *rows_md, "",
         "mIoU and pixel accuracy are summed over the whole set (150 classes, label 0 ignored, accuracy over "
         "labelled pixels); FID compares with the real validation images cropped the same way.",
-        f"Segmenter `{args.segmenter}`; FID features `{args.inception}`.", "",
+        f"Segmenter `{args.segmenter}`; FID features `{args.inception}`.",
+        f"Paper rows: {PAPER}, measured with UperNet-101 on SD-1.5; comparable only when run the same way.",
+        *(f"Not computed: {name}: {why}." for name, why in not_computed.items()), "",
         "Per image: `per_image.csv`; grids (map | generated | real): `grids/`.", "",
     ]
-    (output_dir / "summary.md").write_text("\n".join(summary))
+    write_text(output_dir / "summary.md", "\n".join(summary))
     return report
 
 
 def write_grids(args, dataset, count=4 * GRID_ROWS):
     """Grids of GRID_ROWS rows, each row map | generated | real, for the first `count` maps."""
-    from ether_diffusion.pipelines import image_grid
-
     grid_dir = Path(args.output_dir) / "grids"
     grid_dir.mkdir(exist_ok=True)
     indices = list(range(min(count, len(dataset))))
@@ -241,32 +222,21 @@ def write_grids(args, dataset, count=4 * GRID_ROWS):
             item = dataset[i]
             cells += [TF.to_pil_image(item["conditioning_pixel_values"]), load_rgb(generated_path(args, dataset, i)),
                       TF.to_pil_image(to_uint8(item["pixel_values"]))]
-        image_grid(cells, cols=3).save(grid_dir / f"grid_{number:02d}.png")
+        save_grid(image_grid(cells, cols=3), grid_dir / f"grid_{number:02d}.png")
 
 
 # ---------------------------------------------------------------------------------------------- main
 def main(argv=None):
-    from accelerate import Accelerator
-
     args = parse_args(argv)
-    accelerator = Accelerator()
     dataset = load_dataset(args)
-    Path(args.output_dir).mkdir(parents=True, exist_ok=True)
 
-    if not args.skip_generation:
-        generate(args, dataset, accelerator)
-    accelerator.wait_for_everyone()
-
-    report = None
-    if accelerator.is_main_process and not args.skip_metrics:
-        metrics, rows, black = score(args, dataset, accelerator.device)
-        report = write_reports(args, dataset, metrics, rows, black)
+    def report(device):
+        metrics, not_computed, rows, black = score(args, dataset, device)
+        result = write_reports(args, dataset, metrics, not_computed, rows, black)
         write_grids(args, dataset)
-        print(json.dumps(metrics))
-        print(f"wrote {Path(args.output_dir) / 'summary.md'}")
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
-    return report
+        return result
+
+    return harness.run(args, lambda accelerator: generate(args, dataset, accelerator), report)
 
 
 if __name__ == "__main__":

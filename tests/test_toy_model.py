@@ -12,7 +12,8 @@ from trainer_helpers import launch
 
 from ether_diffusion.pipelines import image_grid, load_pipeline
 from ether_diffusion.sample import use_dpm_solver
-from ether_diffusion.tiny_sd import SD_SCHEDULER, resolve_model_path
+from ether_diffusion.builtin import resolve_model_path
+from ether_diffusion.tiny_sd import SD_SCHEDULER
 from ether_diffusion.toy import judge as toy_judge
 from ether_diffusion.toy import model as toy_model
 from ether_diffusion.toy import world

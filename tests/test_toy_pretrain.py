@@ -1,7 +1,6 @@
 """The toy world's pretraining script, rerun for a few steps at tiny sizes: every stage, exact resume, the
 export the package ships and the `builtin:toy-sd` assembly from it."""
 import json
-from pathlib import Path
 
 import pytest
 import torch

@@ -11,15 +11,19 @@ import yaml
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
+from dreambooth_photos import COPY
 from trainer_helpers import REPO, TINY, import_script, stop_and_resume
 from trainer_helpers import fails as fails_in_process
 from trainer_helpers import launch as launch_script
 
-from ether_diffusion import dreambooth_data
+from ether_diffusion import arguments, dreambooth_data, inject_adapters, load_adapter
+from ether_diffusion.adapters import count_adapter_parameters
+from ether_diffusion.builtin import resolve_instance_dir, resolve_model_path
 from ether_diffusion.errors import UserError
+from ether_diffusion.tiny_sd import build_sd15_unet
 from ether_diffusion.toy import world
 
-DOG = REPO.parent / "shared" / "datasets" / "dreambooth" / "dog"
+DOG = COPY / "dog"  # three photos of two sizes
 
 
 def launch(*args, timeout=300):
@@ -128,9 +132,6 @@ def test_real_photos_of_mixed_sizes_train_and_export_a_stock_pipeline(tmp_path):
     # the merged folder is plain diffusers and computes what base model + adapter compute
     from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 
-    from ether_diffusion import load_adapter
-    from ether_diffusion.tiny_sd import resolve_model_path
-
     pipe = StableDiffusionPipeline.from_pretrained(merged)
     assert type(pipe.unet.down_blocks[0].attentions[0].transformer_blocks[0].attn1.to_q) is torch.nn.Linear
     base = UNet2DConditionModel.from_pretrained(resolve_model_path(TINY), subfolder="unet")
@@ -150,6 +151,7 @@ def base_args(instance_dir, out):
             "a photo of qwe toy", "--output_dir", out, "--resolution", 32, "--report_to", "none"]
 
 
+@pytest.mark.user_error("--instance_data_dir names a missing folder", tool="train_dreambooth.py")
 def test_missing_and_empty_instance_folders(script, tmp_path, capsys):
     line = fails(script, base_args(tmp_path / "nope", tmp_path / "o"), capsys)
     assert f"instance image folder not found: {tmp_path / 'nope'}" in line
@@ -160,6 +162,7 @@ def test_missing_and_empty_instance_folders(script, tmp_path, capsys):
     assert not (tmp_path / "o").exists()  # nothing written for a run that cannot start
 
 
+@pytest.mark.user_error("a corrupt or truncated instance photo", tool="train_dreambooth.py")
 def test_corrupt_and_truncated_images_are_named(script, subject, tmp_path, capsys):
     (subject / "broken.png").write_bytes(b"\x89PNG not really")
     assert f"{subject / 'broken.png'}: cannot read image" in fails(script, base_args(subject, tmp_path / "o"), capsys)
@@ -169,6 +172,8 @@ def test_corrupt_and_truncated_images_are_named(script, subject, tmp_path, capsy
     assert f"{subject / 'half.jpg'}: cannot read image" in fails(script, base_args(subject, tmp_path / "o"), capsys)
 
 
+@pytest.mark.user_error("no --class_prompt, --resolution 30, --method dora, no --instance_prompt, a config typo",
+                        tool="train_dreambooth.py")
 def test_bad_arguments(script, subject, tmp_path, capsys):
     args = base_args(subject, tmp_path / "o")
     assert "--with_prior_preservation needs --class_prompt" in fails(script, args + ["--with_prior_preservation"], capsys)
@@ -184,12 +189,14 @@ def test_bad_arguments(script, subject, tmp_path, capsys):
         script, args + ["--config", cfg], capsys)
 
 
+@pytest.mark.user_error("--n_blocks that does not divide a layer's width", tool="train_dreambooth.py")
 def test_n_blocks_that_does_not_divide_a_layer_names_it(script, subject, tmp_path, capsys):
     line = fails(script, base_args(subject, tmp_path / "o") + ["--method", "ether+", "--n_blocks", 3], capsys)
     layer = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
     assert f"layer {layer}: input size 32 is not divisible by n_blocks=3" in line
 
 
+@pytest.mark.user_error("resuming a checkpoint with another --method", tool="train_dreambooth.py")
 def test_resuming_with_another_method_is_an_error(script, resumed_runs, subject, tmp_path, capsys):
     full, _ = resumed_runs
     out = tmp_path / "o"
@@ -218,8 +225,9 @@ def test_subject_dataset_crops_from_the_sample_seed(tmp_path):
     for i in range(len(ds)):
         x = ds[i]["instance_images"]
         assert x.shape == (3, 32, 32) and x.min() >= -1 and x.max() <= 1
-    crops = [ds[(5, seed)]["instance_images"] for seed in range(8)]
-    assert torch.equal(ds[(5, 3)]["instance_images"], crops[3])
+    wide = len(ds) - 1
+    crops = [ds[(wide, seed)]["instance_images"] for seed in range(8)]
+    assert torch.equal(ds[(wide, 3)]["instance_images"], crops[3])
     assert any(not torch.equal(crops[0], c) for c in crops[1:])
     centered = dreambooth_data.SubjectDataset([tmp_path / "wide.png"], size=32, center_crop=True)
     assert torch.equal(centered[(0, 1)]["instance_images"], centered[(0, 2)]["instance_images"])
@@ -260,7 +268,7 @@ def test_class_images_are_generated_once_and_reused(tmp_path):
 
 
 def test_builtin_subjects_are_drawn_once_and_deterministically(tmp_path):
-    folder = dreambooth_data.resolve_instance_dir("builtin:demo-subject", tmp_path / "out")
+    folder = resolve_instance_dir("builtin:demo-subject", tmp_path / "out")
     assert folder == tmp_path / "out" / "demo-subject"
     files = sorted(folder.iterdir())
     assert [p.name for p in files] == [f"{i:02d}.png" for i in range(5)]
@@ -268,11 +276,11 @@ def test_builtin_subjects_are_drawn_once_and_deterministically(tmp_path):
     assert len({Image.open(p).tobytes() for p in files}) == 5  # five different pictures
     again = world.write_subject(tmp_path / "b", world.DEMO_SUBJECT)
     assert [p.read_bytes() for p in files] == [p.read_bytes() for p in sorted(again.iterdir())]
-    heart = dreambooth_data.resolve_instance_dir("builtin:toy-subject/heart_toy", tmp_path / "out")
+    heart = resolve_instance_dir("builtin:toy-subject/heart_toy", tmp_path / "out")
     assert heart == tmp_path / "out" / "toy-subject-heart_toy" and len(list(heart.glob("*.png"))) == 5
     with pytest.raises(UserError, match="the toy world has no subject 'dog'"):
-        dreambooth_data.resolve_instance_dir("builtin:toy-subject/dog", tmp_path / "out")
-    assert dreambooth_data.resolve_instance_dir("photos/dog", tmp_path) == Path("photos/dog")
+        resolve_instance_dir("builtin:toy-subject/dog", tmp_path / "out")
+    assert resolve_instance_dir("photos/dog", tmp_path) == Path("photos/dog")
     with pytest.raises(UserError, match="cannot read image"):
         (folder / "00.png").write_bytes(b"")
         dreambooth_data.check_images(dreambooth_data.list_images(folder))
@@ -290,10 +298,6 @@ PAPER = {  # config: (method, n_blocks or rank, learning rate, trainable paramet
 
 @pytest.mark.parametrize("name", sorted(PAPER))
 def test_paper_configs_hold_the_papers_settings_and_fit_sd15(script, name):
-    from ether_diffusion import inject_adapters, training
-    from ether_diffusion.adapters import count_adapter_parameters
-    from ether_diffusion.tiny_sd import build_sd15_unet
-
     args = script.parse_args(["--config", f"configs/dreambooth/{name}.yaml", "--instance_data_dir", "dog",
                               "--instance_prompt", "a photo of qwe dog", "--class_prompt", "a photo of dog"])
     method, n, lr, count = PAPER[name]
@@ -302,5 +306,5 @@ def test_paper_configs_hold_the_papers_settings_and_fit_sd15(script, name):
     assert (args.with_prior_preservation, args.num_class_images) == (True, 200)
     assert args.target_modules == ["to_q", "to_k", "to_v", "to_out.0"]
     unet = build_sd15_unet()  # on the meta device: no weights allocated
-    inject_adapters(unet, training.adapter_config_from_args(args))
+    inject_adapters(unet, arguments.adapter_config_from_args(args))
     assert count_adapter_parameters(unet) == count

@@ -1,4 +1,5 @@
-"""What the trainer tests share: a real `accelerate launch` and the in-process bad-input check."""
+"""What the trainer tests share: a real `accelerate launch`, the in-process bad-input check, the trainers'
+whole argument parser and a two-layer model."""
 import os
 import shutil
 import subprocess
@@ -6,8 +7,11 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch.nn as nn
 
-from ether_diffusion.errors import run_cli
+import user_errors
+from ether_diffusion import arguments
+from ether_diffusion.errors import ArgumentParser, run_cli
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = "builtin:tiny-sd"
@@ -25,18 +29,30 @@ def launch(script: str, *args, timeout=300):
     return proc
 
 
-def stop_and_resume(script: str, common, root: Path) -> tuple[Path, Path]:
-    """A 6-step run in root/full, and the same run "stopped" after step 4 and resumed in root/stopped: what the
-    stopped run would have left behind is the full run's checkpoint-4 and its log up to step 5 (a crash after
-    step 5's log line). `common` must save a checkpoint at step 4."""
+def torchrun(script: str, *args, processes: int = 2, timeout=600, check: bool = True):
+    """`torchrun --nproc_per_node 2 <script> ...` on CPU (ACCELERATE_USE_CPU=1), one thread per process;
+    returns the finished process (which must have succeeded, with `check`)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes), script,
+           *map(str, args)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0 or not check, proc.stderr[-4000:]
+    return proc
+
+
+def stop_and_resume(script: str, common, root: Path, stop_at: int = 4, run=launch) -> tuple[Path, Path]:
+    """A run in root/full, and the same run "stopped" after step `stop_at` and resumed in root/stopped: what the
+    stopped run would have left behind is the full run's checkpoint there and its log one step further (a crash
+    after the next step's log line). `common` must save a checkpoint at `stop_at`; `run` launches (`launch`,
+    or `torchrun` for two processes)."""
     full = root / "full"
-    launch(script, *common, "--output_dir", full)
+    run(script, *common, "--output_dir", full)
     stopped = root / "stopped"
     stopped.mkdir()
-    shutil.copytree(full / "checkpoint-4", stopped / "checkpoint-4")
+    shutil.copytree(full / f"checkpoint-{stop_at}", stopped / f"checkpoint-{stop_at}")
     lines = (full / "train_log.jsonl").read_text().splitlines()
-    (stopped / "train_log.jsonl").write_text("\n".join(lines[:5]) + "\n")
-    launch(script, *common, "--output_dir", stopped, "--resume_from_checkpoint", "latest")
+    (stopped / "train_log.jsonl").write_text("\n".join(lines[:stop_at + 1]) + "\n")
+    run(script, *common, "--output_dir", stopped, "--resume_from_checkpoint", "latest")
     return full, stopped
 
 
@@ -49,7 +65,7 @@ def fails(main, argv, capsys) -> str:
     assert "Traceback" not in err
     last = err.strip().splitlines()[-1]
     assert last.startswith("error: ")
-    return last
+    return user_errors.record(last)
 
 
 def import_script(name: str):
@@ -60,3 +76,23 @@ def import_script(name: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def make_parser():
+    """Every argument group the trainers share, as a DreamBooth trainer has them."""
+    p = ArgumentParser()
+    arguments.add_config_arg(p)
+    arguments.add_model_args(p, output_dir="out")
+    arguments.add_adapter_args(p)
+    arguments.add_training_args(p, task="dreambooth")
+    arguments.add_checkpoint_args(p)
+    arguments.add_validation_args(p)
+    arguments.add_logging_args(p)
+    return p
+
+
+class TinyBlock(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.to_q = nn.Linear(8, 8)
+        self.to_v = nn.Linear(8, 4)

@@ -1,10 +1,12 @@
 """One API over every method: `AdapterConfig`, `inject_adapters`, `merge_adapters`.
 
-ETHER, ETHER+, OFT and Naive are our own wrapper layers (one module each); LoRA and HRA are PEFT's own
-layers, injected with `peft.inject_adapter_in_model`. Either way the wrapper keeps the frozen base Linear
+The methods are listed in `methods.METHODS`. ETHER and ETHER+ (`ether.py`), OFT (`oft.py`) and Naive
+(`naive.py`) are our own wrapper layers; LoRA and HRA are PEFT's own layers, injected with
+`peft.inject_adapter_in_model`. Either way the wrapper keeps the frozen base Linear
 and only adapter parameters require grad. We wrap modules rather than replace attention processors, so
 every diffusers processor (SDPA, xformers, sliced, plain) that calls `attn.to_q(...)` goes through us.
 """
+import math
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -12,15 +14,10 @@ import torch.nn as nn
 
 from ..errors import UserError
 from .base import AdapterLinear
-from .ether import ETHERLinear
-from .naive import NaiveLinear
-from .oft import OFTLinear
+from .methods import METHODS
 
-METHODS = ("ether", "ether+", "oft", "naive", "lora", "hra")
-PEFT_METHODS = ("lora", "hra")
 ATTENTION_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 CONTROL_TARGETS = ATTENTION_TARGETS + ("ff.net.0.proj",)
-OWN_WRAPPERS = (AdapterLinear,)
 
 
 @dataclass
@@ -39,9 +36,15 @@ class AdapterConfig:
         self.target_modules = list(self.target_modules)
         if not self.target_modules:
             raise UserError("target_modules is empty")
+        if not all(isinstance(t, str) for t in self.target_modules):
+            raise UserError(f"target_modules must be layer names, got {self.target_modules!r}")
         for name, value in (("n_blocks", self.n_blocks), ("rank", self.rank)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise UserError(f"{name} must be a positive integer, got {value!r}")
+        alpha = self.alpha
+        if alpha is not None and (isinstance(alpha, bool) or not isinstance(alpha, (int, float))
+                                  or not math.isfinite(alpha) or alpha <= 0):
+            raise UserError(f"alpha must be a positive number (or None: alpha = rank), got {alpha!r}")
 
     def to_dict(self):
         return asdict(self)
@@ -66,6 +69,7 @@ def find_targets(model: nn.Module, targets) -> list[tuple[str, nn.Linear]]:
 
 
 def check_divisible(name: str, layer: nn.Linear, cfg: AdapterConfig):
+    # Every block-diagonal method splits the input; ETHER+ also reflects the output side.
     n = cfg.n_blocks
     sizes = [("input", layer.in_features)]
     if cfg.method == "ether+":
@@ -79,29 +83,10 @@ def check_targets(model: nn.Module, cfg: AdapterConfig) -> list[tuple[str, nn.Li
     """The target layers of `cfg` in `model`, checked to fit (Linear, widths divisible by n): everything
     `inject_adapters` would refuse, found without changing the model. Trainers call it before expensive work."""
     targets = find_targets(model, cfg.target_modules)
-    if cfg.method not in PEFT_METHODS:
+    if METHODS[cfg.method].wrap is not None:
         for name, layer in targets:
             check_divisible(name, layer, cfg)
     return targets
-
-
-def _wrap(layer: nn.Linear, cfg: AdapterConfig) -> nn.Module:
-    if cfg.method == "ether":
-        return ETHERLinear(layer, cfg.n_blocks, plus=False)
-    if cfg.method == "ether+":
-        return ETHERLinear(layer, cfg.n_blocks, plus=True)
-    if cfg.method == "oft":
-        return OFTLinear(layer, cfg.n_blocks)
-    return NaiveLinear(layer, cfg.n_blocks)
-
-
-def _peft_config(cfg: AdapterConfig):
-    from peft import HRAConfig, LoraConfig
-
-    if cfg.method == "lora":
-        alpha = cfg.alpha if cfg.alpha is not None else cfg.rank
-        return LoraConfig(r=cfg.rank, lora_alpha=alpha, target_modules=cfg.target_modules, init_lora_weights=True)
-    return HRAConfig(r=cfg.rank, target_modules=cfg.target_modules, init_weights=True)
 
 
 def _set_submodule(model: nn.Module, name: str, module: nn.Module):
@@ -122,13 +107,14 @@ def inject_adapters(model: nn.Module, cfg: AdapterConfig) -> list[str]:
         raise UserError("the model already has adapters; merge them (merge_adapters) or load a fresh model")
     targets = check_targets(model, cfg)  # every refusal comes before any change
     model.requires_grad_(False)
-    if cfg.method in PEFT_METHODS:
-        from peft import inject_adapter_in_model
+    method = METHODS[cfg.method]
+    if method.wrap is None:
+        from peft import inject_adapter_in_model  # PEFT imports transformers (seconds): only when used
 
-        inject_adapter_in_model(_peft_config(cfg), model)
+        inject_adapter_in_model(method.peft_config(cfg), model)
     else:
         for name, layer in targets:
-            _set_submodule(model, name, _wrap(layer, cfg))
+            _set_submodule(model, name, method.wrap(layer, cfg))
     model.ether_adapter_config = cfg
     for p in adapter_parameters(model):
         p.data = p.data.float()
@@ -137,9 +123,14 @@ def inject_adapters(model: nn.Module, cfg: AdapterConfig) -> list[str]:
 
 
 def adapter_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    from peft.tuners.tuners_utils import BaseTunerLayer
+    from peft.tuners.tuners_utils import BaseTunerLayer  # see inject_adapters
 
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, OWN_WRAPPERS + (BaseTunerLayer,))]
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, (AdapterLinear, BaseTunerLayer))]
+
+
+def base_layer_of(module: nn.Module) -> nn.Linear:
+    """The frozen Linear inside an adapter layer (ours or PEFT's)."""
+    return module.base_layer if isinstance(module, AdapterLinear) else module.get_base_layer()
 
 
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -165,7 +156,7 @@ def merge_adapters(model: nn.Module) -> list[str]:
     """
     merged = []
     for name, module in adapter_modules(model):
-        if isinstance(module, OWN_WRAPPERS):
+        if isinstance(module, AdapterLinear):
             base = module.base_layer
             base.weight.copy_(module.merged_weight().to(base.weight.dtype))
         else:

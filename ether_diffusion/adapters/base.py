@@ -1,13 +1,16 @@
-"""What every wrapper of ours shares: it keeps the frozen base Linear and stands in for it."""
+"""What every wrapper of ours shares: it keeps the frozen base Linear and stands in for it; and the
+block-diagonal input transform OFT and Naive share."""
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 
 class AdapterLinear(nn.Module):
     """A frozen `nn.Linear` plus a transform with `n_blocks` blocks.
 
-    Subclasses implement `forward`, `merged_weight()` (the W' to fold in), `input_transform()` and
-    `output_transform()` (dense float64 matrices, for checks and analysis only; None where absent).
+    Subclasses set `method` (their name in `adapters.methods.METHODS`) and implement `forward`,
+    `merged_weight()` (the W' to fold in), `input_transform()` and `output_transform()` (dense float64
+    matrices, for checks and analysis only; None where absent).
     """
 
     def __init__(self, base_layer: nn.Linear, n_blocks: int):
@@ -33,3 +36,31 @@ class AdapterLinear(nn.Module):
 
     def output_transform(self) -> torch.Tensor | None:
         return None
+
+
+class BlockDiagonalLinear(AdapterLinear):
+    """A frozen Linear whose input is multiplied by a block-diagonal `M` first: `W' = W M`.
+
+    Subclasses define `block_matrices()` -> (n, k, k). Shared by OFT and Naive.
+    """
+
+    def block_matrices(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, x):
+        m = self.block_matrices().to(x.dtype)
+        xb = x.unflatten(-1, (self.n_blocks, -1))
+        # per block: x_b M_b^T
+        x = torch.einsum("...nj,nij->...ni", xb, m).flatten(-2)
+        return F.linear(x, self.base_layer.weight, self.base_layer.bias)
+
+    def input_transform(self) -> torch.Tensor:
+        return torch.block_diag(*self.block_matrices().double())
+
+    @torch.no_grad()
+    def merged_weight(self) -> torch.Tensor:
+        w = self.base_layer.weight.float()
+        return torch.einsum("onj,nji->oni", w.unflatten(-1, (self.n_blocks, -1)), self.block_matrices().float()).flatten(-2)
+
+    def extra_repr(self):
+        return f"n_blocks={self.n_blocks}"

@@ -3,10 +3,12 @@ for what happens without any constraint on the transform)."""
 import torch
 import torch.nn as nn
 
-from .oft import BlockDiagonalLinear
+from .base import BlockDiagonalLinear
 
 
 class NaiveLinear(BlockDiagonalLinear):
+    method = "naive"
+
     def __init__(self, base_layer: nn.Linear, n_blocks: int):
         super().__init__(base_layer, n_blocks)
         k = base_layer.in_features // n_blocks

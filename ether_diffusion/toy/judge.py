@@ -21,7 +21,6 @@ Two models, trained by `python -m ether_diffusion.toy.pretrain` (stage `judge`) 
 Both are trained on world pictures and on their VAE reconstructions (generated pictures look like those),
 with subjects and near misses shown far more often than chance would (the generator never sees subjects).
 """
-import argparse
 import json
 import random
 from pathlib import Path
@@ -32,9 +31,9 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from ..errors import UserError, run_cli
+from ..arguments import read_yaml_mapping
+from ..errors import ArgumentParser, UserError, run_cli
 from ..files import load_rgb
-from ..training import ArgumentParser, read_yaml_mapping
 from . import world
 from .model import CONTEXT_LENGTH
 

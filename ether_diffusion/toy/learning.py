@@ -33,10 +33,11 @@ from pathlib import Path
 import torch
 
 from ..adapters import METHODS
-from ..errors import UserError, run_cli
-from ..pipelines import image_grid, load_pipeline
+from ..arguments import read_yaml_mapping
+from ..errors import ArgumentParser, UserError, run_cli
+from ..grids import image_grid
+from ..pipelines import load_pipeline
 from ..sample import use_dpm_solver
-from ..training import ArgumentParser, read_yaml_mapping
 from . import world
 from .judge import Judge
 
@@ -45,7 +46,6 @@ CONFIGS = REPO / "configs" / "toy"
 MODEL = "builtin:toy-sd"
 TOKEN = "qwe"
 SCENE_PROMPTS = ("beach", "snow", "night")
-PAPER_RATES = {"ether": 6e-3, "ether+": 6e-3, "oft": 6e-5, "naive": 6e-5, "lora": 6e-4, "hra": 6e-4}
 SWEEP_FACTORS = (1, 3, 10, 30)
 SWEEP_SUBJECT = "heart_toy"
 THRESHOLDS = {"subject": 0.8, "scene": 0.7, "other_toys": 0.5, "base_subject": 0.1, "prompt_following": 0.85}
@@ -214,7 +214,7 @@ def main(argv=None):
     judge = Judge()
     classes = class_images(out, args.class_images)
     if args.sweep:
-        runs = [(m, SWEEP_SUBJECT, PAPER_RATES[m] * f) for m in args.methods for f in SWEEP_FACTORS]
+        runs = [(m, SWEEP_SUBJECT, METHODS[m].dreambooth_lr * f) for m in args.methods for f in SWEEP_FACTORS]
     else:
         runs = [(m, s, config_rate(m)) for m in args.methods for s in args.subjects]
     todo = [run for run in runs if not (run_folder(out, *run) / "adapter.safetensors").is_file()]

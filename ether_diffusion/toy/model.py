@@ -9,17 +9,15 @@ exactly, into a cached float32 folder (`files.build_folder_once`, like `builtin:
   pretraining never changed. They are the seeded start `initial_token_embedding`, so the shipped file holds
   only the trained rows (`token_embedding.ids` / `.rows`).
 """
-import json
-import os
 import shutil
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..arguments import read_yaml_mapping
 from ..files import build_folder_once
 from ..tiny_sd import write_clip_tokenizer_files
-from ..training import read_yaml_mapping
 from . import world
 
 BUILTIN_TOY = "builtin:toy-sd"

@@ -23,7 +23,6 @@ Pretraining never shows a subject (`world.sample_scene(subjects=False)`); only t
 encoder's token embedding cut to the rows the world's words use (`model.py` rebuilds the rest from its
 seed), and this config.
 """
-import argparse
 import json
 import math
 import os
@@ -38,9 +37,9 @@ import torch.nn.functional as F
 import yaml
 from tqdm.auto import tqdm
 
-from ..errors import UserError, run_cli
+from ..arguments import read_yaml_mapping
+from ..errors import ArgumentParser, UserError, run_cli
 from ..tiny_sd import SD_SCHEDULER
-from ..training import ArgumentParser, read_yaml_mapping
 from . import model as toy_model
 from . import world
 

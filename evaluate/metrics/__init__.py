@@ -1,5 +1,5 @@
 """Metric backbones and scores. Each backbone loads from a hub id or a local path; nothing downloads in tests
-(`evaluate.testing.write_tiny_backbones` writes offline stand-ins in the same formats)."""
+(`evaluate.tiny_backbones.write_tiny_backbones` writes offline stand-ins in the same formats)."""
 from .fid import DEFAULT_INCEPTION, load_fid_features, make_fid
 from .images import is_all_black
 from .perceptual import DEFAULT_LPIPS, LpipsDistance, load_lpips, save_lpips

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 
 from ether_diffusion.errors import UserError, first_line
 
@@ -47,8 +48,6 @@ class ConvFeatures(nn.Module):
 
 
 def save_conv_features(model: ConvFeatures, folder) -> Path:
-    from safetensors.torch import save_file
-
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     channels = [m.out_channels for m in model.layers if isinstance(m, nn.Conv2d)]
@@ -60,7 +59,6 @@ def save_conv_features(model: ConvFeatures, folder) -> Path:
 def _read_state_dict(path: Path) -> dict:
     try:
         if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
             return load_file(str(path))
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # a corrupt or non-tensor file; the message names it

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 import torchvision.transforms.functional as TF
+from safetensors.torch import load_model, save_model
 
 from ether_diffusion.errors import UserError, first_line
 
@@ -26,8 +27,6 @@ CONFIG_FILE, WEIGHTS_FILE = "lpips_config.json", "lpips.safetensors"
 
 def save_lpips(model, folder, net: str) -> Path:
     """Write an LPIPS model as a folder that `load_lpips` reads offline (heads and trunk together)."""
-    from safetensors.torch import save_model
-
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / CONFIG_FILE).write_text(json.dumps({"net": net}) + "\n")
@@ -36,8 +35,7 @@ def save_lpips(model, folder, net: str) -> Path:
 
 
 def load_lpips(spec: str = DEFAULT_LPIPS, device="cpu"):
-    import lpips
-    from safetensors.torch import load_model
+    import lpips  # an [eval] extra: only needed when LPIPS is scored
 
     folder = Path(spec)
     if spec in LPIPS_TRUNKS:

@@ -10,14 +10,20 @@ Each folder has the format the real backbone is given in, so it loads through th
     upernet/    transformers UperNetForSemanticSegmentation (ConvNeXt backbone, 150 classes) + processor
     inception/  fid_features.json + fid_features.safetensors (a two-layer conv net standing in for InceptionV3)
 
-Numbers computed with them mean nothing; they prove the plumbing. `python -m evaluate.testing DIR`
+Numbers computed with them mean nothing; they prove the plumbing. `python -m evaluate.tiny_backbones DIR`
 writes them and prints the paths.
 """
 import json
-import sys
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
+
+from ether_diffusion import checks
+from ether_diffusion.errors import ArgumentParser, run_cli
+from ether_diffusion.files import check_output_folder
+from evaluate.metrics.fid import ConvFeatures, save_conv_features
+from evaluate.metrics.perceptual import save_lpips
 
 IMAGE_SIZE = 32  # input size of the ViT / CLIP stand-ins
 
@@ -34,7 +40,6 @@ def write_tiny_dino(folder) -> Path:
 
 def write_tiny_clip(folder) -> Path:
     import open_clip
-    from safetensors.torch import save_file
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -53,8 +58,6 @@ def write_tiny_clip(folder) -> Path:
 
 def write_tiny_lpips(folder) -> Path:
     import lpips
-
-    from evaluate.metrics.perceptual import save_lpips
 
     model = lpips.LPIPS(net="squeeze", pretrained=False, pnet_rand=True, verbose=False)
     with torch.no_grad():  # real LPIPS heads are non-negative (clamped in training), so distances are >= 0
@@ -76,8 +79,6 @@ def write_tiny_upernet(folder) -> Path:
 
 
 def write_tiny_inception(folder) -> Path:
-    from evaluate.metrics.fid import ConvFeatures, save_conv_features
-
     return save_conv_features(ConvFeatures(channels=(8, 16), input_size=32), folder)
 
 
@@ -93,8 +94,17 @@ def write_tiny_backbones(root, seed: int = 0) -> dict[str, Path]:
     return paths
 
 
-if __name__ == "__main__":
-    if len(sys.argv) != 2:
-        sys.exit("usage: python -m evaluate.testing OUTPUT_DIR")
-    for name, path in write_tiny_backbones(sys.argv[1]).items():
+def main(argv=None):
+    parser = ArgumentParser(prog="python -m evaluate.tiny_backbones",
+                            description="Write tiny random stand-ins for the evaluation backbones (plumbing tests only).")
+    parser.add_argument("output_dir", help="folder to write dino/, clip/, lpips/, upernet/ and inception/ into")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    check_output_folder(args.output_dir, "output_dir")
+    checks.seed(args, "seed")
+    for name, path in write_tiny_backbones(args.output_dir, seed=args.seed).items():
         print(f"{name}: {path}")
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,5 +1,5 @@
-"""A tiny ADE20K-layout folder (random label maps + matching images + captions): the S2I demo data, and the
-fixture the dataset, trainer and evaluator tests share."""
+"""A tiny ADE20K-layout folder (random label maps + matching images + captions): `builtin:tiny-ade20k`, the
+S2I demo's data, and the fixture the dataset, trainer and evaluator tests share."""
 import json
 from pathlib import Path
 
