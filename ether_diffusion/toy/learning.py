@@ -46,7 +46,7 @@ CONFIGS = REPO / "configs" / "toy"
 MODEL = "builtin:toy-sd"
 TOKEN = "qwe"
 SCENE_PROMPTS = ("beach", "snow", "night")
-SWEEP_FACTORS = (1, 3, 10, 30)
+SWEEP_FACTORS = (3, 10, 30)
 SWEEP_SUBJECT = "heart_toy"
 THRESHOLDS = {"subject": 0.8, "scene": 0.7, "other_toys": 0.5, "base_subject": 0.1, "prompt_following": 0.85}
 
@@ -217,17 +217,19 @@ def main(argv=None):
         runs = [(m, SWEEP_SUBJECT, METHODS[m].dreambooth_lr * f) for m in args.methods for f in SWEEP_FACTORS]
     else:
         runs = [(m, s, config_rate(m)) for m in args.methods for s in args.subjects]
-    todo = [run for run in runs if not (run_folder(out, *run) / "adapter.safetensors").is_file()]
-    log(f"{len(runs)} runs, {len(runs) - len(todo)} trained already; training {len(todo)}, {args.jobs} at a time")
+    trained = sum((run_folder(out, *run) / "adapter.safetensors").is_file() for run in runs)
+    log(f"{len(runs)} runs, {trained} trained already; {args.jobs} at a time")
+
+    def train_and_judge(run):
+        # Each run is judged as soon as it is trained: judging one overlaps training the next.
+        method, subject, lr = run
+        train(method, subject, run_folder(out, *run), classes, args.class_images, lr, log)
+        result = judged(judge, out, method, subject, lr, args.samples)
+        log(f"{method} {subject} lr {lr:g}: " + ", ".join(f"{k} {pct(result[k])}" for k in ("subject", "scene", "other_toys")))
+        return result
+
     with ThreadPoolExecutor(args.jobs) as pool:
-        list(pool.map(lambda run: train(run[0], run[1], run_folder(out, *run), classes, args.class_images, run[2],
-                                        log), todo))
-    log("all runs trained; judging")
-    results = {}
-    for method, subject, lr in runs:
-        results[(method, subject, lr)] = judged(judge, out, method, subject, lr, args.samples)
-        log(f"{method} {subject} lr {lr:g}: " + ", ".join(f"{k} {pct(v)}" for k, v in results[(method, subject, lr)].items()
-                                                           if k in ("subject", "scene", "other_toys")))
+        results = dict(zip(runs, pool.map(train_and_judge, runs)))
 
     if args.sweep:
         lines = ["| method | lr | subject found | scene kept | subject in those scenes | other toys |",

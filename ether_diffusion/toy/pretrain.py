@@ -8,7 +8,7 @@ Stages, in order; each one is skipped when its output folder exists, and resumes
 batch, noise draw and timestep is a function of (seed, stage, step), so a resumed stage continues exactly as
 an uninterrupted one would.
 
-- `vae`: diffusers `AutoencoderKL` (factor 4: 32 px pictures, 8x8x4 latents) on world pictures; the
+- `vae`: diffusers `AutoencoderKL` (factor 4: 32 px pictures, 8x8x8 latents) on world pictures; the
   reconstruction loss weighs toy pixels more, because their details (eyes, marks, feet) are a few pixels.
 - `unet`: `UNet2DConditionModel` (cross-attention in every level, SD-1.5's module names) and a
   `CLIPTextModel` trained jointly from scratch with SD-1.5's tokenizer (CLIP BPE from open_clip; a 32-token
