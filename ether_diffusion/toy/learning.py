@@ -26,6 +26,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -220,11 +221,16 @@ def main(argv=None):
     trained = sum((run_folder(out, *run) / "adapter.safetensors").is_file() for run in runs)
     log(f"{len(runs)} runs, {trained} trained already; {args.jobs} at a time")
 
+    judging = threading.Lock()
+
     def train_and_judge(run):
-        # Each run is judged as soon as it is trained: judging one overlaps training the next.
+        # Each run is judged as soon as it is trained, so judging one overlaps training another. One judging
+        # at a time: diffusers' lazy imports are not thread-safe (two threads loading a pipeline at once got
+        # "cannot import name 'StableDiffusionPipeline'"), and the machine's cores are busy training anyway.
         method, subject, lr = run
         train(method, subject, run_folder(out, *run), classes, args.class_images, lr, log)
-        result = judged(judge, out, method, subject, lr, args.samples)
+        with judging:
+            result = judged(judge, out, method, subject, lr, args.samples)
         log(f"{method} {subject} lr {lr:g}: " + ", ".join(f"{k} {pct(result[k])}" for k in ("subject", "scene", "other_toys")))
         return result
 
