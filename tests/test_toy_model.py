@@ -57,7 +57,8 @@ def test_judge_reads_a_trainer_grid(judge, tmp_path):
             for scene in ("beach", "room")]
     grid = image_grid([im for row in rows for im in row], rows=2, cols=3)
     line = toy_judge.judge_grid(judge, grid, ["a qwe toy on the beach", "a photo of qwe toy"], "star_toy")
-    assert line == "the judge saw: subject star_toy found in 6 of 6 samples, scenes right in 3 of 3"
+    assert line == ("the judge saw: subject star_toy found in 6 of 6 samples (its look's parts right: 100%), "
+                    "scenes right in 3 of 3")
 
 
 def _judged(pipe, judge, prompt, count=8, seed=0):

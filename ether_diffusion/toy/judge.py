@@ -53,6 +53,7 @@ ANSWERS = {
     "feet": list(world.TOY_FEET),
 }
 TOY_PARTS = ("shape", "eyes", "mark", "feet")
+LOOK_PARTS = ("colour", *TOY_PARTS)  # what makes a toy's look (world.ToyLook); colour is its body's
 IMAGE_MEAN, IMAGE_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)  # OpenAI CLIP's
 SEGMENTER_MEAN, SEGMENTER_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # ImageNet's, as UperNet's processor
 
@@ -304,6 +305,16 @@ def export(output_dir: Path, target: Path):
         save_file({k: v.half() if v.is_floating_point() else v for k, v in tensors.items()}, str(out / name))
 
 
+def parts_right(answer: dict, subject: str) -> float:
+    """How much of the subject's look a picture has: the fraction of its five parts (body colour, shape, eyes,
+    mark, feet) the judge sees as the subject's; 0 for a picture without a toy. Partial learning shows here
+    before the subject itself is found."""
+    if answer["kind"] != world.TOY:
+        return 0.0
+    look = world.SUBJECTS[subject]
+    return sum(answer[part] == getattr(look, part) for part in LOOK_PARTS) / len(LOOK_PARTS)
+
+
 def grid_tiles(grid, rows: int, cols: int) -> list[list]:
     """A trainer's sample grid (rows: prompts, columns: images) cut back into its pictures."""
     width, height = grid.width // cols, grid.height // rows
@@ -319,15 +330,18 @@ def judge_grid(judge: Judge, grid, prompts, subject: str) -> str:
     side = grid.height // len(prompts)  # the pictures are square
     rows = grid_tiles(grid, len(prompts), grid.width // side)
     found = scenes = scene_total = 0
+    parts = 0.0
     for prompt, images in zip(prompts, rows):
         expected = next((name for name, phrase in world.SCENES.items() if phrase in prompt), None)
         for answer in judge(images):
             found += answer["subject"] == subject
+            parts += parts_right(answer, subject)
             if expected is not None:
                 scene_total += 1
                 scenes += answer["scene"] == expected
     total = sum(len(row) for row in rows)
-    return f"the judge saw: subject {subject} found in {found} of {total} samples, scenes right in {scenes} of {scene_total}"
+    return (f"the judge saw: subject {subject} found in {found} of {total} samples (its look's parts right: "
+            f"{100 * parts / total:.0f}%), scenes right in {scenes} of {scene_total}")
 
 
 def main(argv=None):

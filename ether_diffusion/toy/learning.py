@@ -40,7 +40,7 @@ from ..grids import image_grid
 from ..pipelines import load_pipeline
 from ..sample import use_dpm_solver
 from . import world
-from .judge import Judge
+from .judge import Judge, parts_right
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIGS = REPO / "configs" / "toy"
@@ -61,6 +61,8 @@ def train(method: str, subject: str, out: Path, class_dir: Path, num_class_image
           log=None) -> Path:
     """One DreamBooth run through `accelerate launch train_dreambooth.py` (one thread); returns the adapter."""
     adapter = out / "adapter.safetensors"
+    while not adapter.is_file() and (out / "train.log").is_file() and time.time() - (out / "train.log").stat().st_mtime < 120:
+        time.sleep(15)  # another invocation of this script is training this run (its log is fresh): wait for it
     if adapter.is_file():
         return adapter
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
@@ -104,15 +106,18 @@ def judge_subject(judge: Judge, adapter, subject: str, count: int, seed: int = 0
     photo = samples(pipe, f"a photo of {TOKEN} toy", count, seed)
     scene_images = {s: samples(pipe, f"a {TOKEN} toy {world.SCENES[s]}", count, seed + 1) for s in SCENE_PROMPTS}
     class_photo = samples(pipe, "a photo of toy", count, seed + 2)
-    found = [a["subject"] == subject for a in judge(photo)]
-    kept = [a["scene"] == s for s, images in scene_images.items() for a in judge(images)]
-    subject_in_scene = [a["subject"] == subject for images in scene_images.values() for a in judge(images)]
+    photo_answers = judge(photo)
+    scene_answers = {s: judge(images) for s, images in scene_images.items()}
+    found = [a["subject"] == subject for a in photo_answers]
+    kept = [a["scene"] == s for s, answers in scene_answers.items() for a in answers]
+    subject_in_scene = [a["subject"] == subject for answers in scene_answers.values() for a in answers]
     others = [a["kind"] == world.TOY and a["subject"] != subject for a in judge(class_photo)]
     if grid is not None:
         rows = [photo, *scene_images.values(), class_photo]
         image_grid([im for row in rows for im in row[:8]], rows=len(rows), cols=8).save(grid)
     return {"subject": sum(found) / count, "scene": sum(kept) / len(kept),
-            "subject_in_scenes": sum(subject_in_scene) / len(subject_in_scene), "other_toys": sum(others) / count}
+            "subject_in_scenes": sum(subject_in_scene) / len(subject_in_scene), "other_toys": sum(others) / count,
+            "subject_parts": sum(parts_right(a, subject) for a in photo_answers) / count}
 
 
 def prompt_following(judge: Judge, count: int, seed: int = 0) -> dict:
@@ -137,25 +142,30 @@ def pct(value) -> str:
     return f"{100 * value:.0f}%"
 
 
+RESULT_COLUMNS = ("subject found (photo of qwe toy) | subject's parts (same pictures) | scene kept (beach/snow/night) | "
+                  "subject in those scenes | other toys (photo of toy)")
+
+
+def result_cells(r: dict) -> str:
+    return " | ".join(pct(r[k]) for k in ("subject", "subject_parts", "scene", "subject_in_scenes", "other_toys"))
+
+
 def table(base: dict, rows: dict) -> str:
-    lines = ["| method | lr | subject | subject found (photo of qwe toy) | scene kept (beach/snow/night) | "
-             "subject in those scenes | other toys (photo of toy) |", "|---|---|---|---|---|---|---|"]
+    lines = [f"| method | lr | subject | {RESULT_COLUMNS} |", "|---|---|---|---|---|---|---|---|"]
     for subject, r in base["subjects"].items():
-        lines.append(f"| base model | | {subject} | {pct(r['subject'])} | {pct(r['scene'])} | "
-                     f"{pct(r['subject_in_scenes'])} | {pct(r['other_toys'])} |")
+        lines.append(f"| base model | | {subject} | {result_cells(r)} |")
     for (method, subject), r in rows.items():
-        lines.append(f"| {method} | {r['learning_rate']:g} | {subject} | {pct(r['subject'])} | {pct(r['scene'])} | "
-                     f"{pct(r['subject_in_scenes'])} | {pct(r['other_toys'])} |")
+        lines.append(f"| {method} | {r['learning_rate']:g} | {subject} | {result_cells(r)} |")
     return "\n".join(lines)
 
 
 def choose_rate(results: dict) -> float:
-    """The stated rule: most subject found among rates keeping scenes >= 70% (ties: the lower rate); if no
-    rate keeps scenes, the one that keeps them best."""
+    """The stated rule: most subject found among rates keeping scenes >= 70%; ties (e.g. none found) go to
+    the most subject's parts, then to the lower rate. If no rate keeps scenes, the one that keeps them best."""
     keeping = {lr: r for lr, r in results.items() if r["scene"] >= THRESHOLDS["scene"]}
     if not keeping:
         return max(sorted(results), key=lambda lr: results[lr]["scene"])
-    return max(sorted(keeping), key=lambda lr: keeping[lr]["subject"])
+    return max(sorted(keeping), key=lambda lr: (keeping[lr]["subject"], keeping[lr]["subject_parts"]))
 
 
 # ============================================================================================ main
@@ -194,8 +204,10 @@ def judged(judge, out: Path, method: str, subject: str, lr: float, count: int) -
     """The judge's fractions for one run, computed once (`judged.json` in the run folder)."""
     folder = run_folder(out, method, subject, lr)
     cache = folder / "judged.json"
-    if cache.is_file() and json.loads(cache.read_text()).get("samples") == count:
-        return json.loads(cache.read_text())
+    if cache.is_file():
+        cached = json.loads(cache.read_text())
+        if cached.get("samples") == count and "subject_parts" in cached:
+            return cached
     result = judge_subject(judge, folder / "adapter.safetensors", subject, count, grid=folder / "judged.png")
     result.update(learning_rate=lr, samples=count)
     cache.write_text(json.dumps(result, indent=1))
@@ -231,23 +243,21 @@ def main(argv=None):
         train(method, subject, run_folder(out, *run), classes, args.class_images, lr, log)
         with judging:
             result = judged(judge, out, method, subject, lr, args.samples)
-        log(f"{method} {subject} lr {lr:g}: " + ", ".join(f"{k} {pct(result[k])}" for k in ("subject", "scene", "other_toys")))
+        log(f"{method} {subject} lr {lr:g}: " + ", ".join(f"{k} {pct(result[k])}" for k in ("subject", "subject_parts", "scene", "other_toys")))
         return result
 
     with ThreadPoolExecutor(args.jobs) as pool:
         results = dict(zip(runs, pool.map(train_and_judge, runs)))
 
     if args.sweep:
-        lines = ["| method | lr | subject found | scene kept | subject in those scenes | other toys |",
-                 "|---|---|---|---|---|---|"]
+        lines = [f"| method | lr | {RESULT_COLUMNS} |", "|---|---|---|---|---|---|---|"]
         chosen = {}
         for method in args.methods:
             by_rate = {lr: r for (m, _, lr), r in results.items() if m == method}
             chosen[method] = choose_rate(by_rate)
             for lr, r in by_rate.items():
                 mark = " (chosen)" if lr == chosen[method] else ""
-                lines.append(f"| {method} | {lr:g}{mark} | {pct(r['subject'])} | {pct(r['scene'])} | "
-                             f"{pct(r['subject_in_scenes'])} | {pct(r['other_toys'])} |")
+                lines.append(f"| {method} | {lr:g}{mark} | {result_cells(r)} |")
         text = f"Learning-rate sweep on {SWEEP_SUBJECT} (600 steps, batch 1, prior preservation):\n\n" + "\n".join(lines)
         (out / "chosen_rates.json").write_text(json.dumps(chosen, indent=1))
         report = out / "sweep.md"
