@@ -27,6 +27,7 @@ from pathlib import Path
 from . import checkpoints, processes
 from .adapter_file import ADAPTER_FILE, read_adapter_metadata
 from .errors import UserError, writing
+from .export import EXPORT_FILE_NAMES, MODEL_CARD
 
 logger = logging.getLogger(__name__)
 
@@ -178,7 +179,8 @@ def remove_outputs(output_dir: Path, logging_dir, outputs=()):
     """Delete what a run writes in `output_dir` (checkpoints first: a run cut short here is never resumable
     halfway), logged; TensorBoard's folder only when it is inside `output_dir`."""
     paths = [p for _, p in checkpoints.checkpoint_folders(output_dir)]
-    paths += [output_dir / name for name in (ADAPTER_FILE, *outputs, TRAIN_LOG, SAMPLES_DIR)]
+    paths += [output_dir / name for name in (ADAPTER_FILE, *outputs, TRAIN_LOG, SAMPLES_DIR, MODEL_CARD,
+                                             *EXPORT_FILE_NAMES.values())]
     tensorboard = (output_dir / logging_dir).resolve()
     if tensorboard.is_relative_to(output_dir.resolve()) and tensorboard != output_dir.resolve():
         paths.append(tensorboard)

@@ -18,6 +18,7 @@ import contextlib
 import json
 import logging
 import math
+import os
 import random
 import shutil
 from pathlib import Path

@@ -201,9 +201,10 @@ def test_overwrite_deletes_the_previous_runs_outputs_first(script, subject, fini
         train(script, subject, out, "--overwrite_output_dir", steps=3, every=3)
     removed = {r.getMessage() for r in caplog.records if r.getMessage().startswith("removed ")}
     assert removed == {f"removed {out / name} (a previous run's)" for name in (
-        "checkpoint-2", "checkpoint-4", "checkpoint-6.tmp", "adapter.safetensors", "train_log.jsonl", "samples")}
-    assert sorted(p.name for p in out.iterdir()) == ["adapter.safetensors", "checkpoint-3", "notes.txt", "samples",
-                                                      "train_log.jsonl"]
+        "checkpoint-2", "checkpoint-4", "checkpoint-6.tmp", "adapter.safetensors", "train_log.jsonl", "samples",
+        "README.md")}
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "adapter.safetensors", "checkpoint-3", "notes.txt",
+                                                      "samples", "train_log.jsonl"]
     assert log_steps(out) == [1, 2, 3] and sorted(p.name for p in (out / "samples").iterdir()) == ["final.png"]
 
 
