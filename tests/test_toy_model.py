@@ -19,6 +19,10 @@ from ether_diffusion.toy import model as toy_model
 from ether_diffusion.toy import world
 
 
+STEPS = 200
+PARTS_GAIN = 0.2  # of the subject's five parts, on 8 pictures (measured: see docs/toy_world.md)
+
+
 @pytest.fixture(scope="module")
 def judge():
     return toy_judge.Judge()
@@ -83,17 +87,25 @@ def test_base_model_follows_prompts(judge):
     assert sum(a["subject"] == "star_toy" for a in _judged(pipe, judge, "a photo of qwe toy")) <= 2
 
 
+def _parts(pipe, judge, subject="star_toy"):
+    """How much of the subject's look "a photo of qwe toy" shows, by the judge (0..1)."""
+    answers = _judged(pipe, judge, "a photo of qwe toy")
+    return sum(toy_judge.parts_right(a, subject) for a in answers) / len(answers)
+
+
 def test_etherplus_dreambooth_learns_the_qwe_toy(judge, tmp_path):
+    # The toy config's rate (the sweep's choice), fewer steps and class images than the table's runs.
     out = tmp_path / "run"
     launch("train_dreambooth.py", "--config", "configs/toy/dreambooth-etherplus.yaml",
            "--instance_data_dir", "builtin:demo-subject", "--output_dir", out, "--num_class_images", 8,
-           "--max_train_steps", 300, "--checkpointing_steps", 300, "--validation_steps", 300,
+           "--max_train_steps", STEPS, "--checkpointing_steps", STEPS, "--validation_steps", STEPS,
            "--num_validation_images", 2)
     log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
-    assert len(log) == 300
+    assert len(log) == STEPS
+    base = use_dpm_solver(load_pipeline("builtin:toy-sd"))
     pipe = use_dpm_solver(load_pipeline("builtin:toy-sd", adapter=out / "adapter.safetensors", merge=True))
-    found = sum(a["subject"] == "star_toy" for a in _judged(pipe, judge, "a photo of qwe toy"))
-    assert found >= 4, found
+    before, after = _parts(base, judge), _parts(pipe, judge)
+    assert after >= before + PARTS_GAIN, (before, after)
     beach = _judged(pipe, judge, "a qwe toy on the beach", seed=1)
-    assert sum(a["scene"] == "beach" for a in beach) >= 4
+    assert sum(a["scene"] == "beach" for a in beach) >= 6
     assert Image.open(out / "samples" / "final.png").size == (64, 128)
