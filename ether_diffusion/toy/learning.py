@@ -214,6 +214,21 @@ def judged(judge, out: Path, method: str, subject: str, lr: float, count: int) -
     return result
 
 
+def base_judged(judge, out: Path, subjects, count: int) -> dict:
+    """The base model's rows (prompt following; each subject's fractions), computed once (`base.json`)."""
+    cache = out / "base.json"
+    base = json.loads(cache.read_text()) if cache.is_file() else {}
+    if base.get("samples") != count:
+        base = {"samples": count, "subjects": {}}
+    if "prompt_following" not in base:
+        base["prompt_following"] = prompt_following(judge, max(1, count // 4))
+    for subject in subjects:
+        if subject not in base["subjects"]:
+            base["subjects"][subject] = judge_subject(judge, None, subject, count)
+    cache.write_text(json.dumps(base, indent=1))
+    return {"prompt_following": base["prompt_following"], "subjects": {s: base["subjects"][s] for s in subjects}}
+
+
 def main(argv=None):
     args = parse_args(argv)
     torch.set_num_threads(1)
@@ -262,8 +277,7 @@ def main(argv=None):
         (out / "chosen_rates.json").write_text(json.dumps(chosen, indent=1))
         report = out / "sweep.md"
     else:
-        base = {"prompt_following": prompt_following(judge, max(1, args.samples // 4)),
-                "subjects": {s: judge_subject(judge, None, s, args.samples) for s in args.subjects}}
+        base = base_judged(judge, out, args.subjects, args.samples)
         pf = base["prompt_following"]
         text = (f"Base model prompt following ({pf['samples']} samples of {pf['prompts']} prompts "
                 f"\"a photo of a <colour> <object> <scene>\"): object {pct(pf['kind'])}, colour {pct(pf['colour'])}, "
