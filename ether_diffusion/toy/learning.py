@@ -244,7 +244,7 @@ def main(argv=None):
     if args.sweep:
         runs = [(m, SWEEP_SUBJECT, METHODS[m].dreambooth_lr * f) for m in args.methods for f in SWEEP_FACTORS]
     else:
-        runs = [(m, s, config_rate(m)) for m in args.methods for s in args.subjects]
+        runs = [(m, s, config_rate(m)) for s in args.subjects for m in args.methods]  # a subject at a time
     trained = sum((run_folder(out, *run) / "adapter.safetensors").is_file() for run in runs)
     log(f"{len(runs)} runs, {trained} trained already; {args.jobs} at a time")
 
