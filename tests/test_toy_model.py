@@ -10,7 +10,8 @@ import torch
 from PIL import Image
 from trainer_helpers import launch
 
-from ether_diffusion.pipelines import image_grid, load_pipeline
+from ether_diffusion.grids import image_grid
+from ether_diffusion.pipelines import load_pipeline
 from ether_diffusion.sample import use_dpm_solver
 from ether_diffusion.builtin import resolve_model_path
 from ether_diffusion.tiny_sd import SD_SCHEDULER
