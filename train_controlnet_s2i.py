@@ -17,6 +17,9 @@ with `ether_diffusion.control.S2IPipeline.from_output(model, output_dir)`, or ev
 --control_dir), samples/ (map | generated grids), checkpoint-N/ folders (each also loadable by
 `from_output`), train_log.jsonl and TensorBoard logs.
 
+`--method none` trains the signal encoder alone (the paper's "Encoder-only" row): no adapter file is written,
+and `from_output` then loads the encoder only.
+
 The encoder's learning rate is capped at 1e-4 (the paper's setting): by default it is
 min(--learning_rate, 1e-4), and an --encoder_learning_rate above the cap is an error rather than silently
 clamped, so a config file always says what a run used.
@@ -62,7 +65,7 @@ def parse_args(argv=None):
     g.add_argument("--encoder_learning_rate", type=float, default=None,
                    help=f"Learning rate of the signal encoder, at most {ENCODER_LR_CAP:g} (a larger value is an error); "
                         f"default: min(--learning_rate, {ENCODER_LR_CAP:g}).")
-    arguments.add_adapter_args(parser, default_targets=CONTROL_TARGETS)
+    arguments.add_adapter_args(parser, default_targets=CONTROL_TARGETS, allow_no_adapter=True)
     arguments.add_training_args(parser, task="s2i")
     arguments.add_checkpoint_args(parser)
     g = arguments.add_validation_args(parser)
@@ -146,10 +149,10 @@ def main(argv=None):
 
     if args.scale_lr:  # the adapter's rate only: the encoder's is capped
         args.learning_rate *= args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes
-    optimizer = training.make_optimizer(args, [
-        training.adapter_param_group(unet, adapter_config, args),
-        {"params": list(encoder.parameters()), "lr": args.encoder_learning_rate, "weight_decay": args.adam_weight_decay},
-    ])
+    encoder_group = {"params": list(encoder.parameters()), "lr": args.encoder_learning_rate,
+                     "weight_decay": args.adam_weight_decay}
+    adapter_groups = [training.adapter_param_group(unet, adapter_config, args)] if adapter_config is not None else []
+    optimizer = training.make_optimizer(args, adapter_groups + [encoder_group])
     unet, optimizer, train_dataloader, sampler, lr_scheduler, steps_per_epoch = training.prepare_training(
         accelerator, args, unet, optimizer, dataset)
 
@@ -189,14 +192,17 @@ def main(argv=None):
         adapter_metadata=adapter_metadata, save_extra=lambda folder: save_control_encoder(encoder, folder),
         validate=validate)
 
-    # adapter + encoder: what S2IPipeline.from_output(model, output_dir) loads; and a final grid.
+    # adapter (none with --method none) + encoder: what S2IPipeline.from_output(model, output_dir) loads;
+    # and a final grid.
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        adapter_file = save_adapter(accelerator.unwrap_model(unet), Path(args.output_dir, ADAPTER_FILE),
-                                    extra_metadata={**adapter_metadata, "steps": global_step})
-        encoder_file = save_control_encoder(encoder, args.output_dir)
-        final = training.save_final_grid(args.output_dir, global_step, last_validation, validate)
-        accelerator.print(f"wrote {adapter_file}, {encoder_file} and {final}")
+        written = []
+        if adapter_config is not None:
+            written.append(save_adapter(accelerator.unwrap_model(unet), Path(args.output_dir, ADAPTER_FILE),
+                                        extra_metadata={**adapter_metadata, "steps": global_step}))
+        written.append(save_control_encoder(encoder, args.output_dir))
+        written.append(training.save_final_grid(args.output_dir, global_step, last_validation, validate))
+        accelerator.print(f"wrote {', '.join(map(str, written))}")
     accelerator.end_training()
 
 

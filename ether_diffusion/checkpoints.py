@@ -19,7 +19,7 @@ import torch
 
 from .adapter_file import (ADAPTER_FILE, config_difference, config_from_metadata, load_adapter, read_adapter_metadata,
                            save_adapter)
-from .adapters import AdapterConfig
+from .adapters import AdapterConfig, adapter_config_of
 from .errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -88,8 +88,16 @@ def find_resume_checkpoint(output_dir, value) -> Path | None:
     return path
 
 
-def check_checkpoint_matches(checkpoint: Path, cfg: AdapterConfig):
-    """Resuming with another adapter than the checkpoint's is an error (checked before any model load)."""
+def check_checkpoint_matches(checkpoint: Path, cfg: AdapterConfig | None):
+    """Resuming with another adapter than the checkpoint's (or with none, `cfg=None`, where it has one, and
+    the other way round) is an error, checked before any model load."""
+    has_adapter = (checkpoint / ADAPTER_FILE).is_file()
+    if cfg is None or not has_adapter:
+        if cfg is not None or has_adapter:
+            raise UserError(f"{checkpoint} was trained {'with' if has_adapter else 'without'} an adapter but this run "
+                            f"asks for {'none' if cfg is None else 'one'}; resume with the same --method or use "
+                            "another --output_dir")
+        return
     file_cfg = config_from_metadata(read_adapter_metadata(checkpoint / ADAPTER_FILE))
     difference = config_difference(file_cfg, cfg)
     if difference:
@@ -111,7 +119,8 @@ def save_checkpoint(accelerator, output_dir, step: int, model, optimizer, lr_sch
     accelerator.wait_for_everyone()
     torch.save(rng_state(), tmp / f"rng-{accelerator.process_index}.pt")  # each process has its own RNG
     if accelerator.is_main_process:
-        save_adapter(accelerator.unwrap_model(model), tmp / ADAPTER_FILE, extra_metadata=adapter_metadata)
+        if adapter_config_of(accelerator.unwrap_model(model)) is not None:  # none with --method none
+            save_adapter(accelerator.unwrap_model(model), tmp / ADAPTER_FILE, extra_metadata=adapter_metadata)
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(lr_scheduler.state_dict(), tmp / "scheduler.pt")
         if accelerator.scaler is not None:
@@ -151,7 +160,7 @@ def prune_checkpoints(output_dir, total_limit: int | None):
         shutil.rmtree(path)
 
 
-def load_checkpoint(accelerator, checkpoint: Path, model, optimizer, lr_scheduler, cfg: AdapterConfig,
+def load_checkpoint(accelerator, checkpoint: Path, model, optimizer, lr_scheduler, cfg: AdapterConfig | None,
                     load_extra=None) -> dict:
     """Restore adapter, optimizer, scheduler, grad scaler and RNG (and `load_extra(folder)`: what `save_extra`
     wrote); returns the saved state (global_step...)."""
@@ -159,7 +168,8 @@ def load_checkpoint(accelerator, checkpoint: Path, model, optimizer, lr_schedule
         return torch.load(checkpoint / name, map_location="cpu", weights_only=True)
 
     state = json.loads((checkpoint / CHECKPOINT_STATE).read_text())
-    load_adapter(accelerator.unwrap_model(model), checkpoint / ADAPTER_FILE, config=cfg)
+    if cfg is not None:
+        load_adapter(accelerator.unwrap_model(model), checkpoint / ADAPTER_FILE, config=cfg)
     if load_extra is not None:
         load_extra(checkpoint)
     optimizer.load_state_dict(load("optimizer.pt"))

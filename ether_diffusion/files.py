@@ -1,5 +1,6 @@
 """Files, read and written one way everywhere: an unreadable image is a `UserError` naming it, and whatever
-we write (an image, a built-in folder) appears complete or not at all."""
+we write (an image, a record, a built-in folder) appears complete or not at all."""
+import contextlib
 import os
 import shutil
 import tempfile
@@ -43,20 +44,35 @@ def load_rgb(path) -> Image.Image:
         return ImageOps.exif_transpose(image).convert("RGB")
 
 
-def save_image(image: Image.Image, path, **save_kwargs) -> Path:
-    """Write through a temporary file in the same folder and rename it into place: an interrupted run never
-    leaves a partial image that a rerun would take as done, and a concurrent reader never sees one."""
+@contextlib.contextmanager
+def replaced_atomically(path):
+    """Yields a temporary path in `path`'s folder to write to; on success it is renamed to `path`, on any
+    error removed. An interrupted write never leaves a partial file that a rerun would take as done, and a
+    concurrent reader sees the old file or the new one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=path.suffix)
     os.close(fd)
     try:
-        image.save(tmp, **save_kwargs)
+        yield tmp
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    return path
+
+
+def save_image(image: Image.Image, path, **save_kwargs) -> Path:
+    """Write an image atomically (`replaced_atomically`)."""
+    with replaced_atomically(path) as tmp:
+        image.save(tmp, **save_kwargs)
+    return Path(path)
+
+
+def save_text(text: str, path) -> Path:
+    """Write a text file (a record, a report) atomically (`replaced_atomically`)."""
+    with replaced_atomically(path) as tmp:
+        Path(tmp).write_text(text, encoding="utf-8")
+    return Path(path)
 
 
 def build_folder_once(target, build) -> Path:
