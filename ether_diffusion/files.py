@@ -1,6 +1,8 @@
 """Files, read and written one way everywhere: an unreadable image is a `UserError` naming it, and whatever
 we write (an image, a record, a built-in folder) appears complete or not at all."""
 import contextlib
+import json
+import math
 import os
 import shutil
 import tempfile
@@ -73,6 +75,30 @@ def save_text(text: str, path) -> Path:
     with replaced_atomically(path) as tmp:
         Path(tmp).write_text(text, encoding="utf-8")
     return Path(path)
+
+
+def json_safe(value):
+    """`value` with NaN and infinities (not JSON) replaced by None, in nested dicts and lists too."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
+
+
+def save_json(value, path) -> Path:
+    """A record as JSON, atomically; NaN and infinities become null (they are not JSON)."""
+    return save_text(json.dumps(json_safe(value), indent=1, allow_nan=False) + "\n", path)
+
+
+def read_json(path):
+    """The JSON in `path`, or None when it is missing or unreadable (a record never written)."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
 
 
 def build_folder_once(target, build) -> Path:
