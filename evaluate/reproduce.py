@@ -74,7 +74,7 @@ TRAINED = "trained.json"
 DONE = "done.json"  # written last: the run is done
 FAILED = "failed.json"
 EVAL_DIR, RUNS_DIR = "eval", "runs"
-POLL_SECONDS = 5
+POLL_SECONDS = 1  # reading a few small records: cheap
 # Flags the driver sets itself in every evaluator call: not accepted in --eval_args.
 DRIVER_EVAL_FLAGS = ("--dataset", "--pretrained_model_name_or_path", "--model", "--adapters", "--manifest",
                      "--output_dir", "--subjects", "--skip_generation", "--skip_metrics", "--token", "--control_dir",

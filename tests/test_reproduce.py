@@ -1,8 +1,8 @@
-"""evaluate/reproduce.py (DreamBooth): 2 subjects x 2 methods on the tiny SD with stand-in backbones, on two
+"""evaluate/reproduce.py. DreamBooth: 2 subjects x 2 methods on the tiny SD with stand-in backbones, on two
 processes (`ACCELERATE_USE_CPU=1 torchrun --nproc_per_node 2`, one thread each): every run trained exactly once
 as its own single process, a stop in the middle and a restart give the same report as one go, the paper's rows
-are the paper's numbers; a failed run is named and the exit code says so; the pieces (selection, sharding,
-config lookup) on their own."""
+are the paper's numbers. S2I (Table 3) on one process: a failed run is named and the exit code says so. The
+pieces (selection, sharding, config lookup) on their own."""
 import json
 import os
 import re
@@ -17,8 +17,9 @@ from PIL import Image, ImageDraw
 from trainer_helpers import REPO
 
 from ether_diffusion.errors import UserError
+from ether_diffusion.tiny_ade20k import write_tiny_ade20k
 from evaluate import reproduce, selection, shards
-from evaluate.paper_tables import TABLE_2
+from evaluate.paper_tables import TABLE_2, TABLE_3
 from evaluate.tiny_backbones import write_tiny_backbones
 
 SUBJECTS = {"red_toy": "toy", "blue_box": "box"}
@@ -175,28 +176,59 @@ def test_stop_in_the_middle_and_restart_gives_the_same_report(setup, one_go):
             assert trainer_starts(run_dir) == 1, name  # finished work is not redone
 
 
-def test_a_failed_run_is_named_and_the_exit_code_says_so(setup, tmp_path):
-    dataset = write_dataset(tmp_path / "dataset", {"red_toy": "toy", "broken": "toy"})
-    (dataset / "broken" / "01.png").write_bytes(b"not a png")
+S2I_CONFIG = """pretrained_model_name_or_path: builtin:tiny-sd
+method: {method}
+n_blocks: {n_blocks}
+resolution: 32
+train_batch_size: 1
+max_train_steps: 2
+learning_rate: 1e-3
+seed: 0
+num_validation_images: 1
+validation_inference_steps: 1
+validation_steps: 1000
+report_to: none
+"""
+
+
+def test_s2i_a_failed_run_is_named_and_the_exit_code_says_so(setup, tmp_path):
+    """Table 3 on one process: encoder-only trains, is selected and evaluated; the ETHER config asks for blocks
+    the tiny SD's widths cannot hold, so its trainer fails; the report names it and the exit code is 1."""
+    configs = tmp_path / "configs"
+    configs.mkdir()
+    (configs / "none.yaml").write_text(S2I_CONFIG.format(method="none", n_blocks=1))
+    (configs / "s2i-ether.yaml").write_text(S2I_CONFIG.format(method="ether", n_blocks=7))
+    dataset = write_tiny_ade20k(tmp_path / "ade", n_train=2, n_val=2, size=48)
+    b = write_tiny_backbones(tmp_path / "backbones")
     out = tmp_path / "out"
-    cmd = command({**setup, "dataset": dataset}, out, processes=1, methods="ether+", extra=["--select_every", "0"])
+    cmd = [sys.executable, "-m", "evaluate.reproduce", "s2i", "--dataset", str(dataset), "--config_dir", str(configs),
+           "--methods", "none,ether", "--output_dir", str(out), "--select_every", "1", "--select_maps", "1",
+           "--eval_args", f"--segmenter {b['upernet']} --inception {b['inception']} --limit 2 --num_inference_steps 1"]
     result = run(cmd, check=False)
-    assert result.returncode == 1, result.stderr[-2000:]
-    line = f"ether+/broken (train): {dataset / 'broken' / '01.png'}: cannot read image"
-    assert f"FAILED {line}" in result.stdout
+    assert result.returncode == 1, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "FAILED ether (train): layer " in result.stdout and "is not divisible by n_blocks=7" in result.stdout
     md = (out / "report.md").read_text()
-    assert "## Failed" in md and f"- {line}" in md
-    assert "| **ether+ (ours)** | 4,992 |" in md and "| 1 |" in md  # the subject that trained is evaluated
-    # selection 0: the final adapter, nothing scored
-    record = json.loads((out / "runs/ether+/red_toy/selection.json").read_text())
-    assert record["selected"] == {"step": 2, "path": "."} and record["candidates"][0]["metrics"] is None
+    assert "## Failed" in md and "- ether (train): layer " in md
+    # the paper's Table 3, our encoder-only row under its "Encoder-only" row, with the encoder's size
+    report = json.loads((out / "report.json").read_text())
+    assert report["paper"]["rows"] == [list(row) for row in TABLE_3]
+    lines = md.splitlines()
+    ours = lines.index("| Encoder-only (paper) | 0 |  | 8.2 | 38.0 | 41.2 |  |  |") + 1
+    assert lines[ours].startswith("| **none (ours)** | 0 | ")
+    none = next(row for row in report["ours"] if row["variant"] == "none")
+    assert none["parameters"]["encoder"] > 0 and 0 <= none["metrics"]["miou"] <= 1
+    assert len(list((out / "eval/none/images").glob("*.png"))) == 2 and (out / "grids/maps.png").is_file()
+    # selection on the first map by mIoU, both steps scored
+    record = json.loads((out / "runs/none/selection.json").read_text())
+    assert [c["step"] for c in record["candidates"]] == [1, 2] and record["criterion"] == "miou"
+    assert record["subset"] == "the first 1 validation maps"
     # run again: the failed run is tried again (and fails again), the done one is left alone
     assert run(cmd, check=False).returncode == 1
-    assert trainer_starts(out / "runs/ether+/broken") == 2 and trainer_starts(out / "runs/ether+/red_toy") == 1
+    assert trainer_starts(out / "runs/ether") == 2 and trainer_starts(out / "runs/none") == 1
     # the same folder with other settings is refused, naming the setting
-    result = run(cmd[:-2] + ["--select_every", "1"], check=False)
-    assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert "holds a reproduction made with select_every = 0, but this command asks for 1" in result.stderr
+    args = reproduce.parse_args(cmd[3:-2] + ["--select_maps", "2", *cmd[-2:]])
+    with pytest.raises(UserError, match="holds a reproduction made with select_maps = 1, but this command asks for 2"):
+        reproduce.check_settings(args, reproduce.plan_runs(args, None))
 
 
 # ------------------------------------------------------------------------------------------ the pieces
@@ -216,6 +248,7 @@ def test_criterion_and_selection(tmp_path):
     (run_dir / "train_log.jsonl").write_text("".join(json.dumps({"step": s}) + "\n" for s in range(1, 8)))
     assert [s for s, _ in selection.candidates(run_dir, 2)] == [2, 4, 6, 7]  # the final output is step 7
     assert [s for s, _ in selection.candidates(run_dir, 4)] == [4, 7]
+    assert selection.candidates(run_dir, 0) == [(7, run_dir)]  # --select_every 0: the final output alone
     values = {2: 0.5, 4: 0.75, 6: 0.75, 7: float("nan")}
     scored = []
 
@@ -229,6 +262,9 @@ def test_criterion_and_selection(tmp_path):
     assert json.loads((run_dir / "selection.json").read_text()) == record
     selection.select(run_dir, 2, criterion, score, "a subset")  # scores are kept: nothing is scored twice
     assert scored == [2, 4, 6, 7]
+    one = selection.select(run_dir, 0, criterion, score, "a subset")  # one candidate: nothing to score
+    assert one["selected"] == {"step": 7, "path": "."} and one["candidates"][0]["metrics"] is None
+    assert scored == [2, 4, 6, 7] and one["criterion"] == "the final output (one candidate)"
 
 
 def test_shards_from_the_launchers_environment():
