@@ -15,7 +15,10 @@ argument names of diffusers' examples (see train_dreambooth.py), plus --method, 
 Writes <output_dir>/adapter.safetensors, control_encoder.safetensors and control_encoder.json (load them
 with `ether_diffusion.control.S2IPipeline.from_output(model, output_dir)`, or evaluate/s2i.py
 --control_dir), samples/ (map | generated grids), checkpoint-N/ folders (each also loadable by
-`from_output`), train_log.jsonl and TensorBoard logs.
+`from_output`), train_log.jsonl, TensorBoard logs and a README.md model card; with --export_lora kohya|diffusers
+also the UNet's adapter as an exact LoRA file (the signal encoder stays in its own file). One run per output
+folder (`ether_diffusion.run_folder`): a folder with another run in it needs --resume_from_checkpoint latest or
+--overwrite_output_dir.
 
 `--method none` trains the signal encoder alone (the paper's "Encoder-only" row): no adapter file is written,
 and `from_output` then loads the encoder only.
@@ -29,15 +32,15 @@ from pathlib import Path
 
 import torch.nn.functional as F
 
-from ether_diffusion import arguments, checkpoints, training
+from ether_diffusion import arguments, checkpoints, checks, export, processes, run_folder, training
 from ether_diffusion.adapter_file import ADAPTER_FILE, save_adapter
 from ether_diffusion.adapters import CONTROL_TARGETS, count_adapter_parameters
 from ether_diffusion.ade20k import ADE20KDataset, load_control_map
 from ether_diffusion.builtin import resolve_data_dir, resolve_model_path
-from ether_diffusion.control import (ENCODER_CONFIG, S2IPipeline, attach_control_encoder, encoder_config,
+from ether_diffusion.control import (ENCODER_CONFIG, ENCODER_WEIGHTS, S2IPipeline, attach_control_encoder, encoder_config,
                                      load_control_encoder, make_control_encoder, save_control_encoder, use_control,
                                      vae_scale_factor)
-from ether_diffusion.errors import ArgumentParser, UserError, run_cli
+from ether_diffusion.errors import ArgumentParser, UserError, run_cli, writing
 from ether_diffusion.grids import sample_control_grid
 
 logger = logging.getLogger(__name__)
@@ -68,6 +71,7 @@ def parse_args(argv=None):
     arguments.add_adapter_args(parser, default_targets=CONTROL_TARGETS, allow_no_adapter=True)
     arguments.add_training_args(parser, task="s2i")
     arguments.add_checkpoint_args(parser)
+    export.add_export_args(parser)
     g = arguments.add_validation_args(parser)
     g.add_argument("--validation_maps", type=arguments.comma_list, default=None,
                    help="Comma-separated map files (same format as the annotations) sampled every --validation_steps; "
@@ -77,9 +81,15 @@ def parse_args(argv=None):
     args = arguments.parse_args(parser, argv)
 
     arguments.check_common_args(args, required=("pretrained_model_name_or_path", "train_data_dir"))
-    if args.max_train_samples is not None and args.max_train_samples < 1:
-        raise UserError(f"--max_train_samples must be at least 1, got {args.max_train_samples}")
-    arguments.finish_learning_rate(args, task="s2i")
+    checks.at_least(args, 1, "max_train_samples")
+    if args.method == arguments.NO_ADAPTER:  # only the encoder trains: its rate is the only one
+        if args.export_lora:
+            raise UserError(f"--export_lora {args.export_lora}: --method none trains no adapter to export")
+        if args.learning_rate is None:
+            args.learning_rate = ENCODER_LR_CAP
+    else:
+        arguments.finish_learning_rate(args, task="s2i")
+        export.check_export_args(args)
     if args.encoder_learning_rate is None:
         args.encoder_learning_rate = min(args.learning_rate, ENCODER_LR_CAP)
     if not 0 < args.encoder_learning_rate <= ENCODER_LR_CAP:
@@ -135,12 +145,13 @@ def main(argv=None):
     dataset.check_maps(progress=True)
     validation_maps, validation_prompts = load_validation_inputs(args, dataset)
     adapter_config = arguments.adapter_config_from_args(args)
-    resume_from = checkpoints.find_resume_checkpoint(args.output_dir, args.resume_from_checkpoint)
-    if resume_from is not None:
-        checkpoints.check_checkpoint_matches(resume_from, adapter_config)
-        load_control_encoder(resume_from)  # present and readable
 
     accelerator = training.setup_accelerator(args)
+    # The output folder is this run's alone (locked), and a checkpoint in it is resumed only if it is this run's.
+    settings = checkpoints.run_settings(accelerator, args, dataset_size=len(dataset))
+    resume_from = run_folder.claim(accelerator, args, adapter_config, settings, outputs=(ENCODER_WEIGHTS, ENCODER_CONFIG))
+    if resume_from is not None:
+        load_control_encoder(resume_from)  # present and readable, before the model is loaded
     model_path = resolve_model_path(args.pretrained_model_name_or_path)
     tokenizer, text_encoder, vae, unet, noise_scheduler = training.load_models(args, model_path, adapter_config)
     # Frozen weights in the mixed-precision dtype, then adapters, then the encoder: both stay float32.
@@ -188,22 +199,28 @@ def main(argv=None):
     })
     global_step, last_validation = training.train_loop(
         accelerator, args, unet, optimizer, lr_scheduler, train_dataloader, sampler, compute_loss,
-        global_step=global_step, steps_per_epoch=steps_per_epoch, train_log=train_log,
+        global_step=global_step, steps_per_epoch=steps_per_epoch, settings=settings, train_log=train_log,
         adapter_metadata=adapter_metadata, save_extra=lambda folder: save_control_encoder(encoder, folder),
         validate=validate)
 
-    # adapter (none with --method none) + encoder: what S2IPipeline.from_output(model, output_dir) loads;
-    # and a final grid.
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        written = []
-        if adapter_config is not None:
-            written.append(save_adapter(accelerator.unwrap_model(unet), Path(args.output_dir, ADAPTER_FILE),
-                                        extra_metadata={**adapter_metadata, "steps": global_step}))
-        written.append(save_control_encoder(encoder, args.output_dir))
-        written.append(training.save_final_grid(args.output_dir, global_step, last_validation, validate))
-        accelerator.print(f"wrote {', '.join(map(str, written))}")
+    # adapter (none with --method none) + encoder: what S2IPipeline.from_output(model, output_dir) loads; and a
+    # final grid. The main process writes them, and a failure (a full disk) stops every process with its line.
+    def save_outputs():
+        with writing(Path(args.output_dir, ENCODER_WEIGHTS)):
+            written = [save_control_encoder(encoder, args.output_dir)]
+        final = training.save_final_grid(args.output_dir, global_step, last_validation, validate)
+        if adapter_config is not None:  # the model card and LoRA export describe the adapter
+            adapter_file = Path(args.output_dir, ADAPTER_FILE)
+            with writing(adapter_file):
+                save_adapter(accelerator.unwrap_model(unet), adapter_file,
+                             extra_metadata={**adapter_metadata, "steps": global_step})
+            with writing(f"the LoRA export and model card in {args.output_dir}"):
+                written += [adapter_file, *export.finish_run(args.output_dir, adapter_file, args.export_lora, final)]
+        accelerator.print(f"wrote {', '.join(map(str, [*written, final]))}")
+
+    processes.on_main(accelerator, save_outputs)
     accelerator.end_training()
+    run_folder.release_output_dir(args.output_dir)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,10 @@ argument names and defaults, plus --method, --n_blocks, --target_modules and --c
 
 Writes <output_dir>/adapter.safetensors (load it with ether_diffusion.load_adapter or
 `python -m ether_diffusion.sample`), samples/ (validation grids and the final grid), checkpoint-N/ folders,
-train_log.jsonl and TensorBoard logs; with --export_merged DIR also a stock diffusers pipeline folder.
+train_log.jsonl, TensorBoard logs and a README.md model card; with --export_lora kohya|diffusers also the adapter
+as an exact LoRA file beside it (ether_diffusion.export), with --export_merged DIR a stock diffusers pipeline folder.
+One run per output folder (`ether_diffusion.run_folder`): a folder with another run in it needs
+--resume_from_checkpoint latest or --overwrite_output_dir.
 """
 import logging
 from pathlib import Path
@@ -18,12 +21,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ether_diffusion import arguments, checkpoints, dreambooth_data, training
+from ether_diffusion import arguments, checkpoints, checks, dreambooth_data, export, processes, run_folder, training
 from ether_diffusion.adapter_file import ADAPTER_FILE, save_adapter
 from ether_diffusion.adapters import count_adapter_parameters
 from ether_diffusion.builtin import resolve_instance_dir, resolve_model_path
 from ether_diffusion.devices import TORCH_DTYPES
-from ether_diffusion.errors import ArgumentParser, UserError, run_cli
+from ether_diffusion.errors import ArgumentParser, UserError, run_cli, writing
+from ether_diffusion.files import check_output_folder
 from ether_diffusion.grids import sample_grid
 from ether_diffusion.pipelines import load_pipeline
 
@@ -54,6 +58,7 @@ def parse_args(argv=None):
                    help="Center crop to the resolution (default: random crop) after resizing the shorter side.")
     g.add_argument("--export_merged", type=str, default=None, metavar="DIR",
                    help="Also write a stock diffusers pipeline folder with the adapter merged into the UNet.")
+    export.add_export_args(g)
     arguments.add_adapter_args(parser)
     arguments.add_training_args(parser, task="dreambooth")
     arguments.add_checkpoint_args(parser)
@@ -63,11 +68,13 @@ def parse_args(argv=None):
 
     arguments.check_common_args(args, required=("pretrained_model_name_or_path", "instance_data_dir", "instance_prompt"))
     arguments.finish_learning_rate(args, task="dreambooth")
+    export.check_export_args(args)
     if args.with_prior_preservation:
         if not args.class_prompt:
             raise UserError("--with_prior_preservation needs --class_prompt (the prompt of the class images)")
-        if args.num_class_images < 1 or args.sample_batch_size < 1 or args.class_inference_steps < 1:
-            raise UserError("--num_class_images, --sample_batch_size and --class_inference_steps must be at least 1")
+        checks.at_least(args, 1, "num_class_images", "sample_batch_size", "class_inference_steps")
+        checks.not_negative(args, "prior_loss_weight")
+        check_output_folder(args.class_data_dir, "--class_data_dir")
         args.class_data_dir = args.class_data_dir or str(Path(args.output_dir, "class-images"))
     elif args.class_data_dir or args.class_prompt:
         logger.warning("--class_data_dir / --class_prompt are only used with --with_prior_preservation")
@@ -95,12 +102,6 @@ def prepare_class_images(args, accelerator, model_path) -> list[Path]:
     return class_images
 
 
-def export_merged_pipeline(model, adapter_file, out_dir):
-    """A stock diffusers pipeline folder (float32) with the adapter folded into the UNet weights."""
-    pipe = load_pipeline(model, adapter=adapter_file, merge=True)
-    pipe.save_pretrained(out_dir, safe_serialization=True)
-
-
 def main(argv=None):
     args = parse_args(argv)
     training.setup_logging()
@@ -110,11 +111,11 @@ def main(argv=None):
     instance_images = dreambooth_data.list_images(instance_dir, what="instance")
     dreambooth_data.check_images(instance_images)
     adapter_config = arguments.adapter_config_from_args(args)
-    resume_from = checkpoints.find_resume_checkpoint(args.output_dir, args.resume_from_checkpoint)
-    if resume_from is not None:
-        checkpoints.check_checkpoint_matches(resume_from, adapter_config)
 
     accelerator = training.setup_accelerator(args)
+    # The output folder is this run's alone (locked), and a checkpoint in it is resumed only if it is this run's.
+    settings = checkpoints.run_settings(accelerator, args, dataset_size=len(instance_images))
+    resume_from = run_folder.claim(accelerator, args, adapter_config, settings)
     # Models: frozen; the adapter must fit the UNet before class images are generated.
     model_path = resolve_model_path(args.pretrained_model_name_or_path)
     tokenizer, text_encoder, vae, unet, noise_scheduler = training.load_models(args, model_path, adapter_config)
@@ -172,23 +173,30 @@ def main(argv=None):
                            {"Trainable adapter parameters": count_adapter_parameters(accelerator.unwrap_model(unet))})
     global_step, last_validation = training.train_loop(
         accelerator, args, unet, optimizer, lr_scheduler, train_dataloader, sampler, compute_loss,
-        global_step=global_step, steps_per_epoch=steps_per_epoch, train_log=train_log,
+        global_step=global_step, steps_per_epoch=steps_per_epoch, settings=settings, train_log=train_log,
         adapter_metadata=adapter_metadata,
         validate=(lambda step: validate(step, args.validation_prompt)) if args.validation_prompt else None)
 
-    # The adapter, a final grid and (optionally) a merged pipeline.
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        adapter_file = save_adapter(accelerator.unwrap_model(unet), Path(args.output_dir, ADAPTER_FILE),
-                                    extra_metadata={**adapter_metadata, "steps": global_step})
+    # The adapter, a final grid and (optionally) a merged pipeline: the main process writes them, and a
+    # failure (a full disk) stops every process with its line.
+    def save_outputs():
+        adapter_file = Path(args.output_dir, ADAPTER_FILE)
+        with writing(adapter_file):
+            save_adapter(accelerator.unwrap_model(unet), adapter_file,
+                         extra_metadata={**adapter_metadata, "steps": global_step})
         final = training.save_final_grid(
             args.output_dir, global_step, last_validation,
             lambda step, **kw: validate(step, args.validation_prompt or [args.instance_prompt], **kw))
-        accelerator.print(f"wrote {adapter_file} and {final}")
+        written = export.finish_run(args.output_dir, adapter_file, args.export_lora, final)
+        accelerator.print(f"wrote {adapter_file}, {final} and {', '.join(map(str, written))}")
         if args.export_merged:
-            export_merged_pipeline(model_path, adapter_file, args.export_merged)
+            with writing(args.export_merged):
+                export.export_merged(adapter_file, args.export_merged)
             accelerator.print(f"wrote a merged diffusers pipeline to {args.export_merged}")
+
+    processes.on_main(accelerator, save_outputs)
     accelerator.end_training()
+    run_folder.release_output_dir(args.output_dir)
 
 
 if __name__ == "__main__":

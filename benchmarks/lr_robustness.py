@@ -221,7 +221,8 @@ def markdown(args, rows, flops) -> str:
         "needs the weight gradient (as costly as the layer's forward), so it falls with n towards a floor. Our "
         "ETHER applies the reflection to the activations as two batched matmuls over the n blocks of d/n "
         "features: 4·d FLOPs per token and side forward for ETHER, 8·d for ETHER+, backward 2x, whatever n is. "
-        "The last column is that reflection arithmetic; the counted total is the frozen UNet's plus it.",
+        "The last column is that reflection arithmetic; the counted total is the frozen UNet's plus about it "
+        "(kernel choices in `adapters/ether.py` move it by under 0.5%: docs/benchmarks.md).",
         "",
         "| method | n | TFLOPs counted | essential reflection GFLOPs |",
         "|---|---|---|---|",

@@ -6,16 +6,16 @@ Header keys (all strings, as safetensors requires): `format` ("ether-diffusion-a
 `load_adapter` checks all of it against the model before touching a weight, and names the mismatch.
 """
 import json
-import os
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .adapters import AdapterConfig, adapter_config_of, adapter_state_dict, inject_adapters
 from .adapters.methods import METHODS
-from .errors import UserError
+from .errors import UserError, first_line
+from .files import atomic_path, check_output_folder
 
 ADAPTER_FILE = "adapter.safetensors"  # the adapter's name in a training output folder and in a checkpoint
 FORMAT = "ether-diffusion-adapter"
@@ -24,10 +24,15 @@ _RESERVED = ("format", "format_version", "method", "n_blocks", "rank", "alpha", 
 
 
 def save_adapter(model: torch.nn.Module, path, extra_metadata: dict | None = None) -> Path:
-    """Write the model's adapter tensors (float32) and metadata; atomic (temp file + rename)."""
+    """Write the model's adapter tensors (float32) and metadata; atomic (temp file + rename), and a failed
+    write leaves no temp file behind."""
     cfg = adapter_config_of(model)
     if cfg is None:
         raise UserError("the model has no adapters to save (call inject_adapters first)")
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{path} is a folder; give the adapter a file name such as {path / ADAPTER_FILE}")
+    check_output_folder(path.parent)
     state = {k: v.detach().float().cpu().contiguous() for k, v in adapter_state_dict(model).items()}
     meta = {k: str(v) for k, v in (extra_metadata or {}).items() if k not in _RESERVED}
     meta.update(
@@ -40,39 +45,81 @@ def save_adapter(model: torch.nn.Module, path, extra_metadata: dict | None = Non
         target_modules=json.dumps(cfg.target_modules),
         shapes=json.dumps({k: list(v.shape) for k, v in state.items()}),
     )
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(state, str(tmp), metadata=meta)
-    os.replace(tmp, path)
+    try:
+        with atomic_path(path) as tmp:
+            save_file(state, str(tmp), metadata=meta)
+    except PermissionError:
+        raise UserError(f"cannot write {path}: permission denied") from None
     return path
 
 
-def read_adapter_metadata(path) -> dict:
-    """The header of an adapter file, checked to be ours; `UserError` names the file otherwise."""
+def read_safetensors_metadata(path) -> dict:
+    """The metadata header of any safetensors file (empty if it has none); `UserError` names a missing or
+    unreadable file."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"adapter file not found: {path}")
     try:
         with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
+            return f.metadata() or {}
     except Exception as e:  # safetensors raises several types for a bad header
         raise UserError(f"{path} is not a safetensors file ({e})") from None
-    if meta.get("format") != FORMAT:
+
+
+def is_adapter_file(meta: dict) -> bool:
+    """Whether a safetensors header (`read_safetensors_metadata`) is one of our adapter files."""
+    return meta.get("format") == FORMAT
+
+
+def read_adapter_metadata(path) -> dict:
+    """The header of an adapter file, checked to be ours and complete (every setting and the tensor shapes
+    readable); `UserError` names the file otherwise."""
+    path = Path(path)
+    meta = read_safetensors_metadata(path)
+    if not is_adapter_file(meta):
         raise UserError(f"{path} is a safetensors file but not an ether-diffusion adapter (no '{FORMAT}' metadata)")
-    if int(meta.get("format_version", "0")) > FORMAT_VERSION:
-        raise UserError(f"{path} has adapter format version {meta['format_version']}; this version reads <= {FORMAT_VERSION}")
+    version = _header_value(meta, path, "format_version", int, "an integer")
+    if version > FORMAT_VERSION:
+        raise UserError(f"{path} has adapter format version {version}; this version reads <= {FORMAT_VERSION}")
+    config_from_metadata(meta, path)
+    header_shapes(meta, path)
     return meta
 
 
-def config_from_metadata(meta: dict) -> AdapterConfig:
-    return AdapterConfig(
-        method=meta["method"],
-        n_blocks=int(meta["n_blocks"]),
-        rank=int(meta["rank"]),
-        alpha=json.loads(meta["alpha"]),
-        target_modules=json.loads(meta["target_modules"]),
-    )
+def _where(path) -> str:
+    return f"{path}: " if path is not None else ""
+
+
+def _header_value(meta: dict, path, key: str, parse, what: str):
+    if key not in meta:
+        raise UserError(f"{_where(path)}the adapter header has no {key!r} entry (a damaged file, or not written by "
+                        "save_adapter)")
+    try:
+        return parse(meta[key])
+    except ValueError:  # int("two"), bad JSON
+        raise UserError(f"{_where(path)}the adapter header has {key}={meta[key]!r}, not {what}") from None
+
+
+_SETTINGS = {"method": (str, "a method name"), "n_blocks": (int, "an integer"), "rank": (int, "an integer"),
+             "alpha": (json.loads, "a JSON number or null"), "target_modules": (json.loads, "a JSON list of layer names")}
+
+
+def config_from_metadata(meta: dict, path=None) -> AdapterConfig:
+    """The adapter's settings from its header; a missing or bad one is a `UserError` naming `path`."""
+    values = {key: _header_value(meta, path, key, parse, what) for key, (parse, what) in _SETTINGS.items()}
+    try:
+        return AdapterConfig(**values)
+    except UserError as e:  # AdapterConfig's own checks (an unknown method, alpha=NaN) do not know the file
+        raise UserError(f"{_where(path)}adapter header: {e}") from None
+
+
+def header_shapes(meta: dict, path=None) -> dict[str, list[int]]:
+    """{tensor name: shape} from the header."""
+    shapes = _header_value(meta, path, "shapes", json.loads, "JSON")
+    if not (isinstance(shapes, dict) and all(isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)
+                                             for shape in shapes.values())):
+        raise UserError(f"{_where(path)}the adapter header's 'shapes' is not a map of tensor names to shapes")
+    return shapes
 
 
 def config_difference(have: AdapterConfig, want: AdapterConfig) -> tuple[str, object, object] | None:
@@ -101,7 +148,7 @@ def load_adapter(model: torch.nn.Module, path, config: AdapterConfig | None = No
     """
     path = Path(path)
     meta = read_adapter_metadata(path)
-    file_cfg = config_from_metadata(meta)
+    file_cfg = config_from_metadata(meta, path)
     if config is not None:
         _check_same_config(file_cfg, config, path)
     present = adapter_config_of(model)
@@ -114,7 +161,7 @@ def load_adapter(model: torch.nn.Module, path, config: AdapterConfig | None = No
             raise UserError(f"{path} does not fit this model: {e}") from None
 
     expected = adapter_state_dict(model)
-    shapes = json.loads(meta["shapes"])
+    shapes = header_shapes(meta, path)
     missing = sorted(set(expected) - set(shapes))
     extra = sorted(set(shapes) - set(expected))
     if extra:
@@ -124,7 +171,33 @@ def load_adapter(model: torch.nn.Module, path, config: AdapterConfig | None = No
     for name, param in expected.items():
         if list(param.shape) != shapes[name]:
             raise UserError(f"{path}: {name} has shape {tuple(shapes[name])} in the file but {tuple(param.shape)} in the model")
-    with safe_open(str(path), framework="pt") as f:
-        for name, param in expected.items():
-            param.copy_(f.get_tensor(name))
+    tensors = _read_tensors(path, shapes)
+    for name, param in expected.items():  # only once every tensor is known good: no weight from a refused file
+        param.copy_(tensors[name])
     return meta
+
+
+def _read_tensors(path: Path, shapes: dict) -> dict[str, torch.Tensor]:
+    """The file's tensors, each checked against its header entry (a different shape would be broadcast into
+    the layer by copy_) and for NaN/inf (the mark of a diverged run: it would sample black images)."""
+    tensors = {}
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            stored = set(f.keys())
+            unlisted = sorted(stored ^ set(shapes))
+            if unlisted:
+                name = unlisted[0]
+                where = "in the file but not in its header" if name in stored else "in the header but not in the file"
+                raise UserError(f"{path}: tensor {name} is {where} (a damaged file, or not written by save_adapter)")
+            for name, shape in shapes.items():
+                tensor = f.get_tensor(name)
+                if list(tensor.shape) != shape:
+                    raise UserError(f"{path}: tensor {name} has shape {tuple(tensor.shape)} but its header says {tuple(shape)}")
+                not_finite = int((~torch.isfinite(tensor)).sum())
+                if not_finite:
+                    raise UserError(f"{path}: tensor {name} has {not_finite} NaN/inf values (of {tensor.numel()}): the "
+                                    "training that wrote it diverged")
+                tensors[name] = tensor
+    except SafetensorError as e:  # a truncated file: the header reads, the data does not
+        raise UserError(f"{path}: cannot read its tensors ({first_line(e)})") from None
+    return tensors

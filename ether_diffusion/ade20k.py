@@ -38,7 +38,7 @@ from PIL import Image
 
 from .crop import resize_and_crop
 from .errors import UserError
-from .files import IMAGE_EXTENSIONS, image_files, open_image
+from .files import IMAGE_EXTENSIONS, image_files, open_image, to_rgb
 
 logger = logging.getLogger(__name__)
 
@@ -259,7 +259,7 @@ class ADE20KDataset(torch.utils.data.Dataset):
     def __getitem__(self, key):
         index, seed = key if isinstance(key, tuple) else (key, None)
         image_path, annotation_path = self.pairs[index]
-        image = open_image(image_path).convert("RGB")
+        image = to_rgb(open_image(image_path), image_path)
         labels = self.load_labels(annotation_path, image.size)
         generator = torch.Generator().manual_seed(seed) if seed is not None else None
         image, labels = resize_and_crop(image, labels, self.resolution, center=self.center_crop, generator=generator)

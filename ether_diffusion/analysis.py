@@ -168,9 +168,12 @@ def essential_reflection_flops(model: nn.Module, run) -> int:
     `I - 2uu^T`, 8 for ETHER+'s `I - uu^T + vv^T`, independent of n; backward counted as twice forward.
 
     `run()` performs the step; tokens are read off the ETHER layers' inputs by forward hooks.
-    (Our `ETHERLinear` runs exactly this arithmetic as batched matmuls over the n blocks, so
-    FlopCounterMode's count of an ETHER step is the frozen step's plus this number; the check is in
-    tests/test_analysis.py.)"""
+    (Our `ETHERLinear` runs this arithmetic as thin matmuls over the n blocks, so FlopCounterMode's count
+    of a layer is the frozen layer's plus this number, with three exceptions chosen by measurement in
+    `adapters/ether.py`: ETHER+ blocks narrower than `GROUP_WIDTH` run in block-diagonal groups (their
+    count times the group size), ETHER+ may rebuild its output side's input with one thin GEMM instead of
+    keeping it, and a layer whose input needs no gradient skips the input-gradient GEMM. Checks in
+    tests/test_analysis.py and tests/test_ether_function.py.)"""
     counts = []
 
     def hook(module, args):

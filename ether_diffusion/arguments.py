@@ -9,10 +9,14 @@ import difflib
 from pathlib import Path
 
 import yaml
+from accelerate.tracking import get_available_trackers
+from accelerate.utils import LoggerType
 
+from . import checks
 from .adapters import ATTENTION_TARGETS, AdapterConfig
 from .adapters.methods import METHODS, learning_rate_help
-from .errors import UserError, first_line
+from .errors import UserError, first_line, number_problem
+from .files import check_output_folder
 
 LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
 
@@ -38,7 +42,12 @@ def add_model_args(parser, output_dir: str, resolution: int = 512):
     g.add_argument("--revision", type=str, default=None, help="Revision of the hub model.")
     g.add_argument("--variant", type=str, default=None, help="Variant of the model files, e.g. fp16.")
     g.add_argument("--output_dir", type=str, default=output_dir,
-                   help="Where the adapter, checkpoints, samples and logs are written.")
+                   help="Where the adapter, checkpoints, samples and logs are written; one run per folder (a second "
+                        "trainer on it stops; a folder with another run's checkpoints or adapter needs "
+                        "--resume_from_checkpoint or --overwrite_output_dir).")
+    g.add_argument("--overwrite_output_dir", action="store_true",
+                   help="Start a new run in an --output_dir that holds another: its checkpoints, adapter, train log, "
+                        "samples and TensorBoard logs are deleted first (class images and built-in data are kept).")
     g.add_argument("--seed", type=int, default=None, help="A seed for reproducible training.")
     g.add_argument("--resolution", type=int, default=resolution,
                    help="Training images are resized and cropped to this size (a multiple of 8).")
@@ -154,8 +163,10 @@ def load_config(parser: argparse.ArgumentParser, path) -> dict:
     if not path.is_file():
         raise UserError(f"config file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise UserError(f"{path} is not a text file (a YAML config of argument names and values is expected)") from None
+    except (yaml.YAMLError, ValueError) as e:  # ValueError: a date-like value that is no date (2024-13-45)
         raise UserError(f"{path} is not valid YAML: {first_line(e)}") from None
     if data is None:
         return {}
@@ -184,8 +195,10 @@ def _config_value(action, where: str, value):
 
 
 def _convert(action, where: str, value):
-    if value is None:
-        return None
+    if value is None:  # `key:` left empty, or `key: null`
+        if action.default is None:  # "not set" is what the argument means without the key too
+            return None
+        raise UserError(f"{where} has no value: give one, or remove the key for the default {action.default!r}")
     kind = action.type
     if kind is comma_list:
         value = comma_list(value)
@@ -197,8 +210,11 @@ def _convert(action, where: str, value):
             raise UserError(f"{where} must be {'an integer' if kind is int else 'a number'}, got {value!r}")
         try:
             value = kind(value)
-        except ValueError:
+        except (ValueError, TypeError):  # TypeError: a YAML date
             raise UserError(f"{where} must be {'an integer' if kind is int else 'a number'}, got {value!r}") from None
+        problem = number_problem(value)
+        if problem:
+            raise UserError(f"{where} {problem}")
     else:
         value = str(value)
     if action.choices is not None and value not in action.choices:
@@ -206,31 +222,37 @@ def _convert(action, where: str, value):
     return value
 
 
+TRACKERS = [t.value for t in LoggerType] + ["none"]
+
+
 def check_common_args(args, required=("pretrained_model_name_or_path",)):
-    """Checks that need no file or model: they fail at once, before anything is loaded."""
+    """Checks that need no file or model: they fail at once, before anything is loaded. Every number is in
+    its range here (NaN, infinity and integers beyond 64 bits were refused while parsing)."""
     for name in required:
         if getattr(args, name) in (None, ""):
             raise UserError(f"--{name} is required (on the command line or in --config)")
-    if args.resolution <= 0 or args.resolution % 8:
-        raise UserError(f"--resolution {args.resolution} is not a positive multiple of 8")
-    positive = ["train_batch_size", "num_train_epochs", "gradient_accumulation_steps", "checkpointing_steps",
-                "n_blocks", "rank"]
-    positive += [n for n in ("max_train_steps", "checkpoints_total_limit") if getattr(args, n) is not None]
-    positive += [n for n in ("validation_steps", "num_validation_images", "validation_inference_steps") if hasattr(args, n)]
-    for name in positive:
-        if getattr(args, name) < 1:
-            raise UserError(f"--{name} must be at least 1, got {getattr(args, name)}")
-    if args.seed is not None and args.seed < 0:
-        raise UserError(f"--seed must be a non-negative integer, got {args.seed}")
-    if args.learning_rate is not None and args.learning_rate <= 0:
-        raise UserError(f"--learning_rate must be positive, got {args.learning_rate}")
-    for name in ("lr_warmup_steps", "dataloader_num_workers", "distance_logging_steps"):
-        if getattr(args, name) < 0:
-            raise UserError(f"--{name} cannot be negative, got {getattr(args, name)}")
+    checks.resolution(args, "resolution")
+    checks.at_least(args, 1, "train_batch_size", "num_train_epochs", "gradient_accumulation_steps",
+                    "checkpointing_steps", "n_blocks", "rank", "max_train_steps", "checkpoints_total_limit",
+                    "lr_num_cycles")
+    checks.at_least(args, 1, *[n for n in ("validation_steps", "num_validation_images", "validation_inference_steps")
+                               if hasattr(args, n)])
+    checks.seed(args, "seed")
+    checks.positive(args, "learning_rate", "adam_epsilon", "max_grad_norm", "lr_power", "lora_alpha")
+    checks.fraction_below_one(args, "adam_beta1", "adam_beta2")
+    checks.not_negative(args, "adam_weight_decay", "lr_warmup_steps", "dataloader_num_workers", "distance_logging_steps")
     if not args.target_modules:
         raise UserError("--target_modules is empty")
-    if Path(args.output_dir).exists() and not Path(args.output_dir).is_dir():
-        raise UserError(f"--output_dir {args.output_dir} is a file, not a folder")
+    check_report_to(args.report_to)
+    check_output_folder(args.output_dir, "--output_dir")
+
+
+def check_report_to(value):
+    """accelerate's tracker names; a tracker whose package is missing would be dropped without a word."""
+    if value not in TRACKERS:
+        raise UserError(f"--report_to {value!r} is not a tracker (choose from {', '.join(TRACKERS)})")
+    if value not in ("all", "none") and LoggerType(value) not in get_available_trackers():
+        raise UserError(f"--report_to {value}: its package is not installed (install it, or use --report_to none)")
 
 
 def finish_learning_rate(args, task: str):

@@ -14,7 +14,7 @@ image writes, so processes that start together never read a half-written model o
 from pathlib import Path
 
 from .demo_subject import write_demo_subject
-from .errors import UserError
+from .errors import UserError, writing
 from .files import build_folder_once
 from .tiny_ade20k import write_tiny_ade20k
 from .tiny_sd import build_tiny_sd, tiny_sd_cache_dir
@@ -41,13 +41,16 @@ def resolve_model_path(name_or_path: str) -> str:
 def resolve_instance_dir(value: str, output_dir) -> Path:
     """`builtin:demo-subject` -> `<output_dir>/demo-subject`, drawn there if missing; a folder unchanged."""
     if value == DEMO_SUBJECT:
-        return write_demo_subject(Path(output_dir, "demo-subject"))
+        folder = Path(output_dir, "demo-subject")
+        with writing(folder):
+            return write_demo_subject(folder)
     return Path(value)
 
 
 def resolve_data_dir(value: str, output_dir) -> Path:
     """`builtin:tiny-ade20k` -> `<output_dir>/tiny-ade20k`, written there once; a folder unchanged."""
     if value == TINY_ADE20K:
-        return build_folder_once(Path(output_dir, "tiny-ade20k"),
-                                 lambda folder: write_tiny_ade20k(folder, n_train=8, n_val=2, size=64))
+        folder = Path(output_dir, "tiny-ade20k")
+        with writing(folder):
+            return build_folder_once(folder, lambda tmp: write_tiny_ade20k(tmp, n_train=8, n_val=2, size=64))
     return Path(value)

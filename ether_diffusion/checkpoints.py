@@ -1,11 +1,20 @@
-"""Adapter-only checkpoints and the RNG state that makes resuming exact.
+"""Adapter-only checkpoints, the RNG state that makes resuming exact, and the checks that make it safe.
 
 `checkpoint-N/` holds the adapter, optimizer, scheduler, grad scaler, one RNG file per process and
-whatever a trainer adds (the S2I control encoder); `state.json` (global step, data seed, settings) is
-written last. Everything goes to `checkpoint-N.tmp/` first and is renamed into place, so a crash during a
-save leaves the older checkpoints intact and `latest` only ever sees complete folders. The frozen model is
-never saved (SD-1.5 would be 3.4 GB per checkpoint).
+whatever a trainer adds (the S2I control encoder); `state.json` (global step, data seed, the run's settings
+and every file's size and SHA-256) is written last. Everything goes to `checkpoint-N.tmp/` first, is flushed
+to disk and renamed into place, so a crash during a save leaves the older checkpoints intact and `latest`
+only ever sees complete folders. The frozen model is never saved (SD-1.5 would be 3.4 GB per checkpoint).
+
+Resuming checks, before any model is loaded:
+- the checkpoint is whole: each file as `state.json` lists it. "latest" falls back to the newest whole one
+  and says which file of which checkpoint is damaged (a truncated file, a missing RNG file, a disk that lost
+  the last writes before a power cut);
+- the run is the same: every setting that changes the trained adapter (`run_settings`: method, n, targets,
+  rank, resolution, batch size, accumulation, learning rate and schedule, precision, number of processes,
+  dataset size, ...) equals the checkpoint's, or the difference is named.
 """
+import hashlib
 import json
 import logging
 import os
@@ -17,15 +26,31 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from . import processes
 from .adapter_file import (ADAPTER_FILE, config_difference, config_from_metadata, load_adapter, read_adapter_metadata,
                            save_adapter)
 from .adapters import AdapterConfig, adapter_config_of
-from .errors import UserError
+from .adapters.methods import METHODS
+from .errors import UserError, first_line, writing
+from .files import replace_folder
 
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 CHECKPOINT_STATE = "state.json"  # written last inside the temporary folder
+
+# Arguments that do not change the trained adapter, so a resumed run may change them: where things are
+# written and how often, validation, logging, speed switches, paths of the data (the data is compared by its
+# size), the seed (the checkpoint's RNG and data seed replace it) and the length (`check_final_step`).
+NOT_IN_THE_RESULT = frozenset({
+    "config", "output_dir", "overwrite_output_dir", "resume_from_checkpoint", "checkpointing_steps",
+    "checkpoints_total_limit", "logging_dir", "report_to", "distance_logging_steps", "validation_prompt",
+    "num_validation_images", "validation_steps", "validation_inference_steps", "validation_maps", "export_merged",
+    "instance_data_dir", "class_data_dir", "train_data_dir", "caption_file", "sample_batch_size",
+    "class_inference_steps", "prior_generation_precision", "seed", "max_train_steps", "num_train_epochs",
+    "gradient_checkpointing", "enable_xformers_memory_efficient_attention", "allow_tf32", "dataloader_num_workers",
+    "mixed_precision",  # compared as the precision accelerate actually uses (`run_settings`)
+})
 
 
 # ------------------------------------------------------------------------------------------- RNG state
@@ -53,41 +78,99 @@ def set_rng_state(state: dict):
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-# ------------------------------------------------------------------------------------------- checkpoints
-def list_checkpoints(output_dir) -> list[tuple[int, Path]]:
-    """Complete `checkpoint-N` folders by step. A `.tmp` folder (a save that did not finish) never counts."""
+# ------------------------------------------------------------------------------------------- finding one
+def checkpoint_folders(output_dir) -> list[tuple[int, Path]]:
+    """Every `checkpoint-N` folder by step, whole or not. A `.tmp` folder (a save that did not finish) never
+    counts: it is not a checkpoint yet."""
     output_dir = Path(output_dir)
     found = []
     if output_dir.is_dir():
         for p in output_dir.iterdir():
             m = CHECKPOINT_RE.match(p.name)
-            if m and (p / CHECKPOINT_STATE).is_file():
+            if m and p.is_dir():
                 found.append((int(m.group(1)), p))
     return sorted(found)
 
 
-def latest_checkpoint(output_dir) -> Path | None:
-    found = list_checkpoints(output_dir)
-    return found[-1][1] if found else None
+def list_checkpoints(output_dir) -> list[tuple[int, Path]]:
+    """Complete checkpoints (their `state.json` written) by step."""
+    return [(step, p) for step, p in checkpoint_folders(output_dir) if (p / CHECKPOINT_STATE).is_file()]
+
+
+def read_state(checkpoint) -> dict:
+    """A checkpoint's `state.json`; a `UserError` names it when it is missing or damaged."""
+    path = Path(checkpoint, CHECKPOINT_STATE)
+    try:
+        state = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"{path} is missing") from None
+    except (ValueError, UnicodeDecodeError, OSError) as e:
+        raise UserError(f"{path} is damaged ({type(e).__name__})") from None
+    if not isinstance(state, dict) or not isinstance(state.get("global_step"), int):
+        raise UserError(f"{path} is damaged (no global_step)")
+    return state
+
+
+def checkpoint_problem(checkpoint) -> str | None:
+    """Why `checkpoint` cannot be resumed from ("optimizer.pt is truncated (...)"), or None if it is whole.
+
+    Every file is compared with the size and SHA-256 that `state.json` recorded when it was saved."""
+    checkpoint = Path(checkpoint)
+    try:
+        files = read_state(checkpoint).get("files")
+    except UserError as e:
+        return str(e).replace(f"{checkpoint}{os.sep}", "")
+    if files is None:  # saved before checkpoints listed their files: the ones every checkpoint has
+        files = {name: None for name in (ADAPTER_FILE, "optimizer.pt", "scheduler.pt", "rng-0.pt")}
+    for name, expected in files.items():
+        path = checkpoint / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if expected is None:
+            continue
+        size = path.stat().st_size
+        if size != expected["bytes"]:
+            what = "truncated" if size < expected["bytes"] else "longer than saved"
+            return f"{name} is {what} ({size} of {expected['bytes']} bytes)"
+        if _sha256(path) != expected["sha256"]:
+            return f"{name} is damaged (its contents changed after it was saved)"
+    return None
 
 
 def find_resume_checkpoint(output_dir, value) -> Path | None:
-    """`--resume_from_checkpoint`: None, "latest" (None if there is none yet, as in diffusers) or a folder."""
+    """`--resume_from_checkpoint`: None, "latest" or a folder.
+
+    "latest" is the newest whole checkpoint: a damaged newer one is named and skipped (logged); none at all
+    starts a new run (None, as in diffusers); only damaged ones is an error naming them. A folder given
+    by name must be whole."""
     if not value:
         return None
     if value == "latest":
-        path = latest_checkpoint(output_dir)
-        if path is None:
-            logger.info("no checkpoint in %s yet: starting a new run", output_dir)
-        return path
+        damaged = []
+        for _, path in reversed(checkpoint_folders(output_dir)):
+            problem = checkpoint_problem(path)
+            if problem is None:
+                if damaged:
+                    logger.warning("%s: resuming from %s instead", "; ".join(damaged), path.name)
+                return path
+            damaged.append(f"{path.name} is damaged: {problem}")
+        if damaged:
+            raise UserError(f"no usable checkpoint in {output_dir}: {'; '.join(damaged)}")
+        logger.info("no checkpoint in %s yet: starting a new run", output_dir)
+        return None
     path = Path(value)
     if not path.exists() and not path.is_absolute():
         path = Path(output_dir, value)
-    if not (path / CHECKPOINT_STATE).is_file():
-        raise UserError(f"checkpoint not found: {value} (no {CHECKPOINT_STATE} in {path})")
+    if not path.is_dir():
+        raise UserError(f"checkpoint not found: {value} (no folder {path})")
+    problem = checkpoint_problem(path)
+    if problem is not None:
+        raise UserError(f"checkpoint {path} is damaged: {problem} (--resume_from_checkpoint latest takes the "
+                        "newest whole one)")
     return path
 
 
+# ------------------------------------------------------------------------------------------- same run?
 def check_checkpoint_matches(checkpoint: Path, cfg: AdapterConfig | None):
     """Resuming with another adapter than the checkpoint's (or with none, `cfg=None`, where it has one, and
     the other way round) is an error, checked before any model load."""
@@ -106,45 +189,153 @@ def check_checkpoint_matches(checkpoint: Path, cfg: AdapterConfig | None):
                         "resume with the same setting or use another --output_dir")
 
 
+def check_resume(checkpoint: Path, cfg: AdapterConfig | None, settings: dict):
+    """The checkpoint is this run's: the same adapter (`check_checkpoint_matches`) and the same settings
+    (`check_resume_settings`)."""
+    check_checkpoint_matches(checkpoint, cfg)
+    check_resume_settings(checkpoint, settings)
+
+
+def run_settings(accelerator, args, dataset_size: int) -> dict:
+    """What decides the trained adapter besides the data's content: the arguments not in
+    `NOT_IN_THE_RESULT`, the precision and number of processes, and the dataset's size. Saved in every
+    checkpoint; a resumed run must have the same (`check_resume_settings`)."""
+    settings = {k: v for k, v in vars(args).items() if k not in NOT_IN_THE_RESULT}
+    # Each method on the adapter settings it uses: --rank changes no ETHER run, --n_blocks no LoRA run, and
+    # neither an S2I run without an adapter (--method none).
+    method = METHODS.get(args.method)
+    used = method.shape_key if method else None
+    for unused in {"n_blocks": ("rank", "lora_alpha"), "rank": ("n_blocks",), None: ("rank", "lora_alpha", "n_blocks")}[used]:
+        settings.pop(unused, None)
+    settings.update(mixed_precision=accelerator.mixed_precision, num_processes=accelerator.num_processes,
+                    dataset_size=dataset_size)
+    return json.loads(json.dumps(settings, default=str))  # as state.json will hold them (lists, not tuples)
+
+
+def check_resume_settings(checkpoint: Path, settings: dict):
+    """Refuse to resume `checkpoint` with other settings than it was trained with, naming the first one."""
+    saved = read_state(checkpoint).get("settings")
+    if saved is None:
+        logger.warning("%s was saved before checkpoints recorded their settings: only the adapter's are checked",
+                       checkpoint)
+        return
+    for key, have in saved.items():
+        want = settings.get(key, have)  # a setting this version no longer has cannot be compared
+        if want == have:
+            continue
+        if key == "num_processes":
+            raise UserError(f"{checkpoint} was saved by {have} processes but this run has {want}: resume with {have} "
+                            "(each process's random state and share of the data are in the checkpoint)")
+        if key == "dataset_size":
+            raise UserError(f"{checkpoint} was trained on {have} examples but this run has {want}: resume with the "
+                            "same data or use another --output_dir")
+        raise UserError(f"{checkpoint} was trained with {key}={have!r} but this run asks for {key}={want!r}; "
+                        "resume with the same setting or use another --output_dir")
+
+
+# ------------------------------------------------------------------------------------------- saving
 def save_checkpoint(accelerator, output_dir, step: int, model, optimizer, lr_scheduler, state: dict,
                     total_limit: int | None = None, adapter_metadata: dict | None = None, save_extra=None) -> Path:
     """Write `checkpoint-<step>/` atomically (see the module docstring) and prune to `total_limit`.
-    `save_extra(folder)` (main process) writes whatever else a trainer trains, e.g. the S2I control encoder."""
+    `save_extra(folder)` (main process) writes whatever else a trainer trains, e.g. the S2I control encoder.
+
+    Every process saves its RNG state; a failure anywhere (a full disk) stops every process with the same
+    message, the temporary folder removed and the older checkpoints untouched."""
     output_dir = Path(output_dir)
     final = output_dir / f"checkpoint-{step}"
     tmp = output_dir / f"checkpoint-{step}.tmp"
-    if accelerator.is_main_process:
+
+    def start():
         shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    torch.save(rng_state(), tmp / f"rng-{accelerator.process_index}.pt")  # each process has its own RNG
-    if accelerator.is_main_process:
-        if adapter_config_of(accelerator.unwrap_model(model)) is not None:  # none with --method none
-            save_adapter(accelerator.unwrap_model(model), tmp / ADAPTER_FILE, extra_metadata=adapter_metadata)
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        torch.save(lr_scheduler.state_dict(), tmp / "scheduler.pt")
-        if accelerator.scaler is not None:
-            torch.save(accelerator.scaler.state_dict(), tmp / "scaler.pt")
-        if save_extra is not None:
-            save_extra(tmp)
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        (tmp / CHECKPOINT_STATE).write_text(json.dumps({"global_step": step, **state}, indent=2, default=str))
-        _replace_dir(tmp, final)
+        with writing(final):
+            tmp.mkdir(parents=True)
+
+    def write_files():
+        unwrapped = accelerator.unwrap_model(model)
+        _save_torch(rng_state(), tmp, final, f"rng-{accelerator.process_index}.pt")  # each process has its own RNG
+        if accelerator.is_main_process:
+            if adapter_config_of(unwrapped) is not None:  # none with --method none
+                with writing(final / ADAPTER_FILE):
+                    save_adapter(unwrapped, tmp / ADAPTER_FILE, extra_metadata=adapter_metadata)
+            _save_torch(optimizer.state_dict(), tmp, final, "optimizer.pt")
+            _save_torch(lr_scheduler.state_dict(), tmp, final, "scheduler.pt")
+            if accelerator.scaler is not None:
+                _save_torch(accelerator.scaler.state_dict(), tmp, final, "scaler.pt")
+            if save_extra is not None:
+                with writing(final):
+                    save_extra(tmp)
+        return trained_checksum(unwrapped)
+
+    def finish():
+        files = {name: {"bytes": path.stat().st_size, "sha256": _sha256(path, flush=True)}
+                 for name, path in _files(tmp)}
+        with writing(final / CHECKPOINT_STATE):
+            _write_flushed(tmp / CHECKPOINT_STATE, json.dumps({"global_step": step, **state, "files": files},
+                                                             indent=2, default=str))
+        replace_folder(tmp, final)  # the same step saved again (a resumed run passing it again) replaces it
+        _flush_dir(output_dir)
         prune_checkpoints(output_dir, total_limit)
-    accelerator.wait_for_everyone()
+
+    try:
+        processes.on_main(accelerator, start)
+        checksums = processes.everywhere(accelerator, write_files)
+        if len(set(checksums)) > 1:  # DDP keeps every copy equal; anything else is a bug, not a checkpoint
+            raise RuntimeError(f"the processes' trained parameters differ at step {step}: {checksums}")
+        processes.on_main(accelerator, finish)
+    except Exception:  # (a kill leaves the .tmp folder; the next save or resume ignores and removes it)
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)  # frees the space a full disk needs back
+        raise
     return final
 
 
-def _replace_dir(src: Path, dst: Path):
-    if dst.exists():  # the same step saved again (a rerun in the same output_dir): swap, then delete the old
-        old = dst.with_name(dst.name + ".old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(dst, old)
-        os.replace(src, dst)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(src, dst)
+def trained_checksum(model) -> tuple[float, float]:
+    """Sums of the trainable parameters and of their squares: equal on every process while DDP keeps the
+    copies in step."""
+    params = [p.detach() for p in model.parameters() if p.requires_grad]
+    sums = torch.stack([p.sum(dtype=torch.float64) for p in params]).sum()
+    squares = torch.stack([torch.linalg.vector_norm(p, dtype=torch.float64) ** 2 for p in params]).sum()
+    return sums.item(), squares.item()
+
+
+def _save_torch(obj, tmp: Path, final: Path, name: str):
+    # Through a file object: on a full disk torch.save then raises with the OSError in its chain (to a path it
+    # raises a bare "unexpected pos" RuntimeError), so `writing` can say what happened.
+    with writing(final / name), open(tmp / name, "wb") as f:
+        torch.save(obj, f)
+
+
+def _files(folder: Path):
+    return [(p.relative_to(folder).as_posix(), p) for p in sorted(folder.rglob("*")) if p.is_file()]
+
+
+def _sha256(path: Path, flush: bool = False) -> str:
+    """The file's SHA-256; `flush=True` also forces it to disk (a rename is only atomic across a power cut
+    for data that reached the disk before it)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+        if flush:
+            os.fsync(f.fileno())
+    return digest.hexdigest()
+
+
+def _write_flushed(path: Path, text: str):
+    with open(path, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _flush_dir(folder: Path):
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError:  # some file systems cannot sync a directory; the rename itself is still atomic
+        pass
+    finally:
+        os.close(fd)
 
 
 def prune_checkpoints(output_dir, total_limit: int | None):
@@ -160,15 +351,24 @@ def prune_checkpoints(output_dir, total_limit: int | None):
         shutil.rmtree(path)
 
 
+# ------------------------------------------------------------------------------------------- loading
 def load_checkpoint(accelerator, checkpoint: Path, model, optimizer, lr_scheduler, cfg: AdapterConfig | None,
                     load_extra=None) -> dict:
     """Restore adapter, optimizer, scheduler, grad scaler and RNG (and `load_extra(folder)`: what `save_extra`
-    wrote); returns the saved state (global_step...)."""
-    def load(name):
-        return torch.load(checkpoint / name, map_location="cpu", weights_only=True)
+    wrote); returns the saved state (global_step...). A file that fails to load is named (`find_resume_checkpoint`
+    has checked them already; this catches what a checksum cannot, such as a file saved by another version)."""
+    checkpoint = Path(checkpoint)
 
-    state = json.loads((checkpoint / CHECKPOINT_STATE).read_text())
-    if cfg is not None:
+    def load(name):
+        try:
+            return torch.load(checkpoint / name, map_location="cpu", weights_only=True)
+        except FileNotFoundError:
+            raise UserError(f"{checkpoint / name} is missing") from None
+        except Exception as e:  # pickle, zip and torch errors alike: the file is not what we saved
+            raise UserError(f"{checkpoint / name} is damaged ({first_line(e)})") from None
+
+    state = read_state(checkpoint)
+    if cfg is not None:  # --method none: no adapter
         load_adapter(accelerator.unwrap_model(model), checkpoint / ADAPTER_FILE, config=cfg)
     if load_extra is not None:
         load_extra(checkpoint)
@@ -176,10 +376,5 @@ def load_checkpoint(accelerator, checkpoint: Path, model, optimizer, lr_schedule
     lr_scheduler.load_state_dict(load("scheduler.pt"))
     if accelerator.scaler is not None and (checkpoint / "scaler.pt").is_file():
         accelerator.scaler.load_state_dict(load("scaler.pt"))
-    rng_file = checkpoint / f"rng-{accelerator.process_index}.pt"
-    if not rng_file.is_file():
-        logger.warning("%s has no RNG state for process %d: the resumed run is not bit-exact",
-                       checkpoint, accelerator.process_index)
-        rng_file = checkpoint / "rng-0.pt"
-    set_rng_state(torch.load(rng_file, weights_only=True))
+    set_rng_state(load(f"rng-{accelerator.process_index}.pt"))  # each process continues its own stream
     return state

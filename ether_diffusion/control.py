@@ -19,6 +19,7 @@ runs the UNet on `cat([uncond, cond])`, and both halves must see the same map.
 import contextlib
 import json
 import math
+import os
 from pathlib import Path
 
 import torch
@@ -161,9 +162,13 @@ def save_control_encoder(encoder, output_dir) -> Path:
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().float().cpu().contiguous() for k, v in encoder.state_dict().items()}
-    save_file(state, output_dir / ENCODER_WEIGHTS)
-    (output_dir / ENCODER_CONFIG).write_text(json.dumps(encoder_config(encoder), indent=2) + "\n")
-    return output_dir / ENCODER_WEIGHTS
+    # Each file whole or not at all (temp file + rename): a full disk never leaves a half-written encoder.
+    weights, config = output_dir / ENCODER_WEIGHTS, output_dir / ENCODER_CONFIG
+    save_file(state, f"{weights}.tmp")
+    Path(f"{config}.tmp").write_text(json.dumps(encoder_config(encoder), indent=2) + "\n")
+    os.replace(f"{weights}.tmp", weights)
+    os.replace(f"{config}.tmp", config)
+    return weights
 
 
 def load_control_encoder(output_dir):

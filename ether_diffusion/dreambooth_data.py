@@ -14,8 +14,9 @@ import torchvision.transforms.functional as TF
 from PIL import Image
 from tqdm.auto import tqdm
 
+from . import processes
 from .crop import resize_and_crop
-from .errors import UserError
+from .errors import UserError, writing
 from .files import IMAGE_EXTENSIONS, image_files, load_rgb, save_image
 
 logger = logging.getLogger(__name__)
@@ -105,19 +106,25 @@ def generate_class_images(load_pipe, class_dir, class_prompt: str, num_class_ima
     rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
     todo = list(range(len(existing), num_class_images))[rank::world]
     logger.info("generating %d class images of %r in %s", num_class_images - len(existing), class_prompt, class_dir)
-    pipe = load_pipe()
-    pipe.set_progress_bar_config(disable=True)
-    show = accelerator is None or accelerator.is_local_main_process
-    with tqdm(total=len(todo), desc="Generating class images", disable=not show) as bar:
-        for start in range(0, len(todo), sample_batch_size):
-            batch = todo[start:start + sample_batch_size]
-            generators = [torch.Generator("cpu").manual_seed(seed + i) for i in batch]
-            images = pipe([class_prompt] * len(batch), generator=generators, num_inference_steps=num_inference_steps,
-                          height=resolution, width=resolution).images
-            for i, image in zip(batch, images):
-                name = f"{i:05d}-{hashlib.sha1(image.tobytes()).hexdigest()[:12]}.jpg"
-                save_image(image, class_dir / name, format="JPEG", quality=95)
-            bar.update(len(batch))
-    if accelerator is not None:
-        accelerator.wait_for_everyone()
+
+    def generate():
+        pipe = load_pipe()
+        pipe.set_progress_bar_config(disable=True)
+        show = accelerator is None or accelerator.is_local_main_process
+        with tqdm(total=len(todo), desc="Generating class images", disable=not show) as bar:
+            for start in range(0, len(todo), sample_batch_size):
+                batch = todo[start:start + sample_batch_size]
+                generators = [torch.Generator("cpu").manual_seed(seed + i) for i in batch]
+                images = pipe([class_prompt] * len(batch), generator=generators,
+                              num_inference_steps=num_inference_steps, height=resolution, width=resolution).images
+                for i, image in zip(batch, images):
+                    path = class_dir / f"{i:05d}-{hashlib.sha1(image.tobytes()).hexdigest()[:12]}.jpg"
+                    with writing(path):
+                        save_image(image, path, format="JPEG", quality=95)
+                bar.update(len(batch))
+
+    if accelerator is None:
+        generate()
+    else:  # every process makes its share; a failure on one (a full disk) stops them all
+        processes.everywhere(accelerator, generate)
     return len(todo)

@@ -3,14 +3,52 @@
 Library code raises `UserError` for anything a user can fix (a wrong path, a bad value, a mismatched
 adapter file). Command-line entry points parse with `ArgumentParser` and run `main` through `run_cli`,
 which prints one line with exit code 2, so a user never sees a traceback for their own mistake, while
-programming errors still show one.
+programming errors still show one. A full disk is treated the same way (`writing`, `is_disk_full`): the user
+can fix it, and a traceback from deep inside torch.save would not even say what happened.
 """
 import argparse
+import contextlib
+import errno
+import math
 import sys
+
+INT64_MAX = 2**63 - 1
 
 
 class UserError(Exception):
     """A mistake in the user's input: the message names the file, value or layer."""
+
+
+# ENOSPC and EDQUOT; the libraries that write our files report them three ways: an OSError, an OSError in
+# the chain of the RuntimeError of torch.save to a file object ("unexpected pos ..."; to a path it loses the
+# OSError, so we never save to a path), or safetensors' text "(os error 28)".
+_DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+_DISK_FULL_TEXTS = ("No space left on device", "Disk quota exceeded", "os error 28", "os error 122")
+
+
+def is_disk_full(error: BaseException) -> bool:
+    """Whether `error`, or an error it was raised from or during, is a full disk (or an exceeded quota)."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno in _DISK_FULL_ERRNOS:
+            return True
+        if any(text in str(error) for text in _DISK_FULL_TEXTS):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+@contextlib.contextmanager
+def writing(what):
+    """A full disk while writing `what` (a path, or words) is the one line "no space left on device while
+    writing <what>" instead of whatever the writing library raised."""
+    try:
+        yield
+    except Exception as e:
+        if is_disk_full(e):
+            raise UserError(f"no space left on device while writing {what}") from None
+        raise
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -19,6 +57,30 @@ class ArgumentParser(argparse.ArgumentParser):
 
     def error(self, message):
         raise UserError(message)
+
+    def parse_known_args(self, args=None, namespace=None):
+        """argparse's parse, then every int and float value (given or default) checked by `number_problem`."""
+        namespace, extras = super().parse_known_args(args, namespace)
+        for action in self._actions:
+            if action.type not in (int, float):
+                continue
+            values = getattr(namespace, action.dest, None)
+            for value in values if isinstance(values, list) else [values]:
+                problem = number_problem(value)
+                if problem:
+                    raise UserError(f"{(action.option_strings or [action.dest])[0]} {problem}")
+        return namespace, extras
+
+
+def number_problem(value) -> str | None:
+    """What is wrong with a number a user gave, or None. NaN and infinity mean nothing as a setting (a NaN
+    learning rate trains an all-NaN adapter without a word), and an integer beyond 64 bits overflows in
+    torch, numpy or tqdm with a traceback deep in a run."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return f"must be a finite number, got {value}"
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) > INT64_MAX:
+        return f"{value} is too large (at most {INT64_MAX})"
+    return None
 
 
 def first_line(error) -> str:
@@ -33,4 +95,10 @@ def run_cli(main, argv=None):
         return main(argv)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except Exception as e:  # a full disk where no `writing` names the file: still one line
+        if not is_disk_full(e):
+            raise
+        where = f" while writing {e.filename}" if getattr(e, "filename", None) else ""
+        print(f"error: no space left on device{where}", file=sys.stderr)
         sys.exit(2)

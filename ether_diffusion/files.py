@@ -1,13 +1,13 @@
 """Files, read and written one way everywhere: an unreadable image is a `UserError` naming it, and whatever
-we write (an image, a record, a built-in folder) appears complete or not at all."""
+we write (an image, a built-in folder) appears complete or not at all."""
 import contextlib
 import json
-import math
 import os
 import shutil
 import tempfile
 from pathlib import Path
 
+import numpy as np
 from PIL import Image, ImageOps
 
 from .errors import UserError
@@ -41,22 +41,78 @@ def open_image(path, decode: bool = True) -> Image.Image:
 
 
 def load_rgb(path) -> Image.Image:
-    """The image at `path` as RGB, with its EXIF orientation applied (phone photos are stored sideways)."""
+    """The image at `path` as 8-bit RGB, with its EXIF orientation applied (phone photos are stored sideways)."""
     with open_image(path) as image:
-        return ImageOps.exif_transpose(image).convert("RGB")
+        return to_rgb(ImageOps.exif_transpose(image), path)
+
+
+def to_rgb(image: Image.Image, path) -> Image.Image:
+    """`image` (read from `path`) as 8-bit RGB. Single-channel 16-bit and float images are scaled from their
+    full range (0..65535, or 0..1 for float) to 0..255: PIL's own convert("RGB") clips them, which reads a
+    16-bit PNG as almost all white and a float TIFF as black. Values outside that range (or NaN) cannot be
+    read one right way, so they are refused with the file and mode named. (16-bit RGB PNGs PIL already reads
+    as 8-bit RGB.)"""
+    mode = image.mode
+    if mode in ("I", "F") or mode.startswith("I;16"):
+        values = np.asarray(image, dtype=np.float64)
+        top = 1.0 if mode == "F" else 65535.0
+        if not np.isfinite(values).all():
+            raise UserError(f"{path}: a mode {mode} image with NaN or infinite values")
+        if values.size and (values.min() < 0 or values.max() > top):
+            raise UserError(f"{path}: a mode {mode} image with values {values.min():g}..{values.max():g}, outside "
+                            f"0..{top:g}: save it as an 8-bit image")
+        image = Image.fromarray(np.round(values * (255 / top)).astype(np.uint8))
+    try:
+        return image.convert("RGB")
+    except ValueError as e:
+        raise UserError(f"{path}: cannot read a mode {mode} image as RGB ({e})") from None
+
+
+def _file_in_the_way(path) -> Path | None:
+    """`path` itself or the nearest existing folder above it, if that is a file (nothing can be written there)."""
+    for p in [Path(path), *Path(path).parents]:
+        if p.exists():
+            return None if p.is_dir() else p
+    return None
+
+
+def check_output_folder(path, flag: str | None = None):
+    """`path` (the value of `flag`, if a command-line flag; None: not given) can be a folder that we create and
+    write into."""
+    if path is None:
+        return
+    what = f"{flag} {path}" if flag else str(path)
+    blocker = _file_in_the_way(path)
+    if blocker == Path(path):
+        raise UserError(f"{what} is a file, not a folder")
+    if blocker is not None:
+        raise UserError(f"{what}: {blocker} is a file, not a folder")
+
+
+def check_image_output(path, flag: str):
+    """`path` (the value of `flag`) can be written as an image: not a folder, an extension PIL writes, and no
+    file where its folder should be."""
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{flag} {path} is a folder; give an image file name such as {path / 'grid.png'}")
+    if Image.registered_extensions().get(path.suffix.lower()) not in Image.SAVE:
+        raise UserError(f"{flag} {path}: {path.suffix or 'no extension'!r} is not an image format (use .png or .jpg)")
+    blocker = _file_in_the_way(path.parent)
+    if blocker is not None:
+        raise UserError(f"{flag} {path}: {blocker} is a file, not a folder")
 
 
 @contextlib.contextmanager
-def replaced_atomically(path):
-    """Yields a temporary path in `path`'s folder to write to; on success it is renamed to `path`, on any
-    error removed. An interrupted write never leaves a partial file that a rerun would take as done, and a
-    concurrent reader sees the old file or the new one."""
+def atomic_path(path):
+    """Yield a temporary file name in `path`'s folder (same suffix, so writers that go by the suffix work);
+    once the block succeeds it is renamed to `path`, if it fails it is removed. An interrupted run never
+    leaves a partial file that a rerun would take as done, and a concurrent reader never sees one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=path.suffix)
     os.close(fd)
     try:
-        yield tmp
+        yield Path(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -64,41 +120,53 @@ def replaced_atomically(path):
 
 
 def save_image(image: Image.Image, path, **save_kwargs) -> Path:
-    """Write an image atomically (`replaced_atomically`)."""
-    with replaced_atomically(path) as tmp:
+    """Write an image atomically (`atomic_path`)."""
+    with atomic_path(path) as tmp:
         image.save(tmp, **save_kwargs)
     return Path(path)
 
 
-def save_text(text: str, path) -> Path:
-    """Write a text file (a record, a report) atomically (`replaced_atomically`)."""
-    with replaced_atomically(path) as tmp:
-        Path(tmp).write_text(text, encoding="utf-8")
+def write_text(path, text: str) -> Path:
+    """Write a text file (UTF-8) atomically (`atomic_path`)."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
     return Path(path)
 
 
-def json_safe(value):
-    """`value` with NaN and infinities (not JSON) replaced by None, in nested dicts and lists too."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [json_safe(v) for v in value]
-    return value
-
-
-def save_json(value, path) -> Path:
-    """A record as JSON, atomically; NaN and infinities become null (they are not JSON)."""
-    return save_text(json.dumps(json_safe(value), indent=1, allow_nan=False) + "\n", path)
-
-
 def read_json(path):
-    """The JSON in `path`, or None when it is missing or unreadable (a record never written)."""
+    """The JSON in `path`, or None when it is missing or unreadable (a record not written yet)."""
     try:
         return json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
+
+
+def replace_folder(src, dst):
+    """Rename the finished folder `src` to `dst`; an older `dst` is swapped out first and then deleted, so
+    `dst` is always either the old folder or the new one, complete."""
+    src, dst = Path(src), Path(dst)
+    if dst.exists():
+        old = dst.with_name(dst.name + ".old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(dst, old)
+        os.replace(src, dst)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(src, dst)
+
+
+def write_folder(target, build) -> Path:
+    """`build(folder)` in a temporary folder beside `target`, then put in place with `replace_folder`
+    (replacing an older `target`): a failed or interrupted build leaves `target` as it was."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".tmp-{target.name}-"))
+    try:
+        build(tmp)
+        replace_folder(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
 
 
 def build_folder_once(target, build) -> Path:

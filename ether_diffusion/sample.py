@@ -10,8 +10,11 @@ from pathlib import Path
 
 import torch
 
-from .devices import TORCH_DTYPES, default_device
-from .errors import ArgumentParser, UserError, run_cli
+from . import checks
+from .adapter_file import read_adapter_metadata
+from .devices import TORCH_DTYPES, check_device, default_device
+from .errors import ArgumentParser, run_cli
+from .files import check_image_output, check_output_folder, save_image
 from .grids import sample_grid, save_grid
 from .pipelines import load_pipeline
 
@@ -27,10 +30,12 @@ def use_dpm_solver(pipe):
 def parse_args(argv=None):
     p = ArgumentParser(prog="python -m ether_diffusion.sample", description=__doc__.split("\n")[0])
     p.add_argument("--model", required=True, help="Hub id, diffusers folder or a builtin: model (builtin:tiny-sd).")
-    p.add_argument("--adapter", default=None, help="An adapter .safetensors file (omit to sample the base model).")
+    p.add_argument("--adapter", default=None,
+                   help="An adapter .safetensors file, or a LoRA file exported from one (kohya or diffusers format); "
+                        "omit to sample the base model.")
     p.add_argument("--prompt", action="append", required=True, help="Prompt (repeat for several rows).")
     p.add_argument("--num_images", type=int, default=4, help="Images per prompt (grid columns).")
-    p.add_argument("--grid", default="samples.png", help="Where to write the grid (PNG).")
+    p.add_argument("--grid", default="samples.png", help="Where to write the grid (an image file: .png, .jpg, ...).")
     p.add_argument("--out_dir", default=None, help="Also save every image here as row-col.png.")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num_inference_steps", type=int, default=25)
@@ -41,12 +46,14 @@ def parse_args(argv=None):
     p.add_argument("--device", default=None, help="cuda, mps or cpu (default: the best available).")
     p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default=None, help="Default: fp16 on cuda, fp32 otherwise.")
     args = p.parse_args(argv)
-    if args.num_images < 1 or args.num_inference_steps < 1:
-        raise UserError("--num_images and --num_inference_steps must be at least 1")
-    if args.resolution is not None and (args.resolution <= 0 or args.resolution % 8):
-        raise UserError(f"--resolution {args.resolution} is not a positive multiple of 8")
-    if args.adapter is not None and not Path(args.adapter).is_file():
-        raise UserError(f"adapter file not found: {args.adapter}")
+    checks.at_least(args, 1, "num_images", "num_inference_steps")
+    checks.resolution(args, "resolution")
+    checks.seed(args, "seed")
+    check_image_output(args.grid, "--grid")
+    check_output_folder(args.out_dir, "--out_dir")
+    if args.adapter is not None:
+        read_adapter_metadata(args.adapter)  # a missing or damaged file fails before the model loads
+    args.device = check_device(args.device) if args.device else default_device()
     return args
 
 
@@ -61,8 +68,8 @@ def quiet_libraries():
 def main(argv=None):
     args = parse_args(argv)
     quiet_libraries()
-    device = args.device or default_device()
-    dtype = TORCH_DTYPES[args.dtype] if args.dtype else (torch.float16 if device == "cuda" else torch.float32)
+    device = args.device
+    dtype = TORCH_DTYPES[args.dtype] if args.dtype else (torch.float16 if device.startswith("cuda") else torch.float32)
     # merge=True folds the adapter into the weights: sampling then costs what the base model costs.
     pipe = load_pipeline(args.model, adapter=args.adapter, device=device, torch_dtype=dtype, merge=True)
     if args.scheduler == "dpm":
@@ -72,10 +79,9 @@ def main(argv=None):
                              height=args.resolution, width=args.resolution)
     save_grid(grid, args.grid)
     if args.out_dir:
-        Path(args.out_dir).mkdir(parents=True, exist_ok=True)
         for r, row in enumerate(rows):
             for c, image in enumerate(row):
-                image.save(Path(args.out_dir, f"{r:02d}-{c:02d}.png"))
+                save_image(image, Path(args.out_dir, f"{r:02d}-{c:02d}.png"))
     print(f"wrote {args.grid} ({len(rows)} prompts x {args.num_images} images)")
 
 

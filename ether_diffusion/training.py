@@ -7,14 +7,18 @@ with their command line from `arguments.py` and their checkpoints from `checkpoi
 - the noise-prediction step: noisy latents and the `epsilon` / `v_prediction` target;
 - the data order: a function of (seed, epoch), so a resumed run skips the batches already seen without
   loading them;
-- the optimizer-step loop itself (`train_loop`): a trainer supplies only its loss; it logs loss, lr and every
-  `--distance_logging_steps` the adapter's distances from the base model (`analysis.adapter_distances`),
-  saves checkpoints and validation grids (`samples/step-NNNNNN.png`).
+- the optimizer-step loop itself (`train_loop`): a trainer supplies only its loss; it stops a diverged run
+  (`divergence.py`), logs loss, lr and every `--distance_logging_steps` the adapter's distances from the base
+  model (`analysis.adapter_distances`), saves checkpoints and validation grids (`samples/step-NNNNNN.png`).
+
+What only the main process writes (log lines, grids) goes through `processes.on_main`, so a failure there
+(a full disk) stops every process with the same line instead of leaving the others waiting.
 """
 import contextlib
 import json
 import logging
 import math
+import os
 import random
 import shutil
 from pathlib import Path
@@ -30,19 +34,18 @@ from diffusers.optimization import get_scheduler
 from tqdm.auto import tqdm
 from transformers import CLIPTextModel, CLIPTokenizer
 
+from . import divergence, processes
 from .adapters import AdapterConfig, adapter_parameters, check_targets, inject_adapters
 from .adapters.methods import METHODS
 from .analysis import adapter_distances
 from .checkpoints import load_checkpoint, save_checkpoint
 from .devices import TORCH_DTYPES, share_cpu_cores
-from .errors import UserError
+from .errors import UserError, writing
 from .grids import save_grid
 from .pipelines import model_load_errors
+from .run_folder import SAMPLES_DIR, TRAIN_LOG, check_final_step
 
 logger = logging.getLogger(__name__)
-
-TRAIN_LOG = "train_log.jsonl"
-SAMPLES_DIR = "samples"
 
 
 # ============================================================================================ models
@@ -212,7 +215,8 @@ def prepare_training(accelerator, args, model, optimizer, dataset, collate_fn=No
     """The resumable loader over `dataset`, the step plan, the LR schedule, and `accelerator.prepare`.
     Returns (model, optimizer, dataloader, sampler, lr_scheduler, steps_per_epoch)."""
     dataloader, sampler = resumable_dataloader(dataset, shared_seed(accelerator, args.seed), args.train_batch_size,
-                                               num_workers=args.dataloader_num_workers, collate_fn=collate_fn)
+                                               num_workers=args.dataloader_num_workers, collate_fn=collate_fn,
+                                               num_processes=accelerator.num_processes)
     # Plan with the per-process length the prepared (sharded) loader will have: the scheduler needs it now.
     plan_steps(args, math.ceil(len(dataloader) / accelerator.num_processes))
     lr_scheduler = make_lr_scheduler(args, optimizer, accelerator.num_processes)
@@ -257,38 +261,49 @@ class ResumableSampler(torch.utils.data.Sampler):
     resume nor data-loader workers change what a sample looks like. `start_epoch(epoch, skip)` drops the
     first `skip` samples of the epoch without loading them. (Not named `set_epoch`: accelerate's prepared
     loaders call `sampler.set_epoch(<their own iteration count>)`, which would undo both on resume.)
+
+    With `pad_to` (batch size x processes, for several processes) an epoch is the order followed by its own
+    first samples again, up to a multiple of `pad_to`: every process then gets whole batches, the same number
+    of them. accelerate would otherwise even out the split itself by wrapping around to the start of what it
+    is given, which on resume is the rest of the epoch, not its start: 3 images on 2 processes resumed 1e-3 off.
     """
 
-    def __init__(self, num_samples: int, seed: int):
+    def __init__(self, num_samples: int, seed: int, pad_to: int = 1):
         self.num_samples = num_samples
         self.seed = seed
+        self.pad_to = pad_to
         self.epoch = 0
         self.skip = 0
 
     def start_epoch(self, epoch: int, skip: int = 0):
         self.epoch, self.skip = epoch, skip
 
+    def epoch_length(self) -> int:
+        return math.ceil(self.num_samples / self.pad_to) * self.pad_to
+
     def _order(self):
         g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
         order = torch.randperm(self.num_samples, generator=g).tolist()
         sample_seeds = torch.randint(0, 2**62, (self.num_samples,), generator=g).tolist()
-        return list(zip(order, sample_seeds))
+        keys = list(zip(order, sample_seeds))
+        return (keys * math.ceil(self.epoch_length() / self.num_samples))[: self.epoch_length()]
 
     def __iter__(self):
         return iter(self._order()[self.skip:])
 
     def __len__(self):
-        return max(self.num_samples - self.skip, 0)
+        return max(self.epoch_length() - self.skip, 0)
 
 
-def resumable_dataloader(dataset, seed: int, batch_size: int, num_workers: int = 0, collate_fn=None):
-    """A DataLoader over a `ResumableSampler`; returns (dataloader, sampler).
+def resumable_dataloader(dataset, seed: int, batch_size: int, num_workers: int = 0, collate_fn=None,
+                         num_processes: int = 1):
+    """A DataLoader over a `ResumableSampler` (padded for `num_processes` > 1); returns (dataloader, sampler).
 
     The loader gets its own generator: torch draws a base seed for workers from it each time an iterator is
     created (once per epoch), which would otherwise come from the global RNG, and a resumed run, which
     creates its iterator after restoring the RNG, would then draw its noise one step out of line.
     """
-    sampler = ResumableSampler(len(dataset), seed)
+    sampler = ResumableSampler(len(dataset), seed, pad_to=batch_size * num_processes if num_processes > 1 else 1)
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
                                          collate_fn=collate_fn, generator=torch.Generator().manual_seed(seed))
     return loader, sampler
@@ -304,12 +319,13 @@ def shared_seed(accelerator, seed) -> int:
     return value[0]
 
 
-# ============================================================================================ RNG state
 # ============================================================================================ logs and images
 class TrainLog:
     """`train_log.jsonl`: one JSON object per optimizer step (loss, lr, and whatever else a step logs).
 
-    A resumed run drops the lines after the checkpoint it resumed from, so the file reads as one run."""
+    A resumed run drops the lines after the checkpoint it resumed from, so the file reads as one run; it is
+    rewritten whole or not at all (a full disk then leaves the old log), and a line cut short by a full disk
+    or a kill is dropped on the next resume."""
 
     def __init__(self, path, resume_step: int | None = None):
         self.path = Path(path)
@@ -320,12 +336,15 @@ class TrainLog:
                 try:
                     if json.loads(line)["step"] <= resume_step:
                         kept.append(line)
-                except (ValueError, KeyError):
+                except (ValueError, KeyError, TypeError):
                     pass
-        self.path.write_text("".join(line + "\n" for line in kept))
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        with writing(self.path):
+            tmp.write_text("".join(line + "\n" for line in kept))
+            os.replace(tmp, self.path)
 
     def write(self, step: int, values: dict):
-        with self.path.open("a") as f:
+        with writing(self.path), self.path.open("a") as f:
             f.write(json.dumps({"step": step, **values}) + "\n")
 
 
@@ -355,7 +374,9 @@ def validation_grid(accelerator, args, models, draw, step: int, tag: str = "vali
 
 def save_samples(accelerator, grid, output_dir, step: int, tag: str = "validation", name: str | None = None) -> Path:
     """`samples/step-NNNNNN.png` (or `samples/<name>`), also logged to the trackers."""
-    path = save_grid(grid, Path(output_dir, SAMPLES_DIR, name or f"step-{step:06d}.png"))
+    path = Path(output_dir, SAMPLES_DIR, name or f"step-{step:06d}.png")
+    with writing(path):
+        save_grid(grid, path)
     log_image(accelerator, tag, grid, step)
     return path
 
@@ -364,17 +385,26 @@ def save_samples(accelerator, grid, output_dir, step: int, tag: str = "validatio
 def start_run(accelerator, args, project: str, resume_from, model, optimizer, lr_scheduler, sampler,
               cfg: AdapterConfig | None, load_extra=None):
     """Trackers, then resume (adapter, optimizer, scheduler, RNG, data seed) if asked, then the train log.
-    Returns (global_step, train_log); train_log is None off the main process."""
-    if accelerator.is_main_process:
-        accelerator.init_trackers(project, config=tracker_config(args))
+    Returns (global_step, train_log); train_log is None off the main process.
+
+    `resume_from` is `run_folder.claim`'s answer (a whole checkpoint of this run); a run that would end
+    before it, or before the finished adapter already in output_dir, is refused here, where its length is
+    known (`--num_train_epochs` decides it once the data is prepared)."""
+    check_final_step(args.output_dir, args.max_train_steps, resume_from)
     global_step = 0
     if resume_from is not None:
-        state = load_checkpoint(accelerator, resume_from, model, optimizer, lr_scheduler, cfg, load_extra=load_extra)
+        state = processes.everywhere(accelerator, lambda: load_checkpoint(
+            accelerator, resume_from, model, optimizer, lr_scheduler, cfg, load_extra=load_extra))[accelerator.process_index]
         global_step, sampler.seed = state["global_step"], state["data_seed"]
         accelerator.print(f"resumed from {resume_from} at step {global_step}")
     train_log = None
-    if accelerator.is_main_process:
+
+    def open_logs():
+        nonlocal train_log
+        accelerator.init_trackers(project, config=tracker_config(args))
         train_log = TrainLog(Path(args.output_dir, TRAIN_LOG), resume_step=global_step if resume_from else None)
+
+    processes.on_main(accelerator, open_logs)
     return global_step, train_log
 
 
@@ -394,66 +424,75 @@ def adapter_distance_logs(accelerator, model) -> dict[str, float]:
     return adapter_distances(accelerator.unwrap_model(model))
 
 
+def write_step_logs(accelerator, args, model, train_log, step: int, logs: dict):
+    """One step's values (and every `--distance_logging_steps` the adapter's distances) to the trackers and
+    `train_log` (main process)."""
+    if args.distance_logging_steps and step % args.distance_logging_steps == 0:
+        logs.update(adapter_distance_logs(accelerator, model))
+    accelerator.log(logs, step=step)
+    if train_log is not None:
+        train_log.write(step, logs)
+
+
 def train_loop(accelerator, args, model, optimizer, lr_scheduler, dataloader, sampler, compute_loss, *,
-               global_step: int, steps_per_epoch: int, train_log=None, adapter_metadata=None, save_extra=None,
-               validate=None):
+               global_step: int, steps_per_epoch: int, settings: dict, train_log=None, adapter_metadata=None,
+               save_extra=None, validate=None):
     """The optimizer-step loop both trainers share; returns (global_step, last_validation).
 
     `compute_loss(batch)` returns the loss of one micro-batch (called inside `accelerator.accumulate`).
-    After each optimizer step: loss and lr (and every `--distance_logging_steps` the adapter distances) go to
-    the trackers and `train_log`; every `--checkpointing_steps` a checkpoint is saved (with `save_extra`);
-    every `--validation_steps` the main process calls `validate(step) -> Path`, and `last_validation` is
-    (step, path) of the last such grid, or None.
+    After each optimizer step: a diverged step stops the run (`divergence.check_step`); loss and lr (and every
+    `--distance_logging_steps` the adapter distances) go to the trackers and `train_log`; every
+    `--checkpointing_steps` a checkpoint is saved (with `save_extra`, and `settings`, the run's
+    `checkpoints.run_settings`, which a resumed run must match); every `--validation_steps` the main process
+    calls `validate(step) -> Path`, and `last_validation` is (step, path) of the last such grid, or None.
     """
     progress_bar = tqdm(range(args.max_train_steps), initial=global_step, desc="Steps",
                         disable=not accelerator.is_local_main_process)
     trainable = [p for p in model.parameters() if p.requires_grad]
     last_validation = None
     model.train()
-    for epoch in range(global_step // steps_per_epoch, args.num_train_epochs):
-        if global_step >= args.max_train_steps:
-            break
-        # Skip what this epoch already consumed before the checkpoint, without loading it.
-        done = global_step - epoch * steps_per_epoch
-        sampler.start_epoch(epoch, skip=done * args.gradient_accumulation_steps * args.train_batch_size
-                            * accelerator.num_processes)
-        step_loss = 0.0
-        for batch in dataloader:
-            with accelerator.accumulate(model):
-                loss = compute_loss(batch)
-                accelerator.backward(loss)
-                if accelerator.sync_gradients:
-                    accelerator.clip_grad_norm_(trainable, args.max_grad_norm)
-                optimizer.step()
-                lr_scheduler.step()
-                optimizer.zero_grad()
-            step_loss += accelerator.gather(loss.detach()).mean().item() / args.gradient_accumulation_steps
-
-            if not accelerator.sync_gradients:
-                continue
-            # One optimizer step done.
-            global_step += 1
-            progress_bar.update(1)
-            logs = {"loss": step_loss, "lr": lr_scheduler.get_last_lr()[0]}
-            step_loss = 0.0
-            if args.distance_logging_steps and global_step % args.distance_logging_steps == 0 and accelerator.is_main_process:
-                logs.update(adapter_distance_logs(accelerator, model))
-            progress_bar.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{logs['lr']:.2e}")
-            accelerator.log(logs, step=global_step)
-            if train_log is not None:
-                train_log.write(global_step, logs)
-
-            if global_step % args.checkpointing_steps == 0:
-                save_checkpoint(accelerator, args.output_dir, global_step, model, optimizer, lr_scheduler,
-                                state={"epoch": epoch, "data_seed": sampler.seed, "method": args.method,
-                                       "n_blocks": args.n_blocks, "args": vars(args)},
-                                total_limit=args.checkpoints_total_limit, adapter_metadata=adapter_metadata,
-                                save_extra=save_extra)
-            if validate is not None and global_step % args.validation_steps == 0 and accelerator.is_main_process:
-                last_validation = (global_step, validate(global_step))
+    with progress_bar:  # closed before an error is printed, so the error is the last line
+        for epoch in range(global_step // steps_per_epoch, args.num_train_epochs):
             if global_step >= args.max_train_steps:
                 break
-    progress_bar.close()
+            # Skip what this epoch already consumed before the checkpoint, without loading it.
+            done = global_step - epoch * steps_per_epoch
+            sampler.start_epoch(epoch, skip=done * args.gradient_accumulation_steps * args.train_batch_size
+                                * accelerator.num_processes)
+            step_loss = 0.0
+            for batch in dataloader:
+                with accelerator.accumulate(model):
+                    loss = compute_loss(batch)
+                    accelerator.backward(loss)
+                    grad_norm = None
+                    if accelerator.sync_gradients:
+                        grad_norm = accelerator.clip_grad_norm_(trainable, args.max_grad_norm)
+                    optimizer.step()
+                    lr_scheduler.step()
+                    optimizer.zero_grad()
+                step_loss += accelerator.gather(loss.detach()).mean().item() / args.gradient_accumulation_steps
+
+                if not accelerator.sync_gradients:
+                    continue
+                # One optimizer step done. Diverged: every process stops before anything of it is written.
+                global_step += 1
+                divergence.check_step(accelerator, args, global_step, step_loss, grad_norm, trainable)
+                progress_bar.update(1)
+                logs = {"loss": step_loss, "lr": lr_scheduler.get_last_lr()[0]}
+                step_loss = 0.0
+                processes.on_main(accelerator, lambda: write_step_logs(accelerator, args, model, train_log, global_step, logs))
+                progress_bar.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{logs['lr']:.2e}")
+
+                if global_step % args.checkpointing_steps == 0:
+                    save_checkpoint(accelerator, args.output_dir, global_step, model, optimizer, lr_scheduler,
+                                    state={"epoch": epoch, "data_seed": sampler.seed, "settings": settings,
+                                           "args": vars(args)},
+                                    total_limit=args.checkpoints_total_limit, adapter_metadata=adapter_metadata,
+                                    save_extra=save_extra)
+                if validate is not None and global_step % args.validation_steps == 0:
+                    last_validation = (global_step, processes.on_main(accelerator, lambda: validate(global_step)))
+                if global_step >= args.max_train_steps:
+                    break
     return global_step, last_validation
 
 
@@ -462,7 +501,8 @@ def save_final_grid(output_dir, global_step: int, last_validation, validate) -> 
     modules, inputs and seed: no need to sample twice), else `validate(step, name=..., tag="final")`."""
     final = Path(output_dir, SAMPLES_DIR, "final.png")
     if last_validation is not None and last_validation[0] == global_step:
-        shutil.copyfile(last_validation[1], final)
+        with writing(final):
+            shutil.copyfile(last_validation[1], final)
     else:
         validate(global_step, name=final.name, tag="final")
     return final

@@ -27,18 +27,19 @@ if __package__ in (None, ""):  # run as a script (accelerate launch evaluate/dre
 import torch
 from tqdm.auto import tqdm
 
-from ether_diffusion import load_adapter
+from ether_diffusion import checks
+from ether_diffusion.adapter_file import is_adapter_file, read_adapter_metadata, read_safetensors_metadata
 from ether_diffusion.devices import TORCH_DTYPES
 from ether_diffusion.errors import ArgumentParser, UserError, run_cli
-from ether_diffusion.files import load_rgb, save_image
+from ether_diffusion.files import load_rgb, save_image, write_text
 from ether_diffusion.grids import image_grid, save_grid
-from ether_diffusion.pipelines import load_pipeline
+from ether_diffusion.pipelines import apply_adapter, load_pipeline
 from evaluate import harness
 from evaluate.harness import fmt
 from evaluate.metrics import (DEFAULT_CLIP, DEFAULT_DINO, DEFAULT_LPIPS, ClipEmbedder, DinoEmbedder, LpipsDistance,
                               cosine_matrix, is_all_black)
 from evaluate.paper_tables import PAPER, TABLE_2
-from evaluate.protocol import adapters_from_dir, adapters_from_manifest, load_protocol
+from evaluate.protocol import ADAPTER_FILE, adapters_from_dir, adapters_from_manifest, load_protocol
 
 METRICS = ("dino", "clip_i", "clip_t", "lpips", "lpips_diversity")
 GENERATION_LOG = "generation_log.jsonl"
@@ -52,6 +53,9 @@ def parse_args(argv=None):
     adapters = parser.add_mutually_exclusive_group()
     adapters.add_argument("--adapters", help="folder with one adapter per subject: DIR/<subject>/adapter.safetensors")
     adapters.add_argument("--manifest", help="CSV with columns subject,prompt_index,adapter (one adapter per job)")
+    parser.add_argument("--adapter_file", default=ADAPTER_FILE,
+                        help="the file name in each --adapters subject folder: an adapter file, or a LoRA exported from "
+                             "it (e.g. lora_kohya.safetensors, written by the trainers' --export_lora kohya)")
     parser.add_argument("--output_dir", required=True)
     parser.add_argument("--token", default="qwe", help="the identifier used in training")
     parser.add_argument("--images_per_prompt", type=int, default=4)
@@ -72,19 +76,27 @@ def parse_args(argv=None):
     parser.add_argument("--skip_metrics", action="store_true", help="only generate")
     args = parser.parse_args(argv)
 
-    if args.images_per_prompt < 1:
-        raise UserError(f"--images_per_prompt must be at least 1, got {args.images_per_prompt}")
+    harness.check_common_args(args)
+    checks.at_least(args, 1, "images_per_prompt")
+    checks.at_least(args, 32, "lpips_resolution")  # the smallest input LPIPS' AlexNet trunk accepts
     if not args.skip_generation:
         if args.pretrained_model_name_or_path is None:
             raise UserError("--pretrained_model_name_or_path is required to generate (or pass --skip_generation)")
         if args.adapters is None and args.manifest is None:
             raise UserError("pass --adapters DIR or --manifest CSV (or --skip_generation to score existing images)")
-    args.subjects = [s.strip() for s in args.subjects.split(",") if s.strip()] if args.subjects else None
-    if args.prompts:
+    if args.subjects is not None:
+        subjects = [s.strip() for s in args.subjects.split(",") if s.strip()]
+        if not subjects:
+            raise UserError(f"--subjects {args.subjects!r} names no subject")
+        args.subjects = subjects
+    if args.prompts is not None:
         try:
-            args.prompts = [int(p) for p in args.prompts.split(",") if p.strip()]
+            prompts = [int(p) for p in args.prompts.split(",") if p.strip()]
         except ValueError:
             raise UserError(f"--prompts {args.prompts!r}: expected comma-separated integers") from None
+        if not prompts:
+            raise UserError(f"--prompts {args.prompts!r} names no prompt index")
+        args.prompts = prompts
     return args
 
 
@@ -115,7 +127,8 @@ def generate(args, jobs, adapters, accelerator):
     for job in tqdm(my_jobs, desc=f"jobs (process {accelerator.process_index})", disable=not accelerator.is_local_main_process):
         adapter = adapters[(job.subject, job.prompt_index)]
         if adapter != loaded:
-            load_adapter(pipe.unet, adapter)  # same method and layers: reuses the wrappers, copies the tensors
+            # An adapter file of the same method and layers reuses the wrappers; a LoRA file replaces the last one.
+            apply_adapter(pipe, adapter)
             loaded = adapter
         seed = harness.item_seed(args.seed, job.key)
         images = pipe(job.prompt(args.token), num_images_per_prompt=args.images_per_prompt, height=size, width=size,
@@ -198,7 +211,12 @@ def write_reports(args, protocol, jobs, tallies):
     for job in jobs:
         per_subject.setdefault(job.subject, Tally()).merge(tallies[(job.subject, job.prompt_index)])
         total.merge(tallies[(job.subject, job.prompt_index)])
-    means = total.means()
+    if total.black == total.images:
+        reasons = dict.fromkeys(METRICS, f"all {total.images} generated images are all-black, so none was scored")
+    else:
+        reasons = {"lpips_diversity": "no prompt has two scored images to compare (one image per prompt, or the "
+                                      "others all-black)"}
+    means, not_computed = harness.without_nan(total.means(), reasons)
 
     with open(output_dir / "per_prompt.csv", "w", newline="") as f:
         writer = csv.writer(f)
@@ -214,19 +232,20 @@ def write_reports(args, protocol, jobs, tallies):
             s = protocol.subjects[name]
             writer.writerow([name, s.class_name, int(s.live), t.images, t.black, *(fmt(v) for v in t.means().values())])
 
-    settings = {k: getattr(args, k) for k in ("dataset", "pretrained_model_name_or_path", "adapters", "manifest", "token",
+    settings = {k: getattr(args, k) for k in ("dataset", "pretrained_model_name_or_path", "adapters", "adapter_file", "manifest", "token",
                                               "images_per_prompt", "seed", "num_inference_steps", "guidance_scale",
                                               "resolution", "dino", "clip", "lpips_net", "lpips_resolution",
                                               "clip_t_with_token", "subjects", "prompts")}
     report = {
         "metrics": means,
+        "not_computed": not_computed,  # {metric: why it is null}
         "averaging": "DINO, CLIP-I, LPIPS: mean over (real, generated) pairs; CLIP-T: over generated images; "
                      "lpips_diversity: over pairs of images of the same prompt; all pooled over subjects",
         "jobs": len(jobs), "subjects": len(per_subject),
         "images": total.images, "black_skipped": total.black,
         "settings": settings,
     }
-    (output_dir / "metrics.json").write_text(json.dumps(report, indent=2) + "\n")
+    harness.write_json(output_dir / "metrics.json", report)
 
     rows = ["| method | #params | DINO | CLIP-I | CLIP-T | LPIPS | LPIPS diversity |", "|---|---|---|---|---|---|---|"]
     rows += [f"| {m} (paper Table 2) | {p or ''} | {fmt(d, digits=3)} | {fmt(ci, digits=3)} | {fmt(ct, digits=3)} "
@@ -244,9 +263,10 @@ def write_reports(args, protocol, jobs, tallies):
         + ("with" if args.clip_t_with_token else "without") + " the identifier.",
         f"Backbones: DINO `{args.dino}`, CLIP `{args.clip}`, LPIPS `{args.lpips_net}` at {args.lpips_resolution} px.",
         f"Paper rows: {PAPER}, measured on SD-1.5 with the paper's backbones; comparable only when run the same way.",
+        *(f"Not computed: {name}: {why}." for name, why in not_computed.items()),
         "", "Per subject: `per_subject.csv`; per prompt: `per_prompt.csv`; grids: `grids/`.", "",
     ]
-    (output_dir / "summary.md").write_text("\n".join(summary))
+    write_text(output_dir / "summary.md", "\n".join(summary))
     return report
 
 
@@ -270,7 +290,11 @@ def main(argv=None):
     real_images = {name: [load_rgb(p) for p in protocol.subjects[name].images] for name in dict.fromkeys(j.subject for j in jobs)}
     adapters = None
     if not args.skip_generation:
-        adapters = adapters_from_manifest(args.manifest, jobs) if args.manifest else adapters_from_dir(args.adapters, jobs)
+        adapters = (adapters_from_manifest(args.manifest, jobs) if args.manifest
+                    else adapters_from_dir(args.adapters, jobs, args.adapter_file))
+        for adapter in set(adapters.values()):  # headers only, before any generation (tensors: as each loads)
+            if is_adapter_file(read_safetensors_metadata(adapter)):  # else a LoRA file: diffusers checks it
+                read_adapter_metadata(adapter)
 
     def report(device):
         tallies = score(args, protocol, jobs, real_images, device)

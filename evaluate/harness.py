@@ -7,12 +7,40 @@ from pathlib import Path
 
 from accelerate import Accelerator
 
+from ether_diffusion import checks
 from ether_diffusion.devices import share_cpu_cores
+from ether_diffusion.files import check_output_folder, write_text
 
 
 def fmt(value, scale=1.0, digits=4) -> str:
     """A number for a table cell; empty for None or NaN (a metric nothing was scored for)."""
     return "" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value * scale:.{digits}f}"
+
+
+def check_common_args(args):
+    """The checks both evaluators' shared arguments need, before any file is read or model loaded."""
+    check_output_folder(args.output_dir, "--output_dir")
+    checks.at_least(args, 1, "num_inference_steps")
+    checks.resolution(args, "resolution")
+    checks.seed(args, "seed")
+
+
+def without_nan(metrics: dict, reasons: dict) -> tuple[dict, dict]:
+    """(metrics with None for each NaN/inf value, {name: why it is None}). JSON has no NaN (Python writes a
+    bare `NaN` token that strict readers reject), and a metric that could not be computed needs its reason
+    beside it; `reasons` gives them (a default for any other)."""
+    values, why = {}, {}
+    for name, value in metrics.items():
+        if value is None or not math.isfinite(value):
+            values[name], why[name] = None, reasons.get(name, "not computed")
+        else:
+            values[name] = value
+    return values, why
+
+
+def write_json(path, data) -> Path:
+    """Strict JSON (a NaN left in `data` is an error here, not an invalid file), written whole or not at all."""
+    return write_text(path, json.dumps(data, indent=2, allow_nan=False) + "\n")
 
 
 def item_seed(base_seed: int, key: str) -> int:

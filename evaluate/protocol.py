@@ -135,12 +135,13 @@ def load_protocol(root) -> DreamBoothProtocol:
 
 
 # ------------------------------------------------------------------------------------------------ adapters
-def adapters_from_dir(folder, jobs) -> dict[tuple[str, int], Path]:
-    """One adapter per subject: `folder/<subject>/adapter.safetensors` for every job's subject."""
+def adapters_from_dir(folder, jobs, filename: str = ADAPTER_FILE) -> dict[tuple[str, int], Path]:
+    """One adapter per subject: `folder/<subject>/<filename>` for every job's subject (an adapter file, or a
+    LoRA file exported from one)."""
     folder = Path(folder)
     adapters = {}
     for job in jobs:
-        path = folder / job.subject / ADAPTER_FILE
+        path = folder / job.subject / filename
         if not path.is_file():
             raise UserError(f"missing adapter for subject {job.subject}: {path} does not exist")
         adapters[(job.subject, job.prompt_index)] = path

@@ -63,9 +63,10 @@ from ether_diffusion.adapters.methods import METHODS  # noqa: E402
 from ether_diffusion.arguments import NO_ADAPTER  # noqa: E402
 from ether_diffusion.control import ENCODER_WEIGHTS  # noqa: E402
 from ether_diffusion.errors import ArgumentParser, UserError, first_line, run_cli  # noqa: E402
-from ether_diffusion.files import read_json, save_json, save_text  # noqa: E402
+from ether_diffusion.files import read_json, write_text  # noqa: E402
 from evaluate import dreambooth as dreambooth_eval  # noqa: E402
 from evaluate import reproduce_report, s2i as s2i_eval, selection, shards  # noqa: E402
+from evaluate.harness import write_json  # noqa: E402
 from evaluate.protocol import load_protocol  # noqa: E402
 
 SETTINGS = "reproduce.json"  # the settings of the whole reproduction, checked when it is run again
@@ -300,7 +301,7 @@ def check_settings(args, runs: list[Run]):
 def _same_or_new(path: Path, value: dict, what: str):
     saved = read_json(path)
     if saved is None:
-        save_json(value, path)
+        write_json(path, value)
         return
     for key in value:
         if saved.get(key) != value[key]:
@@ -318,7 +319,7 @@ def run_status(run: Run, launch_id: str) -> str:
 
 
 def record_failure(folder: Path, stage: str, error: str, launch_id: str, name: str):
-    save_json({"stage": stage, "error": error, "launch": launch_id}, folder / FAILED)
+    write_json(folder / FAILED, {"stage": stage, "error": error, "launch": launch_id})
     print(f"FAILED {name} ({stage}): {error}", flush=True)
 
 
@@ -409,7 +410,7 @@ def write_manifest(path: Path, subject: str, prompts, adapter: Path) -> Path:
     writer.writerow(["subject", "prompt_index", "adapter"])
     relative = os.path.relpath(adapter, path.parent)
     writer.writerows([subject, p, relative] for p in prompts)
-    return save_text(out.getvalue(), path)
+    return write_text(path, out.getvalue())
 
 
 def score_candidate(args, run: Run, protocol, step: int, folder: Path) -> dict:
@@ -451,7 +452,7 @@ def do_run(args, run: Run, protocol, launch_id: str) -> bool:
         if error is not None:
             record_failure(run.folder, "train", error, launch_id, run.name)
             return False
-        save_json({"final_step": selection.final_step(run.folder)}, run.folder / TRAINED)
+        write_json(run.folder / TRAINED, {"final_step": selection.final_step(run.folder)})
     try:
         record = selection.select(run.folder, args.select_every, args.criterion,
                                   lambda step, folder: score_candidate(args, run, protocol, step, folder),
@@ -464,9 +465,9 @@ def do_run(args, run: Run, protocol, launch_id: str) -> bool:
     rates = {"learning_rate": run.settings.learning_rate}  # the multiplier is in the trainer's arguments already
     if args.task == "s2i":
         rates["encoder_learning_rate"] = run.settings.encoder_learning_rate
-    save_json({"run": run.name, "id": uuid.uuid4().hex, **rates, "selected_step": record["selected"]["step"],
-               "selected": record["selected"]["path"], "parameters": parameter_counts(args, chosen)},
-              run.folder / DONE)
+    write_json(run.folder / DONE, {"run": run.name, "id": uuid.uuid4().hex, **rates,
+                                   "selected_step": record["selected"]["step"], "selected": record["selected"]["path"],
+                                   "parameters": parameter_counts(args, chosen)})
     return True
 
 
@@ -559,14 +560,14 @@ def run_task(record: Path, inputs, stale: list[Path], work, what: str, launch_id
         for folder in stale:
             shutil.rmtree(folder, ignore_errors=True)
     failure_path(record).unlink(missing_ok=True)
-    save_json({"inputs": inputs, "complete": False}, record)
+    write_json(record, {"inputs": inputs, "complete": False})
     try:
         result = work()
     except Exception as e:  # noqa: BLE001 - recorded with its line (the log has the rest); the others go on
-        save_json({"error": describe_error(e), "launch": launch_id}, failure_path(record))
+        write_json(failure_path(record), {"error": describe_error(e), "launch": launch_id})
         print(f"FAILED {what}: {describe_error(e)}", flush=True)
         return False
-    save_json({"inputs": inputs, "complete": True, "metrics": (result or {}).get("metrics")}, record)
+    write_json(record, {"inputs": inputs, "complete": True, "metrics": (result or {}).get("metrics")})
     return True
 
 
@@ -609,7 +610,7 @@ def score(args, variant: Variant, runs: list[Run], launch_id: str) -> bool:
     record = scoring_record(args, variant)
     if not inputs:
         failure_path(record).unlink(missing_ok=True)
-        save_json({"error": "no run of this method finished", "launch": launch_id}, failure_path(record))
+        write_json(failure_path(record), {"error": "no run of this method finished", "launch": launch_id})
         return False
     by_name = {run.name: run for run in runs}
     first = by_name[inputs[0]["run"]]

@@ -13,9 +13,9 @@ import torchvision.transforms.functional as TF
 from PIL import Image
 from safetensors import safe_open
 
-from ether_diffusion.files import load_rgb, read_json, save_json, save_text
+from ether_diffusion.files import load_rgb, read_json, write_text
 from ether_diffusion.grids import image_grid, save_grid
-from evaluate.harness import fmt
+from evaluate.harness import fmt, write_json
 from evaluate.paper_tables import PAPER, PAPER_ROW_OF_METHOD, TABLE_2, TABLE_3
 
 GRID_PROMPTS = 8  # DreamBooth grids: the first image of the first 8 prompts of each subject
@@ -207,9 +207,9 @@ def write_report(out: Path, task: str, settings: dict, selection_text: str, rows
                                  + [f"`{g}`" for g in grids]) + "; each run's `selection.json` in `runs/`, each "
            "evaluation in `eval/`.", ""]
     if per_subject is not None:
-        save_text(per_subject, out / "per_subject.csv")
-    save_text("\n".join(md), out / "report.md")
-    save_json(report, out / "report.json")
+        write_text(out / "per_subject.csv", per_subject)
+    write_text(out / "report.md", "\n".join(md))
+    write_json(out / "report.json", report)
     return report
 
 

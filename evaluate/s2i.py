@@ -17,7 +17,6 @@ resolution, and writes `metrics.json`, `per_image.csv`, `summary.md` and `grids/
 The segmenter is also run on the real images: its score there is the ceiling the generated images can reach.
 """
 import csv
-import json
 import sys
 from pathlib import Path
 
@@ -28,11 +27,12 @@ import torch
 import torchvision.transforms.functional as TF
 from tqdm.auto import tqdm
 
+from ether_diffusion import checks
 from ether_diffusion.ade20k import ADE20KDataset
 from ether_diffusion.control import S2IPipeline
 from ether_diffusion.devices import TORCH_DTYPES
 from ether_diffusion.errors import ArgumentParser, UserError, run_cli
-from ether_diffusion.files import load_rgb, save_image
+from ether_diffusion.files import load_rgb, save_image, write_text
 from ether_diffusion.grids import image_grid, save_grid
 from evaluate import harness
 from evaluate.harness import fmt
@@ -66,8 +66,8 @@ def parse_args(argv=None):
     parser.add_argument("--skip_generation", action="store_true", help="only score the images already in --output_dir")
     parser.add_argument("--skip_metrics", action="store_true", help="only generate")
     args = parser.parse_args(argv)
-    if args.limit is not None and args.limit < 1:
-        raise UserError(f"--limit must be at least 1, got {args.limit}")
+    harness.check_common_args(args)
+    checks.at_least(args, 1, "limit", "batch_size")
     if not args.skip_generation and (args.pretrained_model_name_or_path is None or args.control_dir is None):
         raise UserError("--pretrained_model_name_or_path and --control_dir are needed to generate "
                         "(or pass --skip_generation to score existing images)")
@@ -164,11 +164,15 @@ def score(args, dataset, device):
     metrics = {key: generated_scores.compute()[key] for key in ("miou", "accuracy")}
     metrics["fid"] = float(fid.compute()) if scored >= 2 else float("nan")
     metrics.update({f"real_{key}": real_scores.compute()[key] for key in ("miou", "accuracy")})
-    return metrics, rows, black
+    unlabelled = "the label maps have no labelled pixels (all 0)"
+    segmented = f"all {len(dataset)} generated images are all-black, so none was segmented" if not scored else unlabelled
+    reasons = {"miou": segmented, "accuracy": segmented, "real_miou": unlabelled, "real_accuracy": unlabelled,
+               "fid": f"{scored} generated image(s) are not all-black: FID needs at least 2"}
+    return *harness.without_nan(metrics, reasons), rows, black
 
 
 # ---------------------------------------------------------------------------------------------- reports
-def write_reports(args, dataset, metrics, rows, black):
+def write_reports(args, dataset, metrics, not_computed, rows, black):
     output_dir = Path(args.output_dir)
     with open(output_dir / "per_image.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=["name", "caption", "black", "miou", "accuracy"])
@@ -179,10 +183,11 @@ def write_reports(args, dataset, metrics, rows, black):
     settings = {k: getattr(args, k) for k in ("dataset", "caption_file", "pretrained_model_name_or_path", "control_dir",
                                               "limit", "resolution", "seed", "num_inference_steps", "guidance_scale",
                                               "segmenter", "inception")}
-    report = {"metrics": metrics, "images": len(dataset), "black_skipped": black, "settings": settings,
+    report = {"metrics": metrics, "not_computed": not_computed, "images": len(dataset), "black_skipped": black,
+              "settings": settings,
               "definitions": "mIoU/accuracy summed over all images (label 0 ignored, 150 classes); FID vs the "
                              "cropped real validation images at the same resolution; real_* = segmenter on real images"}
-    (output_dir / "metrics.json").write_text(json.dumps(report, indent=2) + "\n")
+    harness.write_json(output_dir / "metrics.json", report)
 
     rows_md = ["| method | #params | mIoU (%) | Acc (%) | FID |", "|---|---|---|---|---|"]
     rows_md += [f"| {m} (paper Table 3) | {p} | {miou:.1f} | {acc:.1f} | {fid:.1f} |" for m, p, miou, acc, fid in TABLE_3]
@@ -198,10 +203,11 @@ def write_reports(args, dataset, metrics, rows, black):
         "mIoU and pixel accuracy are summed over the whole set (150 classes, label 0 ignored, accuracy over "
         "labelled pixels); FID compares with the real validation images cropped the same way.",
         f"Segmenter `{args.segmenter}`; FID features `{args.inception}`.",
-        f"Paper rows: {PAPER}, measured with UperNet-101 on SD-1.5; comparable only when run the same way.", "",
+        f"Paper rows: {PAPER}, measured with UperNet-101 on SD-1.5; comparable only when run the same way.",
+        *(f"Not computed: {name}: {why}." for name, why in not_computed.items()), "",
         "Per image: `per_image.csv`; grids (map | generated | real): `grids/`.", "",
     ]
-    (output_dir / "summary.md").write_text("\n".join(summary))
+    write_text(output_dir / "summary.md", "\n".join(summary))
     return report
 
 
@@ -225,8 +231,8 @@ def main(argv=None):
     dataset = load_dataset(args)
 
     def report(device):
-        metrics, rows, black = score(args, dataset, device)
-        result = write_reports(args, dataset, metrics, rows, black)
+        metrics, not_computed, rows, black = score(args, dataset, device)
+        result = write_reports(args, dataset, metrics, not_computed, rows, black)
         write_grids(args, dataset)
         return result
 

@@ -14,8 +14,9 @@ from pathlib import Path
 
 from ether_diffusion.checkpoints import list_checkpoints
 from ether_diffusion.errors import UserError
-from ether_diffusion.files import json_safe, read_json, save_json
+from ether_diffusion.files import read_json
 from ether_diffusion.training import TRAIN_LOG
+from evaluate.harness import write_json
 
 SELECTION = "selection.json"
 SCORES_DIR = "selection"
@@ -87,8 +88,8 @@ def select(run_dir, select_every: int, criterion: Criterion, score, subset: str)
         cache = run_dir / SCORES_DIR / f"step-{step}.json"
         metrics = read_json(cache)
         if metrics is None:
-            metrics = json_safe(score(step, folder))  # as it reads back from the file
-            save_json(metrics, cache)
+            metrics = score(step, folder)  # the evaluators' metrics: None where not computed, never NaN
+            write_json(cache, metrics)
         rows.append({"step": step, "path": _relative(folder, run_dir), "metrics": metrics,
                      "score": criterion.score(metrics)})
     # the best score, the earliest step on a tie; an unscored candidate only when no candidate has a score
@@ -99,7 +100,7 @@ def select(run_dir, select_every: int, criterion: Criterion, score, subset: str)
         "candidates": rows,
         "selected": {"step": best["step"], "path": best["path"]},
     }
-    save_json(record, run_dir / SELECTION)
+    write_json(run_dir / SELECTION, record)
     return record
 
 

@@ -14,12 +14,14 @@ Numbers computed with them mean nothing; they prove the plumbing. `python -m eva
 writes them and prints the paths.
 """
 import json
-import sys
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
+from ether_diffusion import checks
+from ether_diffusion.errors import ArgumentParser, run_cli
+from ether_diffusion.files import check_output_folder
 from evaluate.metrics.fid import ConvFeatures, save_conv_features
 from evaluate.metrics.perceptual import save_lpips
 
@@ -92,8 +94,17 @@ def write_tiny_backbones(root, seed: int = 0) -> dict[str, Path]:
     return paths
 
 
-if __name__ == "__main__":
-    if len(sys.argv) != 2:
-        sys.exit("usage: python -m evaluate.tiny_backbones OUTPUT_DIR")
-    for name, path in write_tiny_backbones(sys.argv[1]).items():
+def main(argv=None):
+    parser = ArgumentParser(prog="python -m evaluate.tiny_backbones",
+                            description="Write tiny random stand-ins for the evaluation backbones (plumbing tests only).")
+    parser.add_argument("output_dir", help="folder to write dino/, clip/, lpips/, upernet/ and inception/ into")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    check_output_folder(args.output_dir, "output_dir")
+    checks.seed(args, "seed")
+    for name, path in write_tiny_backbones(args.output_dir, seed=args.seed).items():
         print(f"{name}: {path}")
+
+
+if __name__ == "__main__":
+    run_cli(main)

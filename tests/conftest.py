@@ -7,6 +7,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import pytest
 import torch
 
+import dreambooth_photos
 import user_errors
 from ether_diffusion.builtin import resolve_model_path
 
@@ -20,6 +21,17 @@ def pytest_configure(config):
 def pytest_runtest_makereport(item, call):
     outcome = yield
     user_errors.collect(item, outcome.get_result())
+
+
+def pytest_terminal_summary(terminalreporter):
+    for line in dreambooth_photos.summary_lines():  # never a silent skip: say what ran on the small copy
+        terminalreporter.write_line(line, yellow=True)
+
+
+@pytest.fixture
+def whole_dreambooth(request):
+    """The whole DreamBooth dataset, or the copy in tests/data/dreambooth (and the run's summary says so)."""
+    return dreambooth_photos.whole_dataset(request.node.nodeid)
 
 
 def pytest_sessionfinish(session):
@@ -53,13 +65,3 @@ def unet_inputs():
         torch.tensor([10, 700]),
         torch.randn(2, 7, 32, generator=g),
     )
-
-
-@pytest.fixture(scope="session")
-def shared_dir():
-    """The project's shared/ folder (datasets), which sits beside the repository (../shared)."""
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[2] / "shared"
-    assert (path / "datasets").is_dir(), f"shared datasets not found at {path}"
-    return path

@@ -8,8 +8,10 @@ import torch.nn as nn
 from ether_diffusion import AdapterConfig, inject_adapters, merge_adapters
 from ether_diffusion.adapters import (CONTROL_TARGETS, METHODS, adapter_modules, adapter_parameters,
                                       count_adapter_parameters)
-from ether_diffusion.errors import UserError
 from ether_diffusion.tiny_sd import build_sd15_unet
+from user_errors import refused
+
+API = "Python API (AdapterConfig/inject_adapters)"
 
 BLOCK_METHODS = ("ether", "ether+", "oft", "naive")
 
@@ -236,22 +238,27 @@ def test_sd15_control_targets_count():
         assert count_adapter_parameters(unet) == expected
 
 
+@pytest.mark.user_error("an n_blocks that does not divide a layer's width", tool=API)
 def test_indivisible_width_names_the_layer(tiny_unet):
-    with pytest.raises(UserError, match=r"down_blocks\.0\.attentions\.0\.transformer_blocks\.0\.attn1\.to_q: input size 32 is not divisible by n_blocks=3"):
+    with refused(r"down_blocks\.0\.attentions\.0\.transformer_blocks\.0\.attn1\.to_q: input size 32 is not divisible by n_blocks=3"):
         inject_adapters(tiny_unet, AdapterConfig(method="ether", n_blocks=3))
     # nothing was wrapped: the error comes before any change
     assert adapter_modules(tiny_unet) == []
 
 
+@pytest.mark.user_error("unknown method, n_blocks 0, alpha NaN, no matching target, a conv target, injecting twice",
+                        tool=API)
 def test_config_and_target_errors(tiny_unet):
-    with pytest.raises(UserError, match="unknown method 'dora'"):
+    with refused("unknown method 'dora'"):
         AdapterConfig(method="dora")
-    with pytest.raises(UserError, match="n_blocks must be a positive integer"):
+    with refused("n_blocks must be a positive integer"):
         AdapterConfig(n_blocks=0)
-    with pytest.raises(UserError, match="no layer of the model matches"):
+    with refused(r"alpha must be a positive number \(or None: alpha = rank\), got nan"):
+        AdapterConfig(method="lora", alpha=float("nan"))
+    with refused("no layer of the model matches"):
         inject_adapters(tiny_unet, AdapterConfig(target_modules=["to_nothing"]))
-    with pytest.raises(UserError, match="not a Linear"):
+    with refused("not a Linear"):
         inject_adapters(tiny_unet, AdapterConfig(target_modules=["conv_in"]))
     inject_adapters(tiny_unet, AdapterConfig())
-    with pytest.raises(UserError, match="already has adapters"):
+    with refused("already has adapters"):
         inject_adapters(tiny_unet, AdapterConfig())

@@ -8,8 +8,10 @@ from PIL import Image
 
 from ether_diffusion.ade20k import (NUM_CLASSES, ADE20KDataset, caption_from_labels, colorize, colors_to_labels,
                                     load_control_map, load_palette)
-from ether_diffusion.errors import UserError
 from ether_diffusion.tiny_ade20k import write_tiny_ade20k
+from user_errors import refused
+
+S2I = "train_controlnet_s2i.py, evaluate/s2i.py (ADE20K reader)"
 
 ROAD, SKYSCRAPER = 7, 49
 
@@ -45,12 +47,12 @@ def test_palette_round_trip_labels_colors_labels():
 def test_unknown_colour_is_named():
     rgb = colorize(np.ones((4, 5), dtype=np.uint8))
     rgb[2, 3] = (1, 2, 3)
-    with pytest.raises(UserError, match=r"map.png: colour \(1, 2, 3\) at pixel \(x=3, y=2\) is not in the ADE20K palette"):
+    with refused(r"map.png: colour \(1, 2, 3\) at pixel \(x=3, y=2\) is not in the ADE20K palette"):
         colors_to_labels(rgb, source="map.png")
 
 
 def test_label_above_150_is_named():
-    with pytest.raises(UserError, match="m.png: label 151 is above 150"):
+    with refused("m.png: label 151 is above 150"):
         colorize(np.array([[0, 151]]), source="m.png")
 
 
@@ -163,7 +165,7 @@ def test_conditioning_is_rgb_reads_coloured_maps(ade, tmp_path):
         torch.testing.assert_close(coloured[i]["conditioning_pixel_values"], item["conditioning_pixel_values"])
         assert torch.equal(coloured[i]["labels"], item["labels"])
     # without the flag an RGB map is refused with a hint
-    with pytest.raises(UserError, match="ADE_train_00000001.png: a RGB image is not a label map.*--conditioning_is_rgb"):
+    with refused("ADE_train_00000001.png: a RGB image is not a label map.*--conditioning_is_rgb"):
         plain[0]
 
 
@@ -174,24 +176,24 @@ def test_label_above_150_names_the_file(ade):
     Image.fromarray(labels).save(ade / "annotations/training/ADE_train_00000002.png")
     ds = ADE20KDataset(ade, "train", resolution=32)
     ds[0]
-    with pytest.raises(UserError, match="ADE_train_00000002.png: label 151 is above 150"):
+    with refused("ADE_train_00000002.png: label 151 is above 150"):
         ds[1]
-    with pytest.raises(UserError, match="ADE_train_00000002.png: label 151 is above 150"):
+    with refused("ADE_train_00000002.png: label 151 is above 150"):
         ds.check_maps()  # what a trainer calls before it writes anything
 
 
 def test_image_without_annotation_is_named(ade):
     (ade / "annotations/training/ADE_train_00000003.png").unlink()
-    with pytest.raises(UserError, match="image .*ADE_train_00000003.jpg has no annotation .*ADE_train_00000003.png"):
+    with refused("image .*ADE_train_00000003.jpg has no annotation .*ADE_train_00000003.png"):
         ADE20KDataset(ade, "train", resolution=32)
 
 
 def test_map_size_differs_from_image(ade):
     Image.fromarray(np.ones((48, 64), dtype=np.uint8)).save(ade / "annotations/training/ADE_train_00000001.png")
     ds = ADE20KDataset(ade, "train", resolution=32)
-    with pytest.raises(UserError, match="ADE_train_00000001.png: map size 64x48 differs from its image's 64x64"):
+    with refused("ADE_train_00000001.png: map size 64x48 differs from its image's 64x64"):
         ds[0]
-    with pytest.raises(UserError, match="ADE_train_00000001.png: map size 64x48 differs from its image's 64x64"):
+    with refused("ADE_train_00000001.png: map size 64x48 differs from its image's 64x64"):
         ds.check_maps()
 
 
@@ -202,7 +204,7 @@ def test_unknown_colour_in_rgb_map_names_the_file(ade):
     rgb[5, 6] = (1, 2, 3)
     Image.fromarray(rgb).save(ade / "annotations/training/ADE_train_00000004.png")
     ds = ADE20KDataset(ade, "train", resolution=32, conditioning_is_rgb=True)
-    with pytest.raises(UserError, match=r"ADE_train_00000004.png: colour \(1, 2, 3\) at pixel \(x=6, y=5\)"):
+    with refused(r"ADE_train_00000004.png: colour \(1, 2, 3\) at pixel \(x=6, y=5\)"):
         ds[3]
 
 
@@ -210,27 +212,29 @@ def test_caption_line_not_json_names_the_line(ade):
     lines = open(ade / "metadata.jsonl").read().splitlines()
     lines[2] = '{"file_name": "ADE_train_00000003.jpg", "text": oops}'
     (ade / "metadata.jsonl").write_text("\n".join(lines) + "\n")
-    with pytest.raises(UserError, match=r"metadata.jsonl line 3 is not JSON"):
+    with refused(r"metadata.jsonl line 3 is not JSON"):
         ADE20KDataset(ade, "train", resolution=32, caption_file=ade / "metadata.jsonl")
 
 
+@pytest.mark.user_error("a caption line without file_name and text", tool=S2I)
 def test_caption_line_without_fields_names_the_line(ade):
     (ade / "metadata.jsonl").write_text('{"file_name": "ADE_train_00000001.jpg", "text": "a"}\n["x"]\n')
-    with pytest.raises(UserError, match=r"metadata.jsonl line 2: expected"):
+    with refused(r"metadata.jsonl line 2: expected"):
         ADE20KDataset(ade, "train", resolution=32, caption_file=ade / "metadata.jsonl")
 
 
 def test_caption_file_name_without_image(ade):
     with open(ade / "metadata.jsonl", "a") as f:
         f.write(json.dumps({"file_name": "ADE_train_00000099.jpg", "text": "ghost"}) + "\n")
-    with pytest.raises(UserError, match=r"metadata.jsonl line 7: file_name 'ADE_train_00000099.jpg' has no image"):
+    with refused(r"metadata.jsonl line 7: file_name 'ADE_train_00000099.jpg' has no image"):
         ADE20KDataset(ade, "validation", resolution=32, caption_file=ade / "metadata.jsonl")
 
 
+@pytest.mark.user_error("a dataset folder without images/training, a missing caption file, an unknown split", tool=S2I)
 def test_missing_folders_and_caption_file(ade, tmp_path):
-    with pytest.raises(UserError, match="images/training does not exist"):
+    with refused("images/training does not exist"):
         ADE20KDataset(tmp_path / "nowhere", "train", resolution=32)
-    with pytest.raises(UserError, match="caption file .*missing.jsonl does not exist"):
+    with refused("caption file .*missing.jsonl does not exist"):
         ADE20KDataset(ade, "train", resolution=32, caption_file=ade / "missing.jsonl")
-    with pytest.raises(UserError, match="unknown split 'test'"):
+    with refused("unknown split 'test'"):
         ADE20KDataset(ade, "test", resolution=32)

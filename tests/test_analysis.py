@@ -122,6 +122,25 @@ def test_dense_h_cost_falls_with_n_and_ether_avoids_the_weight_gradient():
     assert ours[1] == ours[4] == ours[32] == 12 * t * d
 
 
+def test_ether_plus_flops_are_the_reflections_for_every_n():
+    """SD-1.5's 1280-wide self-attention at 256 tokens (blocks of 1280 / 32 = 40 >= ether.GROUP_WIDTH): the
+    frozen layer's count plus the reflections' 8 t (in + out) forward and twice that backward, for every n."""
+    t, d = 256, 1280
+    frozen = _sd_attention_layer(tokens=t, width=d)
+    for n in (1, 4, 32):
+        assert _sd_attention_layer("ether+", n, tokens=t, width=d) - frozen == 24 * t * (d + d)
+
+
+def test_narrow_ether_plus_blocks_are_grouped_at_a_known_flop_cost():
+    """320 wide, n = 32: blocks of 10 run as block-diagonal groups of 4 (40 wide), which multiply the
+    reflections' FLOPs (not the layer's) by 4: the price of faster kernels, chosen by measurement."""
+    from ether_diffusion.adapters import ether
+
+    t, d = 64, 320
+    assert ether._Blocks(32, d // 32, 2).group == 4
+    assert _sd_attention_layer("ether+", 32, tokens=t) - _sd_attention_layer(tokens=t) == 4 * 24 * t * (d + d)
+
+
 def test_dense_h_reference_computes_the_same_layer():
     torch.manual_seed(0)
     holder = nn.Module()

@@ -10,10 +10,13 @@ from ether_diffusion.ade20k import colorize
 from ether_diffusion.control import (ENCODER_CONFIG, ENCODER_WEIGHTS, ControlledConvIn, S2IPipeline,
                                      attach_control_encoder, detach_control_encoder, load_control_encoder,
                                      make_control_encoder, save_control_encoder, use_control)
-from ether_diffusion.errors import UserError
 from ether_diffusion.grids import control_grid
 from ether_diffusion.pipelines import load_pipeline
 from ether_diffusion.tiny_sd import build_sd15_unet
+from user_errors import refused
+
+API = "Python API (ether_diffusion.control)"
+CONTROL = "evaluate/s2i.py --control_dir, S2IPipeline.from_output"
 
 TINY_FACTOR = 4  # tiny SD: 32 px images, 8x8 latents
 
@@ -53,13 +56,15 @@ def test_sd15_encoder_is_controlnets_block():
     assert out.shape == (1, 320, 8, 8)  # 512 px -> 64x64 latents, scaled down
 
 
+@pytest.mark.user_error("a model whose VAE factor is not a power of 2, or encoder blocks that do not match it",
+                        tool=API)
 def test_encoder_downsampling_follows_the_vae_factor(tiny_unet):
     encoder = make_control_encoder(tiny_unet, scale_factor=TINY_FACTOR)
     assert [c.stride[0] for c in encoder.blocks].count(2) == 2
     assert encoder(torch.rand(2, 3, 32, 32)).shape == (2, 32, 8, 8)
-    with pytest.raises(UserError, match="VAE scale factor 6"):
+    with refused("VAE scale factor 6"):
         make_control_encoder(tiny_unet, scale_factor=6)
-    with pytest.raises(UserError, match=r"downsample by 8, the VAE by 4"):
+    with refused(r"downsample by 8, the VAE by 4"):
         make_control_encoder(tiny_unet, scale_factor=4, block_out_channels=(8, 8, 8, 8))
 
 
@@ -100,20 +105,21 @@ def test_control_is_tiled_over_the_cfg_batch(tiny_unet):
         controlled(latents)
 
 
+@pytest.mark.user_error("attaching a second control encoder, or one of another width", tool=API)
 def test_attach_and_detach(tiny_unet, unet_inputs):
     conv_in = tiny_unet.conv_in
     encoder = make_control_encoder(tiny_unet, TINY_FACTOR)
     attach_control_encoder(tiny_unet, encoder)
     assert tiny_unet.conv_in.encoder is encoder
     assert any(p is encoder.conv_out.weight for p in tiny_unet.parameters())  # moves and syncs with the UNet
-    with pytest.raises(UserError, match="already has a control encoder"):
+    with refused("already has a control encoder"):
         attach_control_encoder(tiny_unet, encoder)
     with use_control(tiny_unet, _control(2)):
         pass
     assert tiny_unet.conv_in.control is None  # the control does not outlive the block
     assert detach_control_encoder(tiny_unet) is encoder and tiny_unet.conv_in is conv_in
     wrong = make_control_encoder(build_sd15_unet(), 4)  # 320 channels for a 32-channel conv_in
-    with pytest.raises(UserError, match="outputs 320 channels, the UNet's conv_in 32"):
+    with refused("outputs 320 channels, the UNet's conv_in 32"):
         attach_control_encoder(tiny_unet, wrong)
 
 
@@ -138,16 +144,18 @@ def test_save_and_load_encoder(tiny_unet, tmp_path):
         assert torch.equal(a, b), name
 
 
+@pytest.mark.user_error("a control folder without the encoder, a config not matching its weights, or a broken config",
+                        tool=CONTROL)
 def test_load_encoder_errors(tiny_unet, tmp_path):
-    with pytest.raises(UserError, match=f"{ENCODER_WEIGHTS} does not exist"):
+    with refused(f"{ENCODER_WEIGHTS} does not exist"):
         load_control_encoder(tmp_path)
     save_control_encoder(make_control_encoder(tiny_unet, TINY_FACTOR), tmp_path)
     config = json.loads((tmp_path / ENCODER_CONFIG).read_text())
     (tmp_path / ENCODER_CONFIG).write_text(json.dumps({**config, "block_out_channels": [16, 32, 64]}))
-    with pytest.raises(UserError, match=f"{ENCODER_WEIGHTS} does not match .*{ENCODER_CONFIG}"):
+    with refused(f"{ENCODER_WEIGHTS} does not match .*{ENCODER_CONFIG}"):
         load_control_encoder(tmp_path)
     (tmp_path / ENCODER_CONFIG).write_text("{oops")
-    with pytest.raises(UserError, match=f"{ENCODER_CONFIG}: not a control encoder config"):
+    with refused(f"{ENCODER_CONFIG}: not a control encoder config"):
         load_control_encoder(tmp_path)
 
 
@@ -166,6 +174,7 @@ def test_pipeline_at_step_zero_matches_stable_diffusion():
     assert np.array_equal(plain, controlled)
 
 
+@pytest.mark.user_error("S2IPipeline with more control images than prompts", tool=API)
 def test_pipeline_cfg_sees_the_map_in_both_halves():
     pipe = load_pipeline("builtin:tiny-sd")
     s2i = S2IPipeline(pipe, _perturb(make_control_encoder(pipe.unet, pipe.vae_scale_factor)))
@@ -187,7 +196,7 @@ def test_pipeline_cfg_sees_the_map_in_both_halves():
     other = _images(s2i, prompt=["a bedroom", "a street"], control_image=maps[::-1], guidance_scale=5.0,
                     num_images_per_prompt=2)
     assert not np.array_equal(images, other)  # the map changes the picture
-    with pytest.raises(UserError, match="3 control images for 2 prompts"):
+    with refused("3 control images for 2 prompts"):
         s2i(prompt=["a", "b"], control_image=_maps(3), num_inference_steps=1)
 
 
@@ -210,5 +219,5 @@ def test_pipeline_from_output_folder(tmp_path):
     assert np.array_equal(np.asarray(grid)[:, :32], np.asarray(_maps(1)[0]))  # map | generated
     assert np.array_equal(np.asarray(grid)[:, 32:], in_memory[0])
     (tmp_path / ENCODER_WEIGHTS).unlink()
-    with pytest.raises(UserError, match=f"{ENCODER_WEIGHTS} does not exist"):
+    with refused(f"{ENCODER_WEIGHTS} does not exist"):
         S2IPipeline.from_output("builtin:tiny-sd", tmp_path)

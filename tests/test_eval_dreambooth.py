@@ -1,5 +1,6 @@
 """evaluate/dreambooth.py end to end on the tiny SD and the offline stand-in backbones."""
 import csv
+import functools
 import json
 import os
 import shutil
@@ -8,8 +9,11 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
 
+from dreambooth_photos import COPY
+from user_errors import case, record
 from ether_diffusion import AdapterConfig, inject_adapters, save_adapter
 from ether_diffusion.errors import run_cli
 from evaluate import dreambooth
@@ -17,8 +21,9 @@ from evaluate.protocol import PROMPTS_FILE
 from evaluate.tiny_backbones import write_tiny_backbones
 
 REPO = Path(__file__).resolve().parents[1]
-DATASET = REPO.parent / "shared" / "datasets" / "dreambooth"
+DATASET = COPY  # the dog and cat photos of tests/data/dreambooth
 SUBJECTS, PROMPTS, PER_PROMPT = ("dog", "cat"), (0, 1), 2
+TOOL = "evaluate/dreambooth.py"
 
 
 @pytest.fixture(scope="module")
@@ -139,16 +144,17 @@ def _run_cli(argv):
     return exit_info.value.code
 
 
+@pytest.mark.user_error("an adapter missing for one subject", tool=TOOL)
 def test_missing_adapter_is_a_clear_error(setup, tmp_path, capsys):
     adapters = tmp_path / "adapters"
     shutil.copytree(setup["adapters"] / "dog", adapters / "dog")  # no cat adapter
     assert _run_cli(_args(setup, tmp_path / "out", extra=["--adapters", str(adapters)])) == 2
-    err = capsys.readouterr().err
+    err = _line(capsys)
     assert f"error: missing adapter for subject cat: {adapters / 'cat' / 'adapter.safetensors'} does not exist" in err
-    assert "Traceback" not in err
     assert not (tmp_path / "out" / "dog").exists()  # stopped before generating anything
 
 
+@pytest.mark.user_error("a corrupt real photo in the dataset", tool=TOOL)
 def test_corrupt_real_image_is_a_clear_error(setup, tmp_path, capsys):
     dataset = tmp_path / "data"
     dataset.mkdir()
@@ -159,11 +165,92 @@ def test_corrupt_real_image_is_a_clear_error(setup, tmp_path, capsys):
         Image.new("RGB", (16, 16), "gray").save(dataset / name / "00.jpg")
     (dataset / "cat" / "01.jpg").write_bytes(b"not a jpeg")
     assert _run_cli(_args(setup, tmp_path / "out", dataset=dataset, extra=["--adapters", str(setup["adapters"])])) == 2
-    err = capsys.readouterr().err
+    err = _line(capsys)
     assert f"error: {dataset / 'cat' / '01.jpg'}: cannot read image" in err
     assert not (tmp_path / "out" / "dog").exists()
 
 
+@pytest.mark.user_error("--skip_generation before the images were generated", tool=TOOL)
 def test_incomplete_generation_is_a_clear_error_when_scoring(setup, tmp_path, capsys):
     assert _run_cli(_args(setup, tmp_path / "out", extra=["--skip_generation"])) == 2
-    assert "generation is incomplete for dog prompt 0" in capsys.readouterr().err
+    assert "generation is incomplete for dog prompt 0" in _line(capsys)
+
+
+def _line(capsys) -> str:
+    """The error line a failed run printed last (after any progress bars), recorded for docs/user_errors.md."""
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("error: ")
+    return record(last)
+
+
+bad = functools.partial(case, tool=TOOL)
+
+
+@pytest.mark.parametrize("extra, message", [
+    bad(["--num_inference_steps", "0"], "--num_inference_steps must be at least 1, got 0", "--num_inference_steps 0"),
+    bad(["--resolution", "30"], "--resolution 30 is not a positive multiple of 8", "--resolution 30"),
+    bad(["--output_dir", "{tmp}/a-file"], "--output_dir {tmp}/a-file is a file, not a folder", "--output_dir naming a file"),
+    bad(["--images_per_prompt", "0"], "--images_per_prompt must be at least 1, got 0", "--images_per_prompt 0"),
+    bad(["--lpips_resolution", "16"], "--lpips_resolution must be at least 32, got 16",
+        "--lpips_resolution below what LPIPS accepts"),
+    bad(["--seed", "-1"], "--seed must be in [0, 2**32), got -1", "a negative --seed"),
+    bad(["--guidance_scale", "nan"], "--guidance_scale must be a finite number, got nan", "--guidance_scale nan"),
+    bad(["--subjects", ","], "--subjects ',' names no subject", "--subjects that names none"),
+    bad(["--prompts", ","], "--prompts ',' names no prompt index", "--prompts that names none"),
+])
+def test_bad_numbers_and_paths_are_one_line(setup, tmp_path, capsys, extra, message):
+    (tmp_path / "a-file").write_text("x")
+    argv = _args(setup, tmp_path / "out", extra=["--adapters", str(setup["adapters"])])
+    argv += [e.format(tmp=tmp_path) for e in extra]  # the later flag wins
+    assert _run_cli(argv) == 2
+    assert _line(capsys) == f"error: {message.format(tmp=tmp_path)}"
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.user_error("an adapter with NaN values (black images, NaN in metrics.json)", tool=TOOL)
+def test_a_nan_adapter_is_refused(setup, tmp_path, capsys):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    good = setup["adapters"] / "dog" / "adapter.safetensors"
+    with safe_open(str(good), framework="pt") as f:
+        header, state = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    state = {k: torch.full_like(v, float("nan")) for k, v in state.items()}
+    adapters = tmp_path / "adapters"
+    (adapters / "dog").mkdir(parents=True)
+    save_file(state, str(adapters / "dog" / "adapter.safetensors"), metadata=header)
+    assert _run_cli(_args(setup, tmp_path / "out", subjects=["dog"], extra=["--adapters", str(adapters)])) == 2
+    line = _line(capsys)
+    assert line.startswith(f"error: {adapters / 'dog' / 'adapter.safetensors'}: tensor ") and "NaN/inf values" in line
+    assert not list((tmp_path / "out").glob("dog/*/*.png"))
+
+
+def _strict_json(path):
+    def refuse(token):
+        raise ValueError(f"{path} holds {token}, which is not JSON")
+
+    return json.loads(path.read_text(), parse_constant=refuse)
+
+
+def test_metrics_nothing_was_scored_for_are_null_with_the_reason(two_process_run, setup, tmp_path):
+    output_dir = tmp_path / "out"
+    shutil.copytree(two_process_run[0], output_dir)
+    for image in output_dir.glob("*/*/*.png"):
+        Image.new("RGB", (32, 32)).save(image)  # every generated image all-black, as a diverged adapter draws
+    dreambooth.main(_args(setup, output_dir, extra=["--skip_generation"]))
+    report = _strict_json(output_dir / "metrics.json")
+    assert report["metrics"] == dict.fromkeys(dreambooth.METRICS)
+    assert report["not_computed"] == dict.fromkeys(dreambooth.METRICS, "all 8 generated images are all-black, so none "
+                                                                       "was scored")
+    assert "Not computed: dino: all 8 generated images are all-black" in (output_dir / "summary.md").read_text()
+
+
+def test_a_metric_without_pairs_is_null_and_the_rest_are_numbers(two_process_run, setup, tmp_path):
+    output_dir = tmp_path / "out"
+    shutil.copytree(two_process_run[0], output_dir)
+    report = dreambooth.main(_args(setup, output_dir, extra=["--skip_generation", "--images_per_prompt", "1"]))
+    assert report["metrics"]["lpips_diversity"] is None and report["metrics"]["dino"] is not None
+    assert list(report["not_computed"]) == ["lpips_diversity"]
+    assert _strict_json(output_dir / "metrics.json")["not_computed"]["lpips_diversity"].startswith("no prompt has two")

@@ -6,11 +6,15 @@ import pytest
 import torch
 from PIL import Image
 
-from ether_diffusion.errors import UserError
+from ether_diffusion.errors import run_cli
+from evaluate import tiny_backbones
 from evaluate.tiny_backbones import write_tiny_backbones
 from evaluate.metrics import (ClipEmbedder, DinoEmbedder, LpipsDistance, SegmentationScores, UperNetSegmenter,
                               cosine_matrix, is_all_black, load_fid_features, load_lpips, make_fid)
 from evaluate.metrics.similarity import parse_clip_spec
+from user_errors import record, refused
+
+EVALUATORS = "evaluate/dreambooth.py, evaluate/s2i.py"
 
 
 @pytest.fixture(scope="module")
@@ -52,30 +56,48 @@ def test_clip_text_features_and_raw_cosine(backbones):
     assert not torch.allclose(sims[:, 0], sims[:, 1])
 
 
+@pytest.mark.user_error("a --clip value without :PRETRAINED, or an unknown pretrained tag", tool=EVALUATORS)
 def test_clip_spec_forms(tmp_path):
     assert parse_clip_spec("ViT-L-14:openai") == ("ViT-L-14", "openai")
     assert parse_clip_spec("ViT-L-14:/w/clip.safetensors") == ("ViT-L-14", "/w/clip.safetensors")
     assert parse_clip_spec("hf-hub:laion/x") == ("hf-hub:laion/x", None)
     assert parse_clip_spec(str(tmp_path)) == (f"local-dir:{tmp_path}", None)
-    with pytest.raises(UserError, match="MODEL:PRETRAINED"):
+    with refused("MODEL:PRETRAINED"):
         parse_clip_spec("ViT-L-14")
-    with pytest.raises(UserError, match="no pretrained tag 'nope'"):
+    with refused("no pretrained tag 'nope'"):
         ClipEmbedder("ViT-L-14:nope")
 
 
+@pytest.mark.user_error("backbone paths that do not load (--dino, --lpips_net, --segmenter, --inception)",
+                        tool=EVALUATORS)
 def test_backbone_paths_that_do_not_load_are_user_errors(tmp_path):
-    with pytest.raises(UserError, match="--dino"):
+    with refused("--dino"):
         DinoEmbedder(str(tmp_path / "missing"))
-    with pytest.raises(UserError, match="--lpips_net"):
+    with refused("--lpips_net"):
         load_lpips(str(tmp_path))  # a folder without lpips_config.json
-    with pytest.raises(UserError, match="--segmenter"):
+    with refused("--segmenter"):
         UperNetSegmenter(str(tmp_path / "missing"))
-    with pytest.raises(UserError, match="no such file"):
+    with refused("no such file"):
         load_fid_features(str(tmp_path / "missing.pth"))
     wrong = tmp_path / "wrong.pth"
     torch.save({"conv.weight": torch.zeros(2, 2)}, wrong)
-    with pytest.raises(UserError, match="not torch-fidelity's InceptionV3 weights"):
+    with refused("not torch-fidelity's InceptionV3 weights"):
         load_fid_features(str(wrong))
+
+
+@pytest.mark.user_error("--help (wrote a folder named --help)", tool="python -m evaluate.tiny_backbones")
+def test_tiny_backbones_command_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as e:
+        tiny_backbones.main(["--help"])
+    usage = capsys.readouterr().out.splitlines()[0]
+    assert e.value.code == 0 and usage == "usage: python -m evaluate.tiny_backbones [-h] [--seed SEED] output_dir"
+    record(usage)
+    assert list(tmp_path.iterdir()) == []  # no folder named --help
+    (tmp_path / "a-file").write_text("x")
+    with pytest.raises(SystemExit) as e:
+        run_cli(tiny_backbones.main, ["a-file"])
+    assert e.value.code == 2 and capsys.readouterr().err == "error: output_dir a-file is a file, not a folder\n"
 
 
 # ------------------------------------------------------------------------------------------- images

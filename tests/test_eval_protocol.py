@@ -1,31 +1,35 @@
 """The DreamBooth protocol as read from the dataset: subjects, classes, prompts, jobs and adapter lookup."""
-from pathlib import Path
-
 import pytest
 from PIL import Image
 
+from dreambooth_photos import COPY
 from ether_diffusion.errors import UserError
 from evaluate.harness import item_seed
 from evaluate.protocol import PROMPTS_FILE, adapters_from_dir, adapters_from_manifest, load_protocol
 
-DATASET = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "dreambooth"
-LIVE = {"cat", "cat2", "dog", "dog2", "dog3", "dog5", "dog6", "dog7", "dog8"}
+# What the whole dataset holds, and what the copy in tests/data/dreambooth keeps of it.
+WHOLE = {"subjects": 30, "live": {"cat", "cat2", "dog", "dog2", "dog3", "dog5", "dog6", "dog7", "dog8"}, "photos": 158}
+SMALL = {"subjects": 3, "live": {"cat", "dog"}, "photos": 7}
 
 
-@pytest.fixture(scope="module")
-def protocol():
-    return load_protocol(DATASET)
+@pytest.fixture
+def protocol(whole_dreambooth):
+    return load_protocol(whole_dreambooth)
+
+
+def facts(protocol):
+    return SMALL if protocol.root == COPY else WHOLE
 
 
 def test_real_dataset_subjects_and_classes(protocol):
-    assert len(protocol.subjects) == 30
-    assert {name for name, s in protocol.subjects.items() if s.live} == LIVE
-    assert sum(not s.live for s in protocol.subjects.values()) == 21
+    expected = facts(protocol)
+    assert len(protocol.subjects) == expected["subjects"]
+    assert {name for name, s in protocol.subjects.items() if s.live} == expected["live"]
+    assert sum(not s.live for s in protocol.subjects.values()) == expected["subjects"] - len(expected["live"])
     assert protocol.subjects["bear_plushie"].class_name == "stuffed animal"
-    assert protocol.subjects["pink_sunglasses"].class_name == "glasses"
     assert protocol.subjects["dog"].class_name == "dog"
     assert all(s.images and all(p.suffix == ".jpg" for p in s.images) for s in protocol.subjects.values())
-    assert sum(len(s.images) for s in protocol.subjects.values()) == 158
+    assert sum(len(s.images) for s in protocol.subjects.values()) == expected["photos"]
 
 
 def test_real_dataset_prompt_lists(protocol):
@@ -33,27 +37,27 @@ def test_real_dataset_prompt_lists(protocol):
     # the first ten and the last five are shared; 10..19 differ (accessories/outfits vs. backgrounds)
     assert protocol.object_prompts[:10] == protocol.live_prompts[:10]
     assert protocol.object_prompts[20:] == protocol.live_prompts[20:]
-    dog, backpack = protocol.jobs(["dog"]), protocol.jobs(["backpack"])
+    dog, bear = protocol.jobs(["dog"]), protocol.jobs(["bear_plushie"])
     assert dog[10].prompt("qwe") == "a qwe dog wearing a red hat"
     assert dog[19].prompt("qwe") == "a qwe dog in a purple wizard outfit"
-    assert backpack[10].prompt("qwe") == "a qwe backpack with a wheat field in the background"
-    assert backpack[24].prompt("qwe") == "a cube shaped qwe backpack"
+    assert bear[10].prompt("qwe") == "a qwe stuffed animal with a wheat field in the background"
+    assert bear[24].prompt("qwe") == "a cube shaped qwe stuffed animal"
     # without the identifier (CLIP-T's default): no double space left behind
     assert dog[0].prompt(None) == "a dog in the jungle"
-    assert protocol.jobs(["bear_plushie"])[22].prompt("") == "a shiny stuffed animal"
+    assert bear[22].prompt("") == "a shiny stuffed animal"
 
 
-def test_real_dataset_has_750_distinct_jobs(protocol):
+def test_real_dataset_has_25_distinct_jobs_per_subject(protocol):
     jobs = protocol.jobs()
-    assert len(jobs) == 750
-    assert len({(j.subject, j.prompt_index) for j in jobs}) == 750
+    assert len(jobs) == 25 * facts(protocol)["subjects"]  # 750 on the whole dataset
+    assert len({(j.subject, j.prompt_index) for j in jobs}) == len(jobs)
     for name in protocol.subjects:  # each subject's 25 prompts differ (subjects of one class share them)
         assert len({j.prompt("qwe") for j in jobs if j.subject == name}) == 25
 
 
 def test_job_subsets_and_bad_selections(protocol):
-    jobs = protocol.jobs(["cat", "teapot"], [0, 24])
-    assert [(j.subject, j.prompt_index) for j in jobs] == [("cat", 0), ("cat", 24), ("teapot", 0), ("teapot", 24)]
+    jobs = protocol.jobs(["cat", "bear_plushie"], [0, 24])
+    assert [(j.subject, j.prompt_index) for j in jobs] == [("cat", 0), ("cat", 24), ("bear_plushie", 0), ("bear_plushie", 24)]
     with pytest.raises(UserError, match="unknown subject 'cats'"):
         protocol.jobs(["cats"])
     with pytest.raises(UserError, match="prompt index 25 is out of range"):
@@ -62,15 +66,15 @@ def test_job_subsets_and_bad_selections(protocol):
 
 def test_job_seed_depends_only_on_the_job(protocol):
     full = {(j.subject, j.prompt_index): item_seed(7, j.key) for j in protocol.jobs()}
-    subset = protocol.jobs(["dog5"], [3])
-    assert item_seed(7, subset[0].key) == full[("dog5", 3)]
-    assert len(set(full.values())) == 750
+    subset = protocol.jobs(["dog"], [3])
+    assert item_seed(7, subset[0].key) == full[("dog", 3)]
+    assert len(set(full.values())) == len(full)
     assert item_seed(8, subset[0].key) != item_seed(7, subset[0].key)
 
 
 # ------------------------------------------------------------------------------------------- bad datasets
 def _write_dataset(root, classes="subject_name,class\ndog,dog\nbackpack,backpack\n", drop_section=None):
-    text = (DATASET / PROMPTS_FILE).read_text()
+    text = (COPY / PROMPTS_FILE).read_text()
     head, rest = text.split("Prompts\n", 1)
     text = "Classes\n\n" + classes + "\nPrompts\n" + rest
     if drop_section:

@@ -1,6 +1,7 @@
 """evaluate/s2i.py end to end on the tiny SD, a tiny ADE20K folder and the offline stand-in backbones."""
 import copy
 import csv
+import functools
 import json
 
 import pytest
@@ -13,8 +14,10 @@ from ether_diffusion.errors import run_cli
 from ether_diffusion.tiny_ade20k import FIXTURE_CLASSES, write_tiny_ade20k
 from evaluate import s2i
 from evaluate.tiny_backbones import write_tiny_backbones
+from user_errors import case, record
 
 TINY_FACTOR = 4  # tiny SD: 32 px images, 8x8 latents
+TOOL = "evaluate/s2i.py"
 
 
 @pytest.fixture(scope="module")
@@ -81,14 +84,18 @@ def test_black_images_are_skipped_and_counted(run, setup, tmp_path):
 
 
 def _cli(argv, capsys):
+    """The run must exit 2 with an error line last (after any progress bars); returns it, recorded for the table."""
     with pytest.raises(SystemExit) as exit_info:
         run_cli(s2i.main, argv)
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err
-    return err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("error: ")
+    return record(last)
 
 
+@pytest.mark.user_error("a --control_dir without an encoder; scoring before generating; --limit 0", tool=TOOL)
 def test_bad_inputs_are_clear_errors(setup, tmp_path, capsys):
     err = _cli(_args(setup, tmp_path / "a", extra=["--control_dir", str(tmp_path / "nothing")]), capsys)
     assert "control_encoder.safetensors does not exist" in err
@@ -96,6 +103,47 @@ def test_bad_inputs_are_clear_errors(setup, tmp_path, capsys):
     assert "ADE_val_00000001.png does not exist: generation is incomplete" in err
     err = _cli(_args(setup, tmp_path / "c", extra=["--limit", "0"]), capsys)
     assert "--limit must be at least 1" in err
+
+
+bad = functools.partial(case, tool=TOOL)
+
+
+@pytest.mark.parametrize("extra, message", [
+    bad(["--num_inference_steps", "0"], "--num_inference_steps must be at least 1, got 0", "--num_inference_steps 0"),
+    bad(["--resolution", "30"], "--resolution 30 is not a positive multiple of 8", "--resolution 30"),
+    bad(["--output_dir", "{tmp}/a-file"], "--output_dir {tmp}/a-file is a file, not a folder", "--output_dir naming a file"),
+    bad(["--batch_size", "0"], "--batch_size must be at least 1, got 0", "--batch_size 0"),
+    bad(["--seed", "4294967296"], "--seed must be in [0, 2**32), got 4294967296", "a --seed beyond 2**32"),
+    bad(["--guidance_scale", "inf"], "--guidance_scale must be a finite number, got inf", "--guidance_scale inf"),
+    bad(["--limit", "99999999999999999999"], "--limit 99999999999999999999 is too large (at most 9223372036854775807)",
+        "an integer beyond 64 bits"),
+])
+def test_bad_numbers_and_paths_are_one_line(setup, tmp_path, capsys, extra, message):
+    (tmp_path / "a-file").write_text("x")
+    argv = _args(setup, tmp_path / "out") + [e.format(tmp=tmp_path) for e in extra]  # the later flag wins
+    assert _cli(argv, capsys) == f"error: {message.format(tmp=tmp_path)}"
+    assert not (tmp_path / "out").exists()
+
+
+def test_metrics_nothing_was_scored_for_are_null_with_the_reason(run, setup, tmp_path):
+    import shutil
+
+    output_dir = tmp_path / "out"
+    shutil.copytree(run[0] / "images", output_dir / "images")
+    for image in (output_dir / "images").iterdir():
+        Image.new("RGB", (32, 32)).save(image)
+    report = s2i.main(_args(setup, output_dir, extra=["--skip_generation"]))
+    assert report["black_skipped"] == 3
+    assert report["metrics"]["miou"] is None and report["metrics"]["fid"] is None
+    assert report["not_computed"]["miou"] == "all 3 generated images are all-black, so none was segmented"
+    assert report["not_computed"]["fid"] == "0 generated image(s) are not all-black: FID needs at least 2"
+    assert report["metrics"]["real_miou"] is not None and "real_miou" not in report["not_computed"]
+
+    def refuse(token):
+        raise ValueError(f"metrics.json holds {token}, which is not JSON")
+
+    assert json.loads((output_dir / "metrics.json").read_text(), parse_constant=refuse)["metrics"] == report["metrics"]
+    assert "Not computed: fid: 0 generated image(s)" in (output_dir / "summary.md").read_text()
 
 
 class PaletteOracle:

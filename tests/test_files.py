@@ -1,20 +1,30 @@
 """Reading and writing files one way: named errors for unreadable images, nothing half-written."""
+import struct
+import zlib
+
+import numpy as np
 import pytest
 from PIL import Image
 
 from ether_diffusion.errors import UserError
-from ether_diffusion.files import build_folder_once, image_files, load_rgb, save_image
+from ether_diffusion.files import (build_folder_once, check_image_output, check_output_folder, image_files, load_rgb,
+                                   save_image, write_text)
+from user_errors import case, refused
+
+IMAGES = "every image reader (training photos, class images, evaluators)"
+SAMPLE = "python -m ether_diffusion.sample"  # (--grid out.txt and a folder: tests/test_sample.py)
 
 
+@pytest.mark.user_error("a truncated image, or a missing one", tool=IMAGES)
 def test_corrupt_image_names_the_file(tmp_path):
     bad = tmp_path / "00.jpg"
     good = tmp_path / "01.png"
     Image.new("RGB", (8, 8), "red").save(good)
     bad.write_bytes(good.read_bytes()[:40])  # a truncated PNG behind a .jpg name
     assert load_rgb(good).size == (8, 8)
-    with pytest.raises(UserError, match="00.jpg: cannot read image"):
+    with refused("00.jpg: cannot read image"):
         load_rgb(bad)
-    with pytest.raises(UserError, match="does not exist"):
+    with refused("does not exist"):
         load_rgb(tmp_path / "02.jpg")
 
 
@@ -24,6 +34,98 @@ def test_load_rgb_applies_exif_orientation(tmp_path):
     exif[0x0112] = 6  # orientation: rotate 90 degrees on display
     image.save(tmp_path / "phone.jpg", exif=exif)
     assert load_rgb(tmp_path / "phone.jpg").size == (4, 8)
+
+
+def write_png16(path, pixels: np.ndarray):
+    """A real 16-bit PNG (grey, grey+alpha, RGB or RGBA by the last axis), written by hand: PIL writes 16-bit
+    PNGs only in grey."""
+    pixels = pixels if pixels.ndim == 3 else pixels[..., None]
+    height, width, channels = pixels.shape
+    rows = b"".join(b"\x00" + pixels[y].astype(">u2").tobytes() for y in range(height))
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    colour_type = {1: 0, 2: 4, 3: 2, 4: 6}[channels]
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 16, colour_type, 0, 0, 0))
+                     + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
+    return path
+
+
+RAMP16 = np.linspace(0, 65535, 16 * 16).round().astype(np.uint16).reshape(16, 16)  # black to white
+
+
+@pytest.mark.parametrize("channels", [
+    pytest.param(1, marks=pytest.mark.user_error("a 16-bit grey PNG (read as 99.8% white)", tool=IMAGES), id="grey"),
+    pytest.param(2, id="grey+alpha"), pytest.param(3, id="RGB"), pytest.param(4, id="RGBA")])
+def test_16_bit_pngs_are_scaled_to_8_bit(tmp_path, channels):
+    """PIL reads a 16-bit grey PNG as mode I;16 and its convert("RGB") clips at 255: a ramp read 99.6% white."""
+    opaque = np.full_like(RAMP16, 65535)
+    pixels = {1: RAMP16, 2: np.stack([RAMP16, opaque], -1), 3: np.stack([RAMP16, RAMP16 // 2, 65535 - RAMP16], -1),
+              4: np.stack([RAMP16, RAMP16 // 2, 65535 - RAMP16, opaque], -1)}[channels]
+    rgb = np.asarray(load_rgb(write_png16(tmp_path / "a.png", pixels))).astype(int)
+    grey = np.round(RAMP16 / 257)
+    assert np.abs(rgb[..., 0] - grey).max() <= 1  # the ramp, not white
+    if channels >= 3:
+        assert np.abs(rgb[..., 2] - np.round((65535 - RAMP16) / 257)).max() <= 1
+
+
+@pytest.mark.user_error("a float TIFF (read as black)", tool=IMAGES)
+def test_float_tiff_in_0_to_1_is_scaled_to_8_bit(tmp_path):
+    """A float TIFF (mode F) of values 0..1 read black through convert("RGB"), which clips to 0..255."""
+    ramp = np.linspace(0, 1, 16 * 16, dtype=np.float32).reshape(16, 16)
+    Image.fromarray(ramp).save(tmp_path / "a.tif")
+    assert Image.open(tmp_path / "a.tif").mode == "F"
+    rgb = np.asarray(load_rgb(tmp_path / "a.tif"))
+    assert np.array_equal(rgb[..., 0], np.round(ramp * 255).astype(np.uint8)) and np.array_equal(rgb[..., 0], rgb[..., 1])
+
+
+@pytest.mark.parametrize("values, mode, message", [
+    case(np.full((4, 4), 3.5, np.float32), "F", "a mode F image with values 3.5..3.5, outside 0..1",
+         "a float image with values outside 0..1", tool=IMAGES),
+    case(np.array([[0.5, np.nan]], np.float32), "F", "a mode F image with NaN or infinite values",
+         "a float image with NaN pixels", tool=IMAGES),
+    case(np.array([[0, 1 << 20]], np.int32), "I", r"a mode I image with values 0..1.04858e\+06, outside 0..65535",
+         "a 32-bit integer image beyond 16-bit values", tool=IMAGES),
+])
+def test_images_whose_range_is_unknown_are_refused_naming_file_and_mode(tmp_path, values, mode, message):
+    Image.fromarray(values).save(tmp_path / "odd.tif")
+    assert Image.open(tmp_path / "odd.tif").mode == mode
+    with refused(f"{tmp_path / 'odd.tif'}: {message}: save it as an 8-bit image" if "outside" in message else message):
+        load_rgb(tmp_path / "odd.tif")
+
+
+@pytest.mark.parametrize("path, message", [
+    pytest.param("grid.txt", r"--grid {tmp}/grid.txt: '.txt' is not an image format \(use .png or .jpg\)", id="txt"),
+    case("grid", "--grid {tmp}/grid: 'no extension' is not an image format", "--grid without an extension", tool=SAMPLE),
+    pytest.param("sub", "--grid {tmp}/sub is a folder; give an image file name such as {tmp}/sub/grid.png", id="folder"),
+    case("notes/grid.png", "--grid {tmp}/notes/grid.png: {tmp}/notes is a file, not a folder", "--grid below a file",
+         tool=SAMPLE),
+])
+def test_image_output_paths_are_checked(tmp_path, path, message):
+    (tmp_path / "notes").write_text("x")
+    (tmp_path / "sub").mkdir()
+    check_image_output(tmp_path / "out.png", "--grid")
+    check_image_output(tmp_path / "new-folder" / "out.jpg", "--grid")
+    with refused(message.format(tmp=tmp_path)):
+        check_image_output(f"{tmp_path}/{path}", "--grid")
+
+
+def test_output_folders_are_checked(tmp_path):
+    (tmp_path / "notes").write_text("x")
+    check_output_folder(tmp_path / "new" / "deeper", "--output_dir")
+    check_output_folder(None, "--out_dir")
+    with pytest.raises(UserError, match=f"^--out_dir {tmp_path / 'notes'} is a file, not a folder$"):
+        check_output_folder(tmp_path / "notes", "--out_dir")
+    with pytest.raises(UserError, match=f"^{tmp_path / 'notes' / 'a' / 'b'}: {tmp_path / 'notes'} is a file, not a folder$"):
+        check_output_folder(tmp_path / "notes" / "a" / "b")
+
+
+def test_write_text_replaces_whole_files(tmp_path):
+    write_text(tmp_path / "r" / "summary.md", "one")
+    write_text(tmp_path / "r" / "summary.md", "two")
+    assert [p.name for p in (tmp_path / "r").iterdir()] == ["summary.md"]
+    assert (tmp_path / "r" / "summary.md").read_text() == "two"
 
 
 def test_save_image_leaves_no_temporary_file_and_is_listed(tmp_path):

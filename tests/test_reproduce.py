@@ -249,7 +249,7 @@ def test_criterion_and_selection(tmp_path):
     assert [s for s, _ in selection.candidates(run_dir, 2)] == [2, 4, 6, 7]  # the final output is step 7
     assert [s for s, _ in selection.candidates(run_dir, 4)] == [4, 7]
     assert selection.candidates(run_dir, 0) == [(7, run_dir)]  # --select_every 0: the final output alone
-    values = {2: 0.5, 4: 0.75, 6: 0.75, 7: float("nan")}
+    values = {2: 0.5, 4: 0.75, 6: 0.75, 7: None}  # None: not computed (all images black)
     scored = []
 
     def score(step, folder):

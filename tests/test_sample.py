@@ -1,4 +1,5 @@
 """`python -m ether_diffusion.sample`: sample grids from a model + adapter outside training."""
+import functools
 import os
 import subprocess
 import sys
@@ -7,15 +8,19 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from ether_diffusion import AdapterConfig, inject_adapters, save_adapter
 from ether_diffusion.adapters import adapter_state_dict
 from ether_diffusion.errors import run_cli
 from ether_diffusion.sample import main
 from ether_diffusion.builtin import resolve_model_path
+from user_errors import case, record
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = "builtin:tiny-sd"
+SAMPLE = "python -m ether_diffusion.sample"
 
 
 @pytest.fixture(autouse=True)
@@ -68,27 +73,80 @@ def test_the_adapter_changes_the_samples_and_a_seed_repeats_them(adapter, tmp_pa
     assert a == b and a != base and a != other
 
 
-@pytest.mark.parametrize("extra, message", [
-    (["--adapter", "missing.safetensors"], "adapter file not found: missing.safetensors"),
-    (["--resolution", "30"], "--resolution 30 is not a positive multiple of 8"),
-    (["--num_images", "0"], "--num_images and --num_inference_steps must be at least 1"),
-    (["--scheduler", "euler"], "argument --scheduler: invalid choice: 'euler'"),
-])
-def test_bad_input_is_one_line(tmp_path, capsys, extra, message):
+def fails(argv, capsys) -> str:
+    """`main` through `run_cli`: exit code 2 and one line, which is returned (and recorded for the table)."""
     with pytest.raises(SystemExit) as e:
-        run_cli(main, args(tmp_path / "g.png", *extra))
+        run_cli(main, [str(a) for a in argv])
     assert e.value.code == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: ") and message in err and len(err.strip().splitlines()) == 1
-    assert not (tmp_path / "g.png").exists()
+    assert err.startswith("error: ") and len(err.strip().splitlines()) == 1, err
+    return record(err.strip())
 
 
+bad = functools.partial(case, tool=SAMPLE)
+
+
+@pytest.mark.parametrize("extra, message", [
+    bad(["--adapter", "missing.safetensors"], "adapter file not found: missing.safetensors", "a missing adapter file"),
+    bad(["--resolution", "30"], "--resolution 30 is not a positive multiple of 8", "--resolution 30"),
+    bad(["--num_images", "0"], "--num_images must be at least 1, got 0", "--num_images 0"),
+    bad(["--num_inference_steps", "0"], "--num_inference_steps must be at least 1, got 0", "--num_inference_steps 0"),
+    bad(["--scheduler", "euler"], "argument --scheduler: invalid choice: 'euler'", "an unknown --scheduler"),
+    bad(["--guidance_scale", "nan"], "--guidance_scale must be a finite number, got nan", "--guidance_scale nan"),
+    bad(["--seed", "-1"], "--seed must be in [0, 2**32), got -1", "a negative --seed"),
+    bad(["--device", "gpu"], "--device 'gpu' is not a device (cuda, cuda:N, mps or cpu)", "--device gpu"),
+    bad(["--grid", "{tmp}/out.txt"], "--grid {tmp}/out.txt: '.txt' is not an image format (use .png or .jpg)",
+        "--grid out.txt"),
+    bad(["--grid", "{tmp}"], "--grid {tmp} is a folder; give an image file name such as {tmp}/grid.png",
+        "--grid naming a folder"),
+    bad(["--out_dir", "{tmp}/g.png"], "--out_dir {tmp}/g.png is a file, not a folder", "--out_dir naming a file"),
+])
+def test_bad_input_is_one_line(tmp_path, capsys, extra, message):
+    (tmp_path / "g.png").write_bytes(b"an old grid")
+    line = fails(args(tmp_path / "g.png", *[e.format(tmp=tmp_path) for e in extra]), capsys)
+    assert message.format(tmp=tmp_path) in line
+    assert (tmp_path / "g.png").read_bytes() == b"an old grid"  # stopped before sampling
+
+
+@pytest.mark.user_error("--device cuda on a machine without a GPU", tool=SAMPLE)
+def test_cuda_without_a_gpu_is_named(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    line = fails(args(tmp_path / "g.png", "--device", "cuda"), capsys)
+    assert line == "error: --device cuda: no CUDA GPU is available here (use --device cpu)"
+
+
+@pytest.mark.user_error("a text file given as --adapter; no --prompt", tool=SAMPLE)
 def test_a_file_that_is_not_an_adapter_is_named(tmp_path, capsys):
     bogus = tmp_path / "weights.safetensors"
     bogus.write_text("not safetensors")
-    with pytest.raises(SystemExit):
-        run_cli(main, args(tmp_path / "g.png", "--adapter", bogus))
-    assert f"{bogus} is not a safetensors file" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        run_cli(main, ["--model", TINY, "--grid", str(tmp_path / "g.png")])
-    assert "the following arguments are required: --prompt" in capsys.readouterr().err
+    assert f"{bogus} is not a safetensors file" in fails(args(tmp_path / "g.png", "--adapter", bogus), capsys)
+    assert "the following arguments are required: --prompt" in fails(["--model", TINY, "--grid", tmp_path / "g.png"],
+                                                                     capsys)
+
+
+def damaged(adapter, out, meta=(), nan=False):
+    """A copy of `adapter` with header entries replaced (None: removed) or a NaN in its first tensor."""
+    with safe_open(str(adapter), framework="pt") as f:
+        header, state = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    for key, value in meta:
+        header.pop(key) if value is None else header.__setitem__(key, value)
+    if nan:
+        first = sorted(state)[0]
+        state[first] = state[first].clone()
+        state[first].view(-1)[0] = float("nan")
+    save_file(state, str(out), metadata=header)
+    return out
+
+
+@pytest.mark.parametrize("meta, nan, message", [
+    bad([("shapes", None)], False, "the adapter header has no 'shapes' entry", "an adapter whose header lacks 'shapes'"),
+    bad([("n_blocks", "two")], False, "the adapter header has n_blocks='two', not an integer",
+        'an adapter whose header has n_blocks="two"'),
+    bad([], True, "attn1.to_k.ether_u has 1 NaN/inf values (of 32): the training that wrote it diverged",
+        "an adapter with NaN values (sampled a black grid)"),
+])
+def test_damaged_adapters_are_named(adapter, tmp_path, capsys, meta, nan, message):
+    bad_file = damaged(adapter, tmp_path / "bad.safetensors", meta, nan)
+    line = fails(args(tmp_path / "g.png", "--adapter", bad_file), capsys)
+    assert line.startswith(f"error: {bad_file}: ") and message in line
+    assert not (tmp_path / "g.png").exists()

@@ -1,11 +1,14 @@
 """The tiny offline SD: a normal diffusers folder, SD's module names, SD-1.5's token ids."""
 import json
 
+import pytest
 import torch
 
 from ether_diffusion.builtin import TINY_SD, resolve_model_path
-from ether_diffusion.errors import UserError
 from ether_diffusion.tiny_sd import build_tiny_sd
+from user_errors import refused
+
+TOOLS = "every --pretrained_model_name_or_path / --model"
 
 
 def test_builtin_name_resolves_to_a_diffusers_folder(tiny_sd_path):
@@ -16,13 +19,12 @@ def test_builtin_name_resolves_to_a_diffusers_folder(tiny_sd_path):
     assert resolve_model_path(tiny_sd_path) == tiny_sd_path
 
 
+@pytest.mark.user_error("a model folder that does not exist, or a file given as the model", tool=TOOLS)
 def test_missing_model_folder_is_named(tmp_path):
-    import pytest
-
-    with pytest.raises(UserError, match="model folder not found: .*/no-model"):
+    with refused("model folder not found: .*/no-model"):
         resolve_model_path(str(tmp_path / "no-model"))
     (tmp_path / "model.ckpt").write_text("not a folder")
-    with pytest.raises(UserError, match="model.ckpt is a file, not a diffusers model folder"):
+    with refused("model.ckpt is a file, not a diffusers model folder"):
         resolve_model_path(str(tmp_path / "model.ckpt"))
 
 

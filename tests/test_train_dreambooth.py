@@ -10,7 +10,8 @@ import torch
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
-from trainer_helpers import REPO, TINY, import_script, stop_and_resume
+from dreambooth_photos import COPY
+from trainer_helpers import TINY, import_script, stop_and_resume
 from trainer_helpers import fails as fails_in_process
 from trainer_helpers import launch as launch_script
 
@@ -21,7 +22,7 @@ from ether_diffusion.demo_subject import draw_demo_subject, write_demo_subject
 from ether_diffusion.errors import UserError
 from ether_diffusion.tiny_sd import build_sd15_unet
 
-DOG = REPO.parent / "shared" / "datasets" / "dreambooth" / "dog"
+DOG = COPY / "dog"  # three photos of two sizes
 
 
 def launch(*args, timeout=300):
@@ -159,6 +160,7 @@ def test_missing_and_empty_instance_folders(script, tmp_path, capsys):
     assert not (tmp_path / "o").exists()  # nothing written for a run that cannot start
 
 
+@pytest.mark.user_error("a corrupt or truncated instance photo", tool="train_dreambooth.py")
 def test_corrupt_and_truncated_images_are_named(script, subject, tmp_path, capsys):
     (subject / "broken.png").write_bytes(b"\x89PNG not really")
     assert f"{subject / 'broken.png'}: cannot read image" in fails(script, base_args(subject, tmp_path / "o"), capsys)
@@ -168,6 +170,8 @@ def test_corrupt_and_truncated_images_are_named(script, subject, tmp_path, capsy
     assert f"{subject / 'half.jpg'}: cannot read image" in fails(script, base_args(subject, tmp_path / "o"), capsys)
 
 
+@pytest.mark.user_error("no --class_prompt, --resolution 30, --method dora, no --instance_prompt, a config typo",
+                        tool="train_dreambooth.py")
 def test_bad_arguments(script, subject, tmp_path, capsys):
     args = base_args(subject, tmp_path / "o")
     assert "--with_prior_preservation needs --class_prompt" in fails(script, args + ["--with_prior_preservation"], capsys)
@@ -183,12 +187,14 @@ def test_bad_arguments(script, subject, tmp_path, capsys):
         script, args + ["--config", cfg], capsys)
 
 
+@pytest.mark.user_error("--n_blocks that does not divide a layer's width", tool="train_dreambooth.py")
 def test_n_blocks_that_does_not_divide_a_layer_names_it(script, subject, tmp_path, capsys):
     line = fails(script, base_args(subject, tmp_path / "o") + ["--method", "ether+", "--n_blocks", 3], capsys)
     layer = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
     assert f"layer {layer}: input size 32 is not divisible by n_blocks=3" in line
 
 
+@pytest.mark.user_error("resuming a checkpoint with another --method", tool="train_dreambooth.py")
 def test_resuming_with_another_method_is_an_error(script, resumed_runs, subject, tmp_path, capsys):
     full, _ = resumed_runs
     out = tmp_path / "o"
@@ -217,8 +223,9 @@ def test_subject_dataset_crops_from_the_sample_seed(tmp_path):
     for i in range(len(ds)):
         x = ds[i]["instance_images"]
         assert x.shape == (3, 32, 32) and x.min() >= -1 and x.max() <= 1
-    crops = [ds[(5, seed)]["instance_images"] for seed in range(8)]
-    assert torch.equal(ds[(5, 3)]["instance_images"], crops[3])
+    wide = len(ds) - 1
+    crops = [ds[(wide, seed)]["instance_images"] for seed in range(8)]
+    assert torch.equal(ds[(wide, 3)]["instance_images"], crops[3])
     assert any(not torch.equal(crops[0], c) for c in crops[1:])
     centered = dreambooth_data.SubjectDataset([tmp_path / "wide.png"], size=32, center_crop=True)
     assert torch.equal(centered[(0, 1)]["instance_images"], centered[(0, 2)]["instance_images"])

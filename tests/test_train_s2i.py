@@ -126,13 +126,14 @@ def test_stop_and_resume_ends_with_the_same_adapter_and_encoder(resumed_runs):
     assert logs[-1]["loss"] == pytest.approx(full_logs[-1]["loss"], abs=1e-6)
 
 
+@pytest.mark.user_error("a checkpoint whose control encoder file is missing", tool="train_controlnet_s2i.py")
 def test_resuming_needs_the_encoder_in_the_checkpoint(script, resumed_runs, ade, tmp_path, capsys):
     full, _ = resumed_runs
     out = tmp_path / "o"
     shutil.copytree(full / "checkpoint-6", out / "checkpoint-6")
     (out / "checkpoint-6" / ENCODER_WEIGHTS).unlink()
     line = fails(script.main, base_args(ade, out) + ["--n_blocks", 2, "--resume_from_checkpoint", "latest"], capsys)
-    assert f"{out / 'checkpoint-6' / ENCODER_WEIGHTS} does not exist" in line
+    assert f"no usable checkpoint in {out}: checkpoint-6 is damaged: {ENCODER_WEIGHTS} is missing" in line
 
 
 # ------------------------------------------------------------------------------------------ model
@@ -151,6 +152,7 @@ def test_step_zero_equals_the_base_unet_and_only_adapter_and_encoder_train(scrip
     assert trainable == adapter | {f"conv_in.encoder.{n}" for n, _ in encoder.named_parameters()}
 
 
+@pytest.mark.user_error("--encoder_learning_rate above the paper's 1e-4 cap", tool="train_controlnet_s2i.py")
 def test_encoder_learning_rate_defaults_to_the_cap_and_refuses_more(script, ade, tmp_path, capsys):
     def parse(*extra):
         return script.parse_args(["--pretrained_model_name_or_path", TINY, "--train_data_dir", "d", *extra])
@@ -173,6 +175,7 @@ def fails_before_writing(script, argv, out, capsys) -> str:
     return line
 
 
+@pytest.mark.user_error("a label map with a label above 150", tool="train_controlnet_s2i.py")
 def test_label_above_150_is_named_before_anything_is_written(script, ade, tmp_path, capsys):
     path = ade / "annotations/training/ADE_train_00000003.png"
     labels = np.asarray(Image.open(path)).copy()
@@ -182,6 +185,7 @@ def test_label_above_150_is_named_before_anything_is_written(script, ade, tmp_pa
     assert f"{path}: label 151 is above 150" in fails_before_writing(script, base_args(ade, out), out, capsys)
 
 
+@pytest.mark.user_error("an image without its annotation", tool="train_controlnet_s2i.py")
 def test_image_without_annotation_is_named(script, ade, tmp_path, capsys):
     (ade / "annotations/training/ADE_train_00000002.png").unlink()
     out = tmp_path / "o"
@@ -189,6 +193,7 @@ def test_image_without_annotation_is_named(script, ade, tmp_path, capsys):
     assert f"image {ade / 'images/training/ADE_train_00000002.jpg'} has no annotation" in line
 
 
+@pytest.mark.user_error("a map whose size differs from its image's", tool="train_controlnet_s2i.py")
 def test_map_whose_size_differs_from_its_image(script, ade, tmp_path, capsys):
     path = ade / "annotations/training/ADE_train_00000004.png"
     Image.fromarray(np.ones((40, 48), dtype=np.uint8)).save(path)
@@ -197,6 +202,8 @@ def test_map_whose_size_differs_from_its_image(script, ade, tmp_path, capsys):
         script, base_args(ade, out), out, capsys)
 
 
+@pytest.mark.user_error("an RGB map with a colour outside the palette, or RGB maps without --conditioning_is_rgb",
+                        tool="train_controlnet_s2i.py")
 def test_unknown_colour_in_an_rgb_map(script, ade, tmp_path, capsys):
     for f in (ade / "annotations/training").iterdir():
         Image.fromarray(colorize(np.asarray(Image.open(f)))).save(f)
@@ -212,6 +219,8 @@ def test_unknown_colour_in_an_rgb_map(script, ade, tmp_path, capsys):
     assert "is not a label map of values 0..150 (use --conditioning_is_rgb" in line
 
 
+@pytest.mark.user_error("a caption file with a line that is not JSON, or a file_name without an image",
+                        tool="train_controlnet_s2i.py")
 def test_caption_file_errors_name_the_line(script, ade, tmp_path, capsys):
     captions = ade / "metadata.jsonl"
     lines = captions.read_text().splitlines()
@@ -224,6 +233,8 @@ def test_caption_file_errors_name_the_line(script, ade, tmp_path, capsys):
     assert f"{captions} line {len(lines) + 1}: file_name 'ADE_train_00000099.jpg' has no image in the dataset" in line
 
 
+@pytest.mark.user_error("3 --validation_prompt for 2 maps, a bad validation map, no --train_data_dir",
+                        tool="train_controlnet_s2i.py")
 def test_validation_inputs_are_checked_up_front(script, ade, tmp_path, capsys):
     out = tmp_path / "o"
     maps = [ade / "annotations/validation/ADE_val_00000001.png", ade / "annotations/validation/ADE_val_00000002.png"]

@@ -2,7 +2,6 @@
 import json
 from types import SimpleNamespace
 
-import pytest
 import torch
 
 from ether_diffusion import AdapterConfig, arguments, inject_adapters, training

@@ -29,18 +29,30 @@ def launch(script: str, *args, timeout=300):
     return proc
 
 
-def stop_and_resume(script: str, common, root: Path) -> tuple[Path, Path]:
-    """A 6-step run in root/full, and the same run "stopped" after step 4 and resumed in root/stopped: what the
-    stopped run would have left behind is the full run's checkpoint-4 and its log up to step 5 (a crash after
-    step 5's log line). `common` must save a checkpoint at step 4."""
+def torchrun(script: str, *args, processes: int = 2, timeout=600, check: bool = True):
+    """`torchrun --nproc_per_node 2 <script> ...` on CPU (ACCELERATE_USE_CPU=1), one thread per process;
+    returns the finished process (which must have succeeded, with `check`)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes), script,
+           *map(str, args)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0 or not check, proc.stderr[-4000:]
+    return proc
+
+
+def stop_and_resume(script: str, common, root: Path, stop_at: int = 4, run=launch) -> tuple[Path, Path]:
+    """A run in root/full, and the same run "stopped" after step `stop_at` and resumed in root/stopped: what the
+    stopped run would have left behind is the full run's checkpoint there and its log one step further (a crash
+    after the next step's log line). `common` must save a checkpoint at `stop_at`; `run` launches (`launch`,
+    or `torchrun` for two processes)."""
     full = root / "full"
-    launch(script, *common, "--output_dir", full)
+    run(script, *common, "--output_dir", full)
     stopped = root / "stopped"
     stopped.mkdir()
-    shutil.copytree(full / "checkpoint-4", stopped / "checkpoint-4")
+    shutil.copytree(full / f"checkpoint-{stop_at}", stopped / f"checkpoint-{stop_at}")
     lines = (full / "train_log.jsonl").read_text().splitlines()
-    (stopped / "train_log.jsonl").write_text("\n".join(lines[:5]) + "\n")
-    launch(script, *common, "--output_dir", stopped, "--resume_from_checkpoint", "latest")
+    (stopped / "train_log.jsonl").write_text("\n".join(lines[:stop_at + 1]) + "\n")
+    run(script, *common, "--output_dir", stopped, "--resume_from_checkpoint", "latest")
     return full, stopped
 
 

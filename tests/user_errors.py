@@ -2,13 +2,19 @@
 
 Mark a test, or one `pytest.param` of a parametrized test, with
 `@pytest.mark.user_error("what the user did wrong", tool="train_dreambooth.py")`. The error line the test
-checked is recorded with `record(line)` (`trainer_helpers.fails` does it). `make user-errors-table` runs the
+checked is recorded with `record(line)` (`trainer_helpers.fails` does it, and `refused`, the `pytest.raises`
+of library calls, does it too). `make user-errors-table` runs the
 marked tests and rewrites the table from what passed: a row per case, the tool, the mistake, the line the
 user sees, and the test that shows it.
 """
+import contextlib
 import os
 import re
 from pathlib import Path
+
+import pytest
+
+from ether_diffusion.errors import UserError
 
 _lines: dict[str, list[str]] = {}  # test node id -> error lines it checked
 _rows: list[tuple[str, str, str, str]] = []
@@ -22,6 +28,23 @@ def record(line: str) -> str:
     """Remember `line` as what the current test's user saw; returns it."""
     _lines.setdefault(_current_test(), []).append(line)
     return line
+
+
+def case(*values, tool: str):
+    """One `pytest.param` of a parametrized test that shows a handled mistake, the mistake last:
+    `case(argv, message, "--seed -1", tool="evaluate/s2i.py")`; marked for the table and named by the mistake."""
+    *values, mistake = values
+    return pytest.param(*values, marks=pytest.mark.user_error(mistake, tool=tool), id=mistake.replace("`", ""))
+
+
+@contextlib.contextmanager
+def refused(match: str | None = None):
+    """`pytest.raises(UserError, match=match)` for a library call: the error must be one line, and is recorded
+    as the line a command-line user would see (`error: ...`)."""
+    with pytest.raises(UserError, match=match) as info:
+        yield info
+    assert "\n" not in str(info.value), str(info.value)
+    record(f"error: {info.value}")
 
 
 def collect(item, report):

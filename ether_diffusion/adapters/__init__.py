@@ -6,6 +6,7 @@ The methods are listed in `methods.METHODS`. ETHER and ETHER+ (`ether.py`), OFT 
 and only adapter parameters require grad. We wrap modules rather than replace attention processors, so
 every diffusers processor (SDPA, xformers, sliced, plain) that calls `attn.to_q(...)` goes through us.
 """
+import math
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -35,9 +36,15 @@ class AdapterConfig:
         self.target_modules = list(self.target_modules)
         if not self.target_modules:
             raise UserError("target_modules is empty")
+        if not all(isinstance(t, str) for t in self.target_modules):
+            raise UserError(f"target_modules must be layer names, got {self.target_modules!r}")
         for name, value in (("n_blocks", self.n_blocks), ("rank", self.rank)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise UserError(f"{name} must be a positive integer, got {value!r}")
+        alpha = self.alpha
+        if alpha is not None and (isinstance(alpha, bool) or not isinstance(alpha, (int, float))
+                                  or not math.isfinite(alpha) or alpha <= 0):
+            raise UserError(f"alpha must be a positive number (or None: alpha = rank), got {alpha!r}")
 
     def to_dict(self):
         return asdict(self)

@@ -1,0 +1,97 @@
+"""Two-process training (`torchrun --nproc_per_node 2` on CPU, one thread per process), both trainers:
+
+- the processes agree: at every checkpoint they compare their trained parameters (`checkpoints.save_checkpoint`
+  stops on a difference), and one adapter, one log and one checkpoint folder per step are written;
+- stop-and-resume is bit-exact with an uneven split (3 images, 5 maps on 2 processes);
+- a diverged step stops both processes with the error, nothing of that step written;
+- a two-process checkpoint is not resumed on one process.
+"""
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from trainer_helpers import REPO, TINY, fails, import_script, stop_and_resume, torchrun
+
+from ether_diffusion import checkpoints
+from ether_diffusion.control import ENCODER_WEIGHTS
+from ether_diffusion.demo_subject import write_demo_subject
+from ether_diffusion.tiny_ade20k import write_tiny_ade20k
+
+
+def dreambooth_args(subject, *extra):
+    return ["--pretrained_model_name_or_path", TINY, "--instance_data_dir", subject, "--instance_prompt",
+            "a photo of qwe toy", "--resolution", 32, "--train_batch_size", 1, "--max_train_steps", 5,
+            "--checkpointing_steps", 3, "--learning_rate", "1e-2", "--lr_scheduler", "linear", "--lr_warmup_steps", 1,
+            "--seed", 3, "--method", "ether+", "--n_blocks", 2, "--report_to", "none", *extra]
+
+
+def same_tensors(a, b) -> bool:
+    a, b = load_file(str(a)), load_file(str(b))
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.fixture(scope="module")
+def subject(tmp_path_factory):
+    return write_demo_subject(tmp_path_factory.mktemp("subject") / "toy", num_images=3)  # 2 processes: uneven
+
+
+@pytest.fixture(scope="module")
+def dreambooth_runs(subject, tmp_path_factory):
+    """5 steps on 2 processes (2 steps per epoch), and the same run stopped after step 3 (mid-epoch) and resumed."""
+    return stop_and_resume("train_dreambooth.py", dreambooth_args(subject), tmp_path_factory.mktemp("dreambooth"),
+                           stop_at=3, run=torchrun)
+
+
+def test_dreambooth_on_two_processes_resumes_bit_exactly(dreambooth_runs):
+    full, resumed = dreambooth_runs
+    assert same_tensors(full / "adapter.safetensors", resumed / "adapter.safetensors")
+    assert not same_tensors(full / "adapter.safetensors", full / "checkpoint-3" / "adapter.safetensors")  # it trained
+    for out in (full, resumed):  # one of everything, written by the main process only
+        assert [json.loads(line)["step"] for line in (out / "train_log.jsonl").read_text().splitlines()] == [1, 2, 3, 4, 5]
+        assert sorted(p.name for p in out.iterdir()) == ["adapter.safetensors", "checkpoint-3", "samples",
+                                                          "train_log.jsonl"]
+    checkpoint = full / "checkpoint-3"
+    assert {"rng-0.pt", "rng-1.pt"} <= {p.name for p in checkpoint.iterdir()}  # each process's random state
+    assert checkpoints.read_state(checkpoint)["settings"]["num_processes"] == 2
+
+
+@pytest.mark.user_error("--resume_from_checkpoint of a two-process run on one process", tool="train_dreambooth.py")
+def test_a_two_process_checkpoint_is_not_resumed_on_one_process(dreambooth_runs, subject, tmp_path, capsys):
+    full, _ = dreambooth_runs
+    out = tmp_path / "o"
+    shutil.copytree(full / "checkpoint-3", out / "checkpoint-3")
+    line = fails(import_script("train_dreambooth").main, dreambooth_args(
+        subject, "--output_dir", out, "--resume_from_checkpoint", "latest"), capsys)
+    assert (f"{out / 'checkpoint-3'} was saved by 2 processes but this run has 1: resume with 2 (each process's random "
+            "state and share of the data are in the checkpoint)") in line
+
+
+def test_a_diverged_step_stops_both_processes(subject, tmp_path):
+    out = tmp_path / "o"
+    proc = torchrun("train_dreambooth.py", *dreambooth_args(subject, "--output_dir", out, "--method", "lora",
+                                                            "--learning_rate", "1e4", "--checkpointing_steps", 1,
+                                                            "--max_train_steps", 8), check=False)
+    assert proc.returncode != 0
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: training diverged at step ")]
+    assert errors and len(set(errors)) == 1, proc.stderr[-3000:]  # each process that printed, the same line
+    step = int(errors[0].split("at step ")[1].split(":")[0])
+    assert f'{REPO / "ether_diffusion"}' not in proc.stderr  # no traceback through our code on either process
+    assert [p.name for _, p in checkpoints.checkpoint_folders(out)] == [f"checkpoint-{s}" for s in range(1, step)]
+    assert not (out / "adapter.safetensors").exists()
+
+
+def test_s2i_on_two_processes_resumes_bit_exactly(tmp_path_factory):
+    root = tmp_path_factory.mktemp("s2i")
+    data = write_tiny_ade20k(root / "data", n_train=5, n_val=1, size=48)  # 5 maps on 2 processes: uneven
+    common = ["--pretrained_model_name_or_path", TINY, "--train_data_dir", data, "--resolution", 32,
+              "--train_batch_size", 1, "--max_train_steps", 4, "--checkpointing_steps", 2, "--learning_rate", "1e-2",
+              "--encoder_learning_rate", "1e-4", "--seed", 3, "--method", "ether+", "--n_blocks", 2,
+              "--validation_steps", 100, "--validation_inference_steps", 1, "--num_validation_images", 1,
+              "--report_to", "none"]
+    full, resumed = stop_and_resume("train_controlnet_s2i.py", common, root, stop_at=2, run=torchrun)
+    for name in ("adapter.safetensors", ENCODER_WEIGHTS):
+        assert same_tensors(full / name, resumed / name), name
+        assert not same_tensors(full / name, full / "checkpoint-2" / name), name
+    assert {"rng-0.pt", "rng-1.pt", ENCODER_WEIGHTS} <= {p.name for p in (full / "checkpoint-2").iterdir()}
