@@ -1,4 +1,5 @@
-# make setup: .venv from nothing; make test: the test suite (offline); make demo: ETHER+ on the tiny model.
+# make setup: .venv from nothing; make test: the test suite (offline); make demo: ETHER+ on the toy world's SD,
+# then the toy judge says what the final grid shows.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -22,6 +23,8 @@ test: setup
 demo: setup
 	$(VENV)/bin/accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no \
 		train_dreambooth.py --config configs/dreambooth/demo.yaml
+	$(PY) -m ether_diffusion.toy.judge --grid demo-output/samples/final.png --config configs/dreambooth/demo.yaml \
+		--subject star_toy
 
 demo-s2i: setup
 	$(VENV)/bin/accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no \

@@ -40,7 +40,8 @@ def parse_args(argv=None):
     arguments.add_model_args(parser, output_dir="dreambooth-adapter")
     g = parser.add_argument_group("dreambooth")
     g.add_argument("--instance_data_dir", type=str, default=None,
-                   help="A folder with the subject's images (`builtin:demo-subject`: the project's drawn subject).")
+                   help="A folder with the subject's images; `builtin:toy-subject/<name>`: a toy-world subject "
+                        "(`builtin:demo-subject`: the demo's qwe toy, star_toy).")
     g.add_argument("--instance_prompt", type=str, default=None, help='Prompt with the identifier, e.g. "a photo of qwe dog".')
     g.add_argument("--class_data_dir", type=str, default=None,
                    help="Class images for prior preservation; missing ones are generated and saved here "

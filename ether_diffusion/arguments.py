@@ -38,7 +38,8 @@ def add_config_arg(parser):
 def add_model_args(parser, output_dir: str, resolution: int = 512):
     g = parser.add_argument_group("model and output")
     g.add_argument("--pretrained_model_name_or_path", type=str, default=None,
-                   help="Hub id, local diffusers folder, or `builtin:tiny-sd` (a tiny random SD built offline).")
+                   help="Hub id, local diffusers folder, `builtin:toy-sd` (the toy world's SD) or `builtin:tiny-sd` "
+                        "(a tiny random SD built offline).")
     g.add_argument("--revision", type=str, default=None, help="Revision of the hub model.")
     g.add_argument("--variant", type=str, default=None, help="Variant of the model files, e.g. fp16.")
     g.add_argument("--output_dir", type=str, default=output_dir,
@@ -157,8 +158,8 @@ def parse_args(parser: argparse.ArgumentParser, argv=None) -> argparse.Namespace
     return args
 
 
-def load_config(parser: argparse.ArgumentParser, path) -> dict:
-    """The YAML file as {dest: value}; unknown keys and ill-typed values are `UserError`s naming key and file."""
+def read_yaml_mapping(path) -> dict:
+    """A YAML file that must hold a mapping ({} when empty); a missing or malformed file is a `UserError`."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"config file not found: {path}")
@@ -172,6 +173,14 @@ def load_config(parser: argparse.ArgumentParser, path) -> dict:
         return {}
     if not isinstance(data, dict):
         raise UserError(f"{path} must hold a mapping of argument names to values, not a {type(data).__name__}")
+    return data
+
+
+def load_config(parser: argparse.ArgumentParser, path) -> dict:
+    """The YAML file as {dest: value}; unknown keys and ill-typed values are `UserError`s naming key and file."""
+    data = read_yaml_mapping(path)
+    if not data:
+        return {}
     actions = {a.dest: a for a in parser._actions if a.dest not in ("help", "config")}
     values = {}
     for key, value in data.items():

@@ -4,7 +4,9 @@ image folder or a dataset folder is, so a machine with no hub and no downloads c
 | value                  | where it is accepted                          | what it is                                   |
 |------------------------|-----------------------------------------------|----------------------------------------------|
 | `builtin:tiny-sd`      | `--pretrained_model_name_or_path`, `--model`  | a tiny random SD (`tiny_sd.py`), for plumbing |
-| `builtin:demo-subject` | `--instance_data_dir`                         | the qwe toy's pictures (`demo_subject.py`)   |
+| `builtin:toy-sd`       | `--pretrained_model_name_or_path`, `--model`  | the toy world's SD, pretrained and shipped (`toy/model.py`) |
+| `builtin:toy-subject/<name>` | `--instance_data_dir`                   | a toy-world subject's photos (`toy/world.py`) |
+| `builtin:demo-subject` | `--instance_data_dir`                         | the qwe toy's photos (the subject star_toy)  |
 | `builtin:tiny-ade20k`  | `--train_data_dir`                            | a tiny random ADE20K folder (`tiny_ade20k.py`) |
 
 Models are built once into a cache folder (`$ETHER_DIFFUSION_CACHE`, default `~/.cache/ether_diffusion`);
@@ -13,21 +15,27 @@ image writes, so processes that start together never read a half-written model o
 """
 from pathlib import Path
 
-from .demo_subject import write_demo_subject
 from .errors import UserError, writing
 from .files import build_folder_once
 from .tiny_ade20k import write_tiny_ade20k
 from .tiny_sd import build_tiny_sd, tiny_sd_cache_dir
+from .toy import world
+from .toy.model import toy_sd_path
 
 TINY_SD = "builtin:tiny-sd"
+TOY_SD = "builtin:toy-sd"
+TOY_SUBJECT = "builtin:toy-subject/"
 DEMO_SUBJECT = "builtin:demo-subject"
 TINY_ADE20K = "builtin:tiny-ade20k"
 
 
 def resolve_model_path(name_or_path: str) -> str:
-    """`builtin:tiny-sd` -> its cached folder (built on first use); a hub id or folder unchanged."""
+    """`builtin:tiny-sd` -> its cached folder (built on first use), `builtin:toy-sd` -> the toy world's SD
+    (assembled once from the package's weights); a hub id or folder unchanged."""
     if name_or_path == TINY_SD:
         return str(build_folder_once(tiny_sd_cache_dir(), build_tiny_sd))
+    if name_or_path == TOY_SD:
+        return str(toy_sd_path())
     # A hub id is "org/name"; something that starts like a path is a folder and must exist, so the user
     # gets "not found" instead of the hub client's complaint about repo id characters.
     path = Path(name_or_path).expanduser()
@@ -39,12 +47,20 @@ def resolve_model_path(name_or_path: str) -> str:
 
 
 def resolve_instance_dir(value: str, output_dir) -> Path:
-    """`builtin:demo-subject` -> `<output_dir>/demo-subject`, drawn there if missing; a folder unchanged."""
+    """`builtin:toy-subject/<name>` -> `<output_dir>/toy-subject-<name>` and `builtin:demo-subject` ->
+    `<output_dir>/demo-subject` (the qwe toy, star_toy), drawn there once; a folder unchanged."""
     if value == DEMO_SUBJECT:
-        folder = Path(output_dir, "demo-subject")
-        with writing(folder):
-            return write_demo_subject(folder)
-    return Path(value)
+        name, folder = world.DEMO_SUBJECT, Path(output_dir, "demo-subject")
+    elif value.startswith(TOY_SUBJECT):
+        name = value[len(TOY_SUBJECT):]
+        if name not in world.SUBJECTS:
+            raise UserError(f"--instance_data_dir {value}: the toy world has no subject {name!r} "
+                            f"(choose from {', '.join(world.SUBJECTS)})")
+        folder = Path(output_dir, f"toy-subject-{name}")
+    else:
+        return Path(value)
+    with writing(folder):
+        return build_folder_once(folder, lambda tmp: world.write_subject(tmp, name))
 
 
 def resolve_data_dir(value: str, output_dir) -> Path:

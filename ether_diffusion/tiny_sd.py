@@ -109,6 +109,10 @@ def build_tiny_sd(path, seed: int = 0):
     return path
 
 
+def cache_root() -> Path:
+    """Where built-in models are built: `$ETHER_DIFFUSION_CACHE` or ~/.cache/ether_diffusion."""
+    return Path(os.environ.get("ETHER_DIFFUSION_CACHE", Path.home() / ".cache" / "ether_diffusion"))
+
+
 def tiny_sd_cache_dir() -> Path:
-    root = os.environ.get("ETHER_DIFFUSION_CACHE", Path.home() / ".cache" / "ether_diffusion")
-    return Path(root) / f"tiny-sd-v{TINY_VERSION}"
+    return cache_root() / f"tiny-sd-v{TINY_VERSION}"

@@ -45,6 +45,16 @@ def test_identical_images_give_similarity_one_and_lpips_zero(backbones):
     assert distances[0].abs() < 1e-6 < distances[1]
 
 
+def test_dino_accepts_an_open_clip_folder_and_uses_the_unprojected_image_token(backbones):
+    images = _images(3)
+    dino, clip = DinoEmbedder(str(backbones["clip"])), ClipEmbedder(str(backbones["clip"]))
+    unprojected, projected = dino.images(images), clip.images(images)
+    width, embed_dim = clip.model.visual.proj.shape
+    assert unprojected.shape == (3, width) and projected.shape == (3, embed_dim)
+    torch.testing.assert_close(unprojected @ clip.model.visual.proj, projected, atol=1e-5, rtol=1e-5)
+    assert clip.model.visual.proj is not None  # restored
+
+
 def test_clip_text_features_and_raw_cosine(backbones):
     clip = ClipEmbedder(str(backbones["clip"]))
     texts = clip.texts(["a dog in the jungle", "a cube shaped backpack", "a dog in the jungle"])

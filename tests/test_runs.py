@@ -20,8 +20,8 @@ from trainer_helpers import REPO, TINY, fails, import_script
 
 import user_errors
 from ether_diffusion import checkpoints, divergence, dreambooth_data, training
-from ether_diffusion.demo_subject import write_demo_subject
 from ether_diffusion.errors import UserError, is_disk_full, run_cli, writing
+from ether_diffusion.toy import world
 
 TOOL = "train_dreambooth.py"
 
@@ -33,7 +33,7 @@ def script():
 
 @pytest.fixture(scope="module")
 def subject(tmp_path_factory):
-    return write_demo_subject(tmp_path_factory.mktemp("subject") / "toy")  # 5 images
+    return world.write_subject(tmp_path_factory.mktemp("subject") / "toy", world.DEMO_SUBJECT)  # 5 images
 
 
 def argv(subject, out, *extra, steps=4, every=2) -> list[str]:

@@ -7,20 +7,21 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
 from dreambooth_photos import COPY
-from trainer_helpers import TINY, import_script, stop_and_resume
+from trainer_helpers import REPO, TINY, import_script, stop_and_resume
 from trainer_helpers import fails as fails_in_process
 from trainer_helpers import launch as launch_script
 
 from ether_diffusion import arguments, dreambooth_data, inject_adapters, load_adapter
 from ether_diffusion.adapters import count_adapter_parameters
 from ether_diffusion.builtin import resolve_instance_dir, resolve_model_path
-from ether_diffusion.demo_subject import draw_demo_subject, write_demo_subject
 from ether_diffusion.errors import UserError
 from ether_diffusion.tiny_sd import build_sd15_unet
+from ether_diffusion.toy import world
 
 DOG = COPY / "dog"  # three photos of two sizes
 
@@ -36,7 +37,7 @@ def script():
 
 @pytest.fixture
 def subject(tmp_path):
-    return write_demo_subject(tmp_path / "subject")
+    return world.write_subject(tmp_path / "subject", world.DEMO_SUBJECT)
 
 
 def adapter_tensors(path):
@@ -53,9 +54,9 @@ def test_demo_config_with_prior_preservation_and_validation(tmp_path):
     # the drawn subject and the generated class images are saved for the next run
     assert len(list((out / "demo-subject").glob("*.png"))) == 5
     assert len(list((out / "class-images").glob("*.jpg"))) == 2
-    # validation grids: 2 prompts (from the config) x 2 images of 32 px; the final grid is the last one
+    # validation grids: 4 prompts (from the config) x 2 images of 32 px; the final grid is the last one
     for name in ("step-000002.png", "step-000004.png", "final.png"):
-        assert Image.open(out / "samples" / name).size == (64, 64), name
+        assert Image.open(out / "samples" / name).size == (64, 128), name
     assert (out / "samples" / "final.png").read_bytes() == (out / "samples" / "step-000004.png").read_bytes()
     with safe_open(str(out / "adapter.safetensors"), framework="pt") as f:
         meta = f.metadata()
@@ -66,7 +67,8 @@ def test_demo_config_with_prior_preservation_and_validation(tmp_path):
     assert any(not torch.equal(t, t.bfloat16().float()) for t in tensors.values())
     assert [p.name for p in out.glob("checkpoint-*")] == ["checkpoint-3"]
     log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
-    assert [d["step"] for d in log] == [1, 2, 3, 4] and all(d["loss"] > 0 and d["lr"] == 6e-3 for d in log)
+    demo_lr = yaml.safe_load((REPO / "configs" / "dreambooth" / "demo.yaml").read_text())["learning_rate"]
+    assert [d["step"] for d in log] == [1, 2, 3, 4] and all(d["loss"] > 0 and d["lr"] == float(demo_lr) for d in log)
     # the adapter's distances from the base model every 2 steps; ETHER+ starts at the identity and moves
     assert [("transform_distance" in d) for d in log] == [False, True, False, True]
     assert 0 < log[1]["transform_distance"] < log[3]["transform_distance"] and log[3]["weight_distance"] > 0
@@ -85,7 +87,7 @@ def test_demo_config_with_prior_preservation_and_validation(tmp_path):
 def resumed_runs(tmp_path_factory):
     """An uninterrupted 6-step run, and the same run stopped after step 4 and resumed from its checkpoint."""
     root = tmp_path_factory.mktemp("resume")
-    subject = write_demo_subject(root / "subject")  # 5 images, batch 1, accumulation 2: 3 steps per epoch
+    subject = world.write_subject(root / "subject", world.DEMO_SUBJECT)  # 5 images, batch 1, accumulation 2: 3 steps per epoch
     common = ["--pretrained_model_name_or_path", TINY, "--instance_data_dir", subject, "--instance_prompt",
               "a photo of qwe toy", "--resolution", 32, "--train_batch_size", 1, "--gradient_accumulation_steps", 2,
               "--max_train_steps", 6, "--checkpointing_steps", 2, "--checkpoints_total_limit", 2,
@@ -206,12 +208,12 @@ def test_resuming_with_another_method_is_an_error(script, resumed_runs, subject,
 
 # ------------------------------------------------------------------------------------------ data
 def test_non_image_files_are_skipped_with_a_warning(tmp_path, caplog):
-    write_demo_subject(tmp_path)
+    world.write_subject(tmp_path, world.DEMO_SUBJECT)
     (tmp_path / "notes.txt").write_text("x")
     (tmp_path / ".DS_Store").write_text("x")
     (tmp_path / "sub").mkdir()
     images = dreambooth_data.list_images(tmp_path)
-    assert [p.name for p in images] == [f"qwe-toy-{i:02d}.png" for i in range(5)]
+    assert [p.name for p in images] == [f"{i:02d}.png" for i in range(5)]
     assert [r.getMessage() for r in caplog.records] == [f"skipping {tmp_path / 'notes.txt'}: not an image file"]
 
 
@@ -232,7 +234,7 @@ def test_subject_dataset_crops_from_the_sample_seed(tmp_path):
 
 
 def test_prior_preservation_batches_put_instances_first(tmp_path):
-    write_demo_subject(tmp_path / "inst", num_images=2)
+    world.write_subject(tmp_path / "inst", world.DEMO_SUBJECT, count=2)
     Image.new("RGB", (32, 32), "black").save(tmp_path / "class.png")
     ds = dreambooth_data.SubjectDataset(sorted((tmp_path / "inst").glob("*.png")), [tmp_path / "class.png"], size=32)
     assert len(ds) == 2
@@ -265,18 +267,22 @@ def test_class_images_are_generated_once_and_reused(tmp_path):
     assert calls == [2, 2, 1, 1]
 
 
-def test_demo_subject_is_drawn_once_and_deterministically(tmp_path):
-    folder = write_demo_subject(tmp_path / "a")
+def test_builtin_subjects_are_drawn_once_and_deterministically(tmp_path):
+    folder = resolve_instance_dir("builtin:demo-subject", tmp_path / "out")
+    assert folder == tmp_path / "out" / "demo-subject"
     files = sorted(folder.iterdir())
-    assert [p.name for p in files] == [f"qwe-toy-{i:02d}.png" for i in range(5)]
-    assert all(Image.open(p).size == (64, 64) for p in files)
-    assert [p.read_bytes() for p in files] == [p.read_bytes() for p in sorted(write_demo_subject(tmp_path / "b").iterdir())]
-    images = draw_demo_subject(5)
-    assert len({im.tobytes() for im in images}) == 5  # five different pictures
-    assert resolve_instance_dir("builtin:demo-subject", tmp_path / "out") == tmp_path / "out" / "demo-subject"
+    assert [p.name for p in files] == [f"{i:02d}.png" for i in range(5)]
+    assert all(Image.open(p).size == (32, 32) for p in files)
+    assert len({Image.open(p).tobytes() for p in files}) == 5  # five different pictures
+    again = world.write_subject(tmp_path / "b", world.DEMO_SUBJECT)
+    assert [p.read_bytes() for p in files] == [p.read_bytes() for p in sorted(again.iterdir())]
+    heart = resolve_instance_dir("builtin:toy-subject/heart_toy", tmp_path / "out")
+    assert heart == tmp_path / "out" / "toy-subject-heart_toy" and len(list(heart.glob("*.png"))) == 5
+    with pytest.raises(UserError, match="the toy world has no subject 'dog'"):
+        resolve_instance_dir("builtin:toy-subject/dog", tmp_path / "out")
     assert resolve_instance_dir("photos/dog", tmp_path) == Path("photos/dog")
     with pytest.raises(UserError, match="cannot read image"):
-        (folder / "qwe-toy-00.png").write_bytes(b"")
+        (folder / "00.png").write_bytes(b"")
         dreambooth_data.check_images(dreambooth_data.list_images(folder))
 
 

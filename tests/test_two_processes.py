@@ -16,8 +16,8 @@ from trainer_helpers import REPO, TINY, fails, import_script, stop_and_resume, t
 
 from ether_diffusion import checkpoints
 from ether_diffusion.control import ENCODER_WEIGHTS
-from ether_diffusion.demo_subject import write_demo_subject
 from ether_diffusion.tiny_ade20k import write_tiny_ade20k
+from ether_diffusion.toy import world
 
 
 def dreambooth_args(subject, *extra):
@@ -34,7 +34,7 @@ def same_tensors(a, b) -> bool:
 
 @pytest.fixture(scope="module")
 def subject(tmp_path_factory):
-    return write_demo_subject(tmp_path_factory.mktemp("subject") / "toy", num_images=3)  # 2 processes: uneven
+    return world.write_subject(tmp_path_factory.mktemp("subject") / "toy", world.DEMO_SUBJECT, count=3)  # 2 processes: uneven
 
 
 @pytest.fixture(scope="module")

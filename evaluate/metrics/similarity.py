@@ -5,7 +5,10 @@ As in the OFT evaluation code the ETHER paper reused:
   processor (resize to 224, ImageNet normalisation).
 - CLIP-I / CLIP-T: CLIP ViT-L/14 with OpenAI's weights (here through open_clip), image and text features,
   raw cosine (no logit scale, no clipping at 0, no x100).
-Every backbone comes from a hub id or a local folder; see `load_dino` and `load_clip` for the forms accepted.
+Every backbone comes from a hub id or a local folder; see `DinoEmbedder` and `parse_clip_spec` for the forms
+accepted. `--dino` also takes an open_clip folder (e.g. the toy world's judge, which has no DINO of its own):
+its DINO-style embedding is the image tower's pooled token before the projection into the image-text space,
+an image-only feature like DINO's CLS token (CLIP-I compares the projected ones).
 """
 import os
 
@@ -30,11 +33,17 @@ def _batched(items, batch_size):
 
 
 class DinoEmbedder:
-    """CLS embeddings of a DINO ViT loaded with transformers' `ViTModel`."""
+    """CLS embeddings of a DINO ViT loaded with transformers' `ViTModel`, or the pooled image token of an
+    open_clip folder's image tower (see the module docstring)."""
 
     def __init__(self, name_or_path: str = DEFAULT_DINO, device="cpu", batch_size: int = 32):
         from transformers import AutoImageProcessor, ViTModel
 
+        self.device, self.batch_size, self.name = device, batch_size, name_or_path
+        self.clip = None
+        if os.path.isfile(os.path.join(name_or_path, "open_clip_config.json")):
+            self.clip = ClipEmbedder(name_or_path, device, batch_size)
+            return
         try:
             # DINO checkpoints carry no pooler; without add_pooling_layer=False transformers would add a
             # random one (unused here, but reported as missing weights).
@@ -42,11 +51,12 @@ class DinoEmbedder:
             self.processor = AutoImageProcessor.from_pretrained(name_or_path)
         except (OSError, ValueError) as e:
             raise UserError(f"--dino {name_or_path}: cannot load a ViT model and its image processor ({first_line(e)})") from None
-        self.device, self.batch_size, self.name = device, batch_size, name_or_path
 
     @torch.no_grad()
     def images(self, images) -> torch.Tensor:
         """List of PIL images -> (N, D) CLS features (unnormalised; compare with `cosine_matrix`)."""
+        if self.clip is not None:
+            return self.clip.images(images, projected=False)
         features = []
         for batch in _batched(images, self.batch_size):
             pixels = self.processor(images=batch, return_tensors="pt")["pixel_values"].to(self.device)
@@ -100,11 +110,20 @@ class ClipEmbedder:
         self.device, self.batch_size, self.name = device, batch_size, spec
 
     @torch.no_grad()
-    def images(self, images) -> torch.Tensor:
+    def images(self, images, projected: bool = True) -> torch.Tensor:
+        """Image features; `projected=False`: the image tower's pooled token before its projection into the
+        image-text space (`--dino` with an open_clip folder)."""
+        visual = self.model.visual
+        projection = visual.proj
         features = []
-        for batch in _batched(images, self.batch_size):
-            pixels = torch.stack([self.preprocess(image) for image in batch]).to(self.device)
-            features.append(self.model.encode_image(pixels).float().cpu())
+        try:
+            if not projected:
+                visual.proj = None  # VisionTransformer.forward skips the projection when it is None
+            for batch in _batched(images, self.batch_size):
+                pixels = torch.stack([self.preprocess(image) for image in batch]).to(self.device)
+                features.append(self.model.encode_image(pixels).float().cpu())
+        finally:
+            visual.proj = projection
         return torch.cat(features) if features else torch.empty(0, 0)
 
     @torch.no_grad()

@@ -1,0 +1,98 @@
+"""The shipped toy world models: `builtin:toy-sd` loads like SD-1.5, follows prompts by the judge, and learns a
+subject with ETHER+ DreamBooth; the judge is right on fresh world pictures. Thresholds here are looser than
+the issue's (docs/toy_world.md has the full measurements): few samples, so a test fails on a real regression,
+not on chance."""
+import json
+import random
+
+import pytest
+import torch
+from PIL import Image
+from trainer_helpers import launch
+
+from ether_diffusion.pipelines import image_grid, load_pipeline
+from ether_diffusion.sample import use_dpm_solver
+from ether_diffusion.builtin import resolve_model_path
+from ether_diffusion.tiny_sd import SD_SCHEDULER
+from ether_diffusion.toy import judge as toy_judge
+from ether_diffusion.toy import model as toy_model
+from ether_diffusion.toy import world
+
+
+@pytest.fixture(scope="module")
+def judge():
+    return toy_judge.Judge()
+
+
+def test_shipped_weights_fit_the_budget():
+    sizes = [p.stat().st_size for p in toy_model.WEIGHTS.rglob("*.safetensors")]
+    assert len(sizes) >= 6 and sum(sizes) <= 32 * 2**20
+
+
+def test_builtin_toy_sd_loads_through_from_pretrained():
+    from diffusers import StableDiffusionPipeline
+
+    path = resolve_model_path("builtin:toy-sd")
+    assert resolve_model_path("builtin:toy-sd") == path  # assembled once
+    pipe = StableDiffusionPipeline.from_pretrained(path)
+    names = {n for n, _ in pipe.unet.named_modules()}
+    assert "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k" in names
+    assert "mid_block.attentions.0.transformer_blocks.0.attn1.to_out.0" in names
+    assert pipe.unet.dtype == torch.float32
+    assert pipe.tokenizer("a photo of qwe toy").input_ids == [49406, 320, 1125, 539, 80, 649, 5988, 49407]
+    assert {k: pipe.scheduler.config[k] for k in SD_SCHEDULER} == SD_SCHEDULER
+
+
+def test_judge_is_right_on_fresh_world_pictures(judge):
+    examples = list(world.examples(987_654, 300, subjects=True, near_misses=0.5, toy_fraction=0.6))
+    accuracy = toy_judge.accuracy(judge, [e.image for e in examples], [e.scene for e in examples])
+    for name in ("kind", "colour", "scene"):
+        assert accuracy[name] >= 0.95, accuracy
+    assert accuracy["subject"] >= 0.85, accuracy
+
+
+def test_judge_reads_a_trainer_grid(judge, tmp_path):
+    rng = random.Random(0)
+    rows = [[world.render(world.subject_scene("star_toy", rng, scenes=(scene,)), seed=i)[0] for i in range(3)]
+            for scene in ("beach", "room")]
+    grid = image_grid([im for row in rows for im in row], rows=2, cols=3)
+    line = toy_judge.judge_grid(judge, grid, ["a qwe toy on the beach", "a photo of qwe toy"], "star_toy")
+    assert line == "the judge saw: subject star_toy found in 6 of 6 samples, scenes right in 3 of 3"
+
+
+def _judged(pipe, judge, prompt, count=8, seed=0):
+    images = pipe(prompt, num_images_per_prompt=count, generator=torch.Generator().manual_seed(seed),
+                  num_inference_steps=20, height=32, width=32).images
+    return judge(images)
+
+
+def test_base_model_follows_prompts(judge):
+    pipe = use_dpm_solver(load_pipeline("builtin:toy-sd"))
+    right = {"kind": 0, "colour": 0, "scene": 0}
+    prompts = [("red", "ball", "beach"), ("blue", "box", "snow"), ("yellow", "tent", "grass"),
+               ("green", "bottle", "night"), ("purple", "ball", "room")]
+    for colour, kind, scene in prompts:
+        for answer in _judged(pipe, judge, f"a photo of a {colour} {kind} {world.SCENES[scene]}"):
+            right["kind"] += answer["kind"] == kind
+            right["colour"] += answer["colour"] == colour
+            right["scene"] += answer["scene"] == scene
+    assert all(value >= 0.7 * 8 * len(prompts) for value in right.values()), right
+    toys = _judged(pipe, judge, "a photo of toy")
+    assert sum(a["kind"] == "toy" for a in toys) >= 6
+    assert sum(a["subject"] == "star_toy" for a in _judged(pipe, judge, "a photo of qwe toy")) <= 2
+
+
+def test_etherplus_dreambooth_learns_the_qwe_toy(judge, tmp_path):
+    out = tmp_path / "run"
+    launch("train_dreambooth.py", "--config", "configs/toy/dreambooth-etherplus.yaml",
+           "--instance_data_dir", "builtin:demo-subject", "--output_dir", out, "--num_class_images", 8,
+           "--max_train_steps", 300, "--checkpointing_steps", 300, "--validation_steps", 300,
+           "--num_validation_images", 2)
+    log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert len(log) == 300
+    pipe = use_dpm_solver(load_pipeline("builtin:toy-sd", adapter=out / "adapter.safetensors", merge=True))
+    found = sum(a["subject"] == "star_toy" for a in _judged(pipe, judge, "a photo of qwe toy"))
+    assert found >= 4, found
+    beach = _judged(pipe, judge, "a qwe toy on the beach", seed=1)
+    assert sum(a["scene"] == "beach" for a in beach) >= 4
+    assert Image.open(out / "samples" / "final.png").size == (64, 128)
