@@ -75,3 +75,16 @@ def test_resuming_an_adapter_run_without_one_is_refused(script, runs, tmp_path, 
 def test_dreambooth_has_no_encoder_only_method(capsys):
     line = fails(import_script("train_dreambooth").main, ["--method", "none"], capsys)
     assert "argument --method: invalid choice: 'none'" in line
+
+
+@pytest.mark.user_error("--export_lora with --method none", tool="train_controlnet_s2i.py")
+def test_encoder_only_has_no_adapter_to_export(script, capsys):
+    line = fails(script.main, ["--pretrained_model_name_or_path", TINY, "--train_data_dir", "x", "--output_dir", "o",
+                               "--method", "none", "--export_lora", "kohya"], capsys)
+    assert "--export_lora kohya: --method none trains no adapter to export" in line
+
+
+def test_encoder_only_learning_rate_defaults_to_the_encoders_cap(script):
+    args = script.parse_args(["--pretrained_model_name_or_path", TINY, "--train_data_dir", "x", "--output_dir", "o",
+                              "--method", "none"])
+    assert args.learning_rate == args.encoder_learning_rate == 1e-4
