@@ -718,7 +718,8 @@ def report(args, runs: list[Run], variant_list: list[Variant], launch_id: str) -
     settings["models"] = list(dict.fromkeys(run.settings.pretrained_model_name_or_path for run in runs))
     return reproduce_report.write_report(
         out, args.task, settings, selection_text, rows, run_rows, failures, grids,
-        reproduce_report.evaluator_settings(first_eval) if first_eval else None, per_subject)
+        reproduce_report.evaluator_settings(first_eval) if first_eval else None, per_subject,
+        list(eval_dirs))
 
 
 def stop_on_sigterm(signum, frame):

@@ -166,7 +166,8 @@ def s2i_grid(out: Path, dataset, eval_dirs: dict) -> list[str]:
 
 # --------------------------------------------------------------------------------------------- the report
 def write_report(out: Path, task: str, settings: dict, selection_text: str, rows: list[dict], runs: list[dict],
-                 failures: list[dict], grids: list[str], evaluator_settings: dict | None, per_subject: str | None):
+                 failures: list[dict], grids: list[str], evaluator_settings: dict | None, per_subject: str | None,
+                 grid_methods: list[str]):
     """report.md, report.json (last: it is the report's completion record) and per_subject.csv."""
     columns, paper_rows = paper_table(task)
     table = "Table 2 (DreamBooth)" if task == "dreambooth" else "Table 3 (S2I on ADE20K)"
@@ -186,7 +187,9 @@ def write_report(out: Path, task: str, settings: dict, selection_text: str, rows
     if evaluator_settings:
         keys = ("dino", "clip", "lpips_net", "images_per_prompt", "num_inference_steps", "guidance_scale", "prompts") \
             if task == "dreambooth" else ("segmenter", "inception", "limit", "resolution", "num_inference_steps", "guidance_scale")
-        md += ["Evaluation: " + ", ".join(f"{k} `{evaluator_settings.get(k)}`" for k in keys if k in evaluator_settings) + ".", ""]
+        shown = {k: "all" if evaluator_settings[k] is None and k in ("prompts", "limit") else evaluator_settings[k]
+                 for k in keys if k in evaluator_settings}
+        md += ["Evaluation: " + ", ".join(f"{k} `{v}`" for k, v in shown.items()) + ".", ""]
     if task == "dreambooth":
         md += ["#params: trainable numbers in the selected adapter file. Subjects: how many subjects a row averages "
                "over (DINO, CLIP-I and LPIPS over every (real, generated) pair, pooled).", ""]
@@ -206,6 +209,10 @@ def write_report(out: Path, task: str, settings: dict, selection_text: str, rows
     md += ["Files: " + ", ".join(["`report.json`"] + (["`per_subject.csv`"] if per_subject is not None else [])
                                  + [f"`{g}`" for g in grids]) + "; each run's `selection.json` in `runs/`, each "
            "evaluation in `eval/`.", ""]
+    if grids:
+        layout = ("a row per method, a column per prompt (its first image)" if task == "dreambooth"
+                  else "a row per map: the map, each method's image, the real image")
+        md += [f"Grids: {layout}; methods in this order: {', '.join(grid_methods)}.", ""]
     if per_subject is not None:
         write_text(out / "per_subject.csv", per_subject)
     write_text(out / "report.md", "\n".join(md))
