@@ -20,6 +20,9 @@ also the UNet's adapter as an exact LoRA file (the signal encoder stays in its o
 folder (`ether_diffusion.run_folder`): a folder with another run in it needs --resume_from_checkpoint latest or
 --overwrite_output_dir.
 
+`--method none` trains the signal encoder alone (the paper's "Encoder-only" row): no adapter file is written,
+and `from_output` then loads the encoder only.
+
 The encoder's learning rate is capped at 1e-4 (the paper's setting): by default it is
 min(--learning_rate, 1e-4), and an --encoder_learning_rate above the cap is an error rather than silently
 clamped, so a config file always says what a run used.
@@ -65,7 +68,7 @@ def parse_args(argv=None):
     g.add_argument("--encoder_learning_rate", type=float, default=None,
                    help=f"Learning rate of the signal encoder, at most {ENCODER_LR_CAP:g} (a larger value is an error); "
                         f"default: min(--learning_rate, {ENCODER_LR_CAP:g}).")
-    arguments.add_adapter_args(parser, default_targets=CONTROL_TARGETS)
+    arguments.add_adapter_args(parser, default_targets=CONTROL_TARGETS, allow_no_adapter=True)
     arguments.add_training_args(parser, task="s2i")
     arguments.add_checkpoint_args(parser)
     export.add_export_args(parser)
@@ -79,8 +82,14 @@ def parse_args(argv=None):
 
     arguments.check_common_args(args, required=("pretrained_model_name_or_path", "train_data_dir"))
     checks.at_least(args, 1, "max_train_samples")
-    arguments.finish_learning_rate(args, task="s2i")
-    export.check_export_args(args)
+    if args.method == arguments.NO_ADAPTER:  # only the encoder trains: its rate is the only one
+        if args.export_lora:
+            raise UserError(f"--export_lora {args.export_lora}: --method none trains no adapter to export")
+        if args.learning_rate is None:
+            args.learning_rate = ENCODER_LR_CAP
+    else:
+        arguments.finish_learning_rate(args, task="s2i")
+        export.check_export_args(args)
     if args.encoder_learning_rate is None:
         args.encoder_learning_rate = min(args.learning_rate, ENCODER_LR_CAP)
     if not 0 < args.encoder_learning_rate <= ENCODER_LR_CAP:
@@ -151,10 +160,10 @@ def main(argv=None):
 
     if args.scale_lr:  # the adapter's rate only: the encoder's is capped
         args.learning_rate *= args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes
-    optimizer = training.make_optimizer(args, [
-        training.adapter_param_group(unet, adapter_config, args),
-        {"params": list(encoder.parameters()), "lr": args.encoder_learning_rate, "weight_decay": args.adam_weight_decay},
-    ])
+    encoder_group = {"params": list(encoder.parameters()), "lr": args.encoder_learning_rate,
+                     "weight_decay": args.adam_weight_decay}
+    adapter_groups = [training.adapter_param_group(unet, adapter_config, args)] if adapter_config is not None else []
+    optimizer = training.make_optimizer(args, adapter_groups + [encoder_group])
     unet, optimizer, train_dataloader, sampler, lr_scheduler, steps_per_epoch = training.prepare_training(
         accelerator, args, unet, optimizer, dataset)
 
@@ -194,19 +203,20 @@ def main(argv=None):
         adapter_metadata=adapter_metadata, save_extra=lambda folder: save_control_encoder(encoder, folder),
         validate=validate)
 
-    # adapter + encoder: what S2IPipeline.from_output(model, output_dir) loads; and a final grid. The main
-    # process writes them, and a failure (a full disk) stops every process with its line.
+    # adapter (none with --method none) + encoder: what S2IPipeline.from_output(model, output_dir) loads; and a
+    # final grid. The main process writes them, and a failure (a full disk) stops every process with its line.
     def save_outputs():
-        adapter_file = Path(args.output_dir, ADAPTER_FILE)
-        with writing(adapter_file):
-            save_adapter(accelerator.unwrap_model(unet), adapter_file,
-                         extra_metadata={**adapter_metadata, "steps": global_step})
         with writing(Path(args.output_dir, ENCODER_WEIGHTS)):
-            encoder_file = save_control_encoder(encoder, args.output_dir)
+            written = [save_control_encoder(encoder, args.output_dir)]
         final = training.save_final_grid(args.output_dir, global_step, last_validation, validate)
-        with writing(f"the LoRA export and model card in {args.output_dir}"):
-            written = export.finish_run(args.output_dir, adapter_file, args.export_lora, final)
-        accelerator.print(f"wrote {adapter_file}, {encoder_file}, {final} and {', '.join(map(str, written))}")
+        if adapter_config is not None:  # the model card and LoRA export describe the adapter
+            adapter_file = Path(args.output_dir, ADAPTER_FILE)
+            with writing(adapter_file):
+                save_adapter(accelerator.unwrap_model(unet), adapter_file,
+                             extra_metadata={**adapter_metadata, "steps": global_step})
+            with writing(f"the LoRA export and model card in {args.output_dir}"):
+                written += [adapter_file, *export.finish_run(args.output_dir, adapter_file, args.export_lora, final)]
+        accelerator.print(f"wrote {', '.join(map(str, [*written, final]))}")
 
     processes.on_main(accelerator, save_outputs)
     accelerator.end_training()

@@ -54,9 +54,15 @@ def add_model_args(parser, output_dir: str, resolution: int = 512):
                    help="Training images are resized and cropped to this size (a multiple of 8).")
 
 
-def add_adapter_args(parser, default_targets=ATTENTION_TARGETS):
+NO_ADAPTER = "none"  # --method none: no adapter at all (S2I: the signal encoder alone, the paper's "Encoder-only")
+
+
+def add_adapter_args(parser, default_targets=ATTENTION_TARGETS, allow_no_adapter: bool = False):
     g = parser.add_argument_group("adapter")
-    g.add_argument("--method", type=str, default="ether+", choices=list(METHODS), help="Finetuning method.")
+    methods = list(METHODS) + ([NO_ADAPTER] if allow_no_adapter else [])
+    g.add_argument("--method", type=str, default="ether+", choices=methods,
+                   help="Finetuning method" + (f"; `{NO_ADAPTER}`: no adapter, the UNet stays as it is" if allow_no_adapter
+                                               else "") + ".")
     g.add_argument("--n_blocks", type=int, default=1,
                    help="Block-diagonal blocks for ETHER/ETHER+/OFT/Naive (must divide every target's width).")
     g.add_argument("--target_modules", type=comma_list, default=list(default_targets),
@@ -264,6 +270,9 @@ def finish_learning_rate(args, task: str):
         args.learning_rate = getattr(METHODS[args.method], f"{task}_lr")
 
 
-def adapter_config_from_args(args) -> AdapterConfig:
+def adapter_config_from_args(args) -> AdapterConfig | None:
+    """The adapter the arguments ask for; None for `--method none`."""
+    if args.method == NO_ADAPTER:
+        return None
     return AdapterConfig(method=args.method, n_blocks=args.n_blocks, target_modules=list(args.target_modules),
                          rank=args.rank, alpha=args.lora_alpha)

@@ -29,7 +29,7 @@ import torch
 from . import processes
 from .adapter_file import (ADAPTER_FILE, config_difference, config_from_metadata, load_adapter, read_adapter_metadata,
                            save_adapter)
-from .adapters import AdapterConfig
+from .adapters import AdapterConfig, adapter_config_of
 from .adapters.methods import METHODS
 from .errors import UserError, first_line, writing
 from .files import replace_folder
@@ -171,8 +171,16 @@ def find_resume_checkpoint(output_dir, value) -> Path | None:
 
 
 # ------------------------------------------------------------------------------------------- same run?
-def check_checkpoint_matches(checkpoint: Path, cfg: AdapterConfig):
-    """Resuming with another adapter than the checkpoint's is an error (checked before any model load)."""
+def check_checkpoint_matches(checkpoint: Path, cfg: AdapterConfig | None):
+    """Resuming with another adapter than the checkpoint's (or with none, `cfg=None`, where it has one, and
+    the other way round) is an error, checked before any model load."""
+    has_adapter = (checkpoint / ADAPTER_FILE).is_file()
+    if cfg is None or not has_adapter:
+        if cfg is not None or has_adapter:
+            raise UserError(f"{checkpoint} was trained {'with' if has_adapter else 'without'} an adapter but this run "
+                            f"asks for {'none' if cfg is None else 'one'}; resume with the same --method or use "
+                            "another --output_dir")
+        return
     file_cfg = config_from_metadata(read_adapter_metadata(checkpoint / ADAPTER_FILE))
     difference = config_difference(file_cfg, cfg)
     if difference:
@@ -181,7 +189,7 @@ def check_checkpoint_matches(checkpoint: Path, cfg: AdapterConfig):
                         "resume with the same setting or use another --output_dir")
 
 
-def check_resume(checkpoint: Path, cfg: AdapterConfig, settings: dict):
+def check_resume(checkpoint: Path, cfg: AdapterConfig | None, settings: dict):
     """The checkpoint is this run's: the same adapter (`check_checkpoint_matches`) and the same settings
     (`check_resume_settings`)."""
     check_checkpoint_matches(checkpoint, cfg)
@@ -193,8 +201,11 @@ def run_settings(accelerator, args, dataset_size: int) -> dict:
     `NOT_IN_THE_RESULT`, the precision and number of processes, and the dataset's size. Saved in every
     checkpoint; a resumed run must have the same (`check_resume_settings`)."""
     settings = {k: v for k, v in vars(args).items() if k not in NOT_IN_THE_RESULT}
-    # Each method on the adapter settings it uses: --rank changes no ETHER run, --n_blocks no LoRA run.
-    for unused in (("rank", "lora_alpha") if METHODS[args.method].shape_key == "n_blocks" else ("n_blocks",)):
+    # Each method on the adapter settings it uses: --rank changes no ETHER run, --n_blocks no LoRA run, and
+    # neither an S2I run without an adapter (--method none).
+    method = METHODS.get(args.method)
+    used = method.shape_key if method else None
+    for unused in {"n_blocks": ("rank", "lora_alpha"), "rank": ("n_blocks",), None: ("rank", "lora_alpha", "n_blocks")}[used]:
         settings.pop(unused, None)
     settings.update(mixed_precision=accelerator.mixed_precision, num_processes=accelerator.num_processes,
                     dataset_size=dataset_size)
@@ -243,8 +254,9 @@ def save_checkpoint(accelerator, output_dir, step: int, model, optimizer, lr_sch
         unwrapped = accelerator.unwrap_model(model)
         _save_torch(rng_state(), tmp, final, f"rng-{accelerator.process_index}.pt")  # each process has its own RNG
         if accelerator.is_main_process:
-            with writing(final / ADAPTER_FILE):
-                save_adapter(unwrapped, tmp / ADAPTER_FILE, extra_metadata=adapter_metadata)
+            if adapter_config_of(unwrapped) is not None:  # none with --method none
+                with writing(final / ADAPTER_FILE):
+                    save_adapter(unwrapped, tmp / ADAPTER_FILE, extra_metadata=adapter_metadata)
             _save_torch(optimizer.state_dict(), tmp, final, "optimizer.pt")
             _save_torch(lr_scheduler.state_dict(), tmp, final, "scheduler.pt")
             if accelerator.scaler is not None:
@@ -340,7 +352,7 @@ def prune_checkpoints(output_dir, total_limit: int | None):
 
 
 # ------------------------------------------------------------------------------------------- loading
-def load_checkpoint(accelerator, checkpoint: Path, model, optimizer, lr_scheduler, cfg: AdapterConfig,
+def load_checkpoint(accelerator, checkpoint: Path, model, optimizer, lr_scheduler, cfg: AdapterConfig | None,
                     load_extra=None) -> dict:
     """Restore adapter, optimizer, scheduler, grad scaler and RNG (and `load_extra(folder)`: what `save_extra`
     wrote); returns the saved state (global_step...). A file that fails to load is named (`find_resume_checkpoint`
@@ -356,7 +368,8 @@ def load_checkpoint(accelerator, checkpoint: Path, model, optimizer, lr_schedule
             raise UserError(f"{checkpoint / name} is damaged ({first_line(e)})") from None
 
     state = read_state(checkpoint)
-    load_adapter(accelerator.unwrap_model(model), checkpoint / ADAPTER_FILE, config=cfg)
+    if cfg is not None:  # --method none: no adapter
+        load_adapter(accelerator.unwrap_model(model), checkpoint / ADAPTER_FILE, config=cfg)
     if load_extra is not None:
         load_extra(checkpoint)
     optimizer.load_state_dict(load("optimizer.pt"))

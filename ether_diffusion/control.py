@@ -226,10 +226,13 @@ class S2IPipeline:
 
     @classmethod
     def from_output(cls, model, output_dir, device="cpu", torch_dtype=torch.float32):
-        """Base model (hub id, folder or `builtin:` model) + `adapter.safetensors` and the control encoder
-        from one training output folder."""
+        """Base model (hub id, folder or `builtin:` model) + the control encoder and `adapter.safetensors`
+        from one training output folder (or checkpoint). A folder without an adapter file is an encoder-only
+        run (`train_controlnet_s2i.py --method none`): the UNet stays as it is."""
         encoder = load_control_encoder(output_dir)  # first: its errors are cheaper than loading the model
-        pipe = load_pipeline(model, adapter=Path(output_dir) / ADAPTER_FILE, device=device, torch_dtype=torch_dtype)
+        adapter = Path(output_dir) / ADAPTER_FILE
+        pipe = load_pipeline(model, adapter=adapter if adapter.is_file() else None, device=device,
+                             torch_dtype=torch_dtype)
         return cls(pipe, encoder.to(device=device, dtype=torch_dtype))
 
     @torch.no_grad()

@@ -1,6 +1,7 @@
 """Files, read and written one way everywhere: an unreadable image is a `UserError` naming it, and whatever
 we write (an image, a built-in folder) appears complete or not at all."""
 import contextlib
+import json
 import os
 import shutil
 import tempfile
@@ -130,6 +131,14 @@ def write_text(path, text: str) -> Path:
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
     return Path(path)
+
+
+def read_json(path):
+    """The JSON in `path`, or None when it is missing or unreadable (a record not written yet)."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
 
 
 def replace_folder(src, dst):

@@ -49,9 +49,9 @@ logger = logging.getLogger(__name__)
 
 
 # ============================================================================================ models
-def load_models(args, model_path, adapter_config: AdapterConfig):
+def load_models(args, model_path, adapter_config: AdapterConfig | None):
     """Tokenizer, text encoder, VAE, UNet (frozen, on CPU, float32) and the training noise scheduler, with its
-    training target set (`--prediction_type`); the adapter is checked to fit the UNet (not injected yet)."""
+    training target set (`--prediction_type`); the adapter (if any) is checked to fit the UNet (not injected yet)."""
     kw = dict(revision=args.revision)
     with model_load_errors(args.pretrained_model_name_or_path):
         tokenizer = CLIPTokenizer.from_pretrained(model_path, subfolder="tokenizer", **kw)
@@ -61,18 +61,21 @@ def load_models(args, model_path, adapter_config: AdapterConfig):
         noise_scheduler = DDPMScheduler.from_pretrained(model_path, subfolder="scheduler", **kw)
     for module in (text_encoder, vae, unet):
         module.requires_grad_(False)
-    check_targets(unet, adapter_config)  # the adapter fits (layer names, widths) before anything expensive
+    if adapter_config is not None:
+        check_targets(unet, adapter_config)  # the adapter fits (layer names, widths) before anything expensive
     configure_prediction_type(noise_scheduler, args.prediction_type)
     return tokenizer, text_encoder, vae, unet, noise_scheduler
 
 
-def inject_for_training(accelerator, args, adapter_config: AdapterConfig, text_encoder, vae, unet) -> torch.dtype:
+def inject_for_training(accelerator, args, adapter_config: AdapterConfig | None, text_encoder, vae, unet) -> torch.dtype:
     """Frozen weights to the device in the mixed-precision dtype, then the adapters (injected afterwards, so
-    they stay float32), xformers and gradient checkpointing as asked. Returns the frozen weights' dtype."""
+    they stay float32; none for `--method none`), xformers and gradient checkpointing as asked. Returns the
+    frozen weights' dtype."""
     weight_dtype = weight_dtype_of(accelerator)
     for module in (text_encoder, vae, unet):
         module.to(accelerator.device, dtype=weight_dtype)
-    inject_adapters(unet, adapter_config)
+    if adapter_config is not None:
+        inject_adapters(unet, adapter_config)
     if args.enable_xformers_memory_efficient_attention:
         try:
             unet.enable_xformers_memory_efficient_attention()
@@ -380,7 +383,7 @@ def save_samples(accelerator, grid, output_dir, step: int, tag: str = "validatio
 
 # ============================================================================================ the run
 def start_run(accelerator, args, project: str, resume_from, model, optimizer, lr_scheduler, sampler,
-              cfg: AdapterConfig, load_extra=None):
+              cfg: AdapterConfig | None, load_extra=None):
     """Trackers, then resume (adapter, optimizer, scheduler, RNG, data seed) if asked, then the train log.
     Returns (global_step, train_log); train_log is None off the main process.
 

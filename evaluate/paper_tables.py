@@ -25,3 +25,10 @@ TABLE_3 = [
     ("ETHER", "0.1M", 24.6, 63.3, 32.0),
     ("ETHER+", "0.4M", 27.3, 68.1, 31.0),
 ]
+
+# Which paper row each of our methods reproduces (at its paper learning rate). Naive and HRA have no row in
+# Tables 2/3; "none" is the S2I trainer's encoder-only run.
+PAPER_ROW_OF_METHOD = {
+    "dreambooth": {"lora": "LoRA r=4", "oft": "OFT n=4", "ether": "ETHER", "ether+": "ETHER+"},
+    "s2i": {"none": "Encoder-only", "oft": "OFT n=4", "ether": "ETHER", "ether+": "ETHER+"},
+}

@@ -51,7 +51,7 @@ def parse_args(argv=None):
     parser.add_argument("--pretrained_model_name_or_path", "--model", default=None,
                         help="base model: hub id, local folder or builtin:tiny-sd (needed unless --skip_generation)")
     parser.add_argument("--control_dir", default=None,
-                        help="S2I training output folder (adapter.safetensors + control_encoder.*)")
+                        help="S2I training output folder or checkpoint (control_encoder.* and, unless encoder-only, adapter.safetensors)")
     parser.add_argument("--output_dir", required=True)
     parser.add_argument("--limit", type=int, default=None, help="use the first N validation pairs (default: all)")
     parser.add_argument("--resolution", type=int, default=512)

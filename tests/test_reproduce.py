@@ -1,0 +1,310 @@
+"""evaluate/reproduce.py. DreamBooth: 2 subjects x 2 methods on the tiny SD with stand-in backbones, on two
+processes (`ACCELERATE_USE_CPU=1 torchrun --nproc_per_node 2`, one thread each): every run trained exactly once
+as its own single process, a stop in the middle and a restart give the same report as one go, the paper's rows
+are the paper's numbers. S2I (Table 3) on one process: a failed run is named and the exit code says so. The
+pieces (selection, sharding, config lookup) on their own."""
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from PIL import Image, ImageDraw
+from trainer_helpers import REPO
+
+from ether_diffusion.errors import UserError
+from ether_diffusion.tiny_ade20k import write_tiny_ade20k
+from evaluate import reproduce, selection, shards
+from evaluate.paper_tables import TABLE_2, TABLE_3
+from evaluate.tiny_backbones import write_tiny_backbones
+
+SUBJECTS = {"red_toy": "toy", "blue_box": "box"}
+TEMPLATES = ("a photo of {0} {1}", "a {0} {1} on the beach", "a {0} {1} in the snow")
+CONFIG = """pretrained_model_name_or_path: builtin:tiny-sd
+method: {method}
+resolution: 32
+train_batch_size: 1
+max_train_steps: 2
+learning_rate: {lr}
+with_prior_preservation: true
+num_class_images: 1
+class_inference_steps: 1
+seed: 0
+num_validation_images: 1
+validation_inference_steps: 1
+validation_steps: 1000
+report_to: none
+distance_logging_steps: 0
+"""
+
+
+def write_dataset(root: Path, subjects=SUBJECTS) -> Path:
+    """A DreamBooth-layout folder: two drawn pictures per subject and a prompts_and_classes.txt."""
+    for k, name in enumerate(subjects):
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for i in range(2):
+            image = Image.new("RGB", (32, 32), (200, 220, 240))
+            ImageDraw.Draw(image).ellipse([4 + 4 * i, 6, 24 + 4 * i, 26], fill=((210, 40, 40), (40, 60, 210))[k % 2])
+            image.save(root / name / f"{i:02d}.png")
+    templates = "\n".join(f"'{t}'.format(unique_token, class_token)," for t in TEMPLATES)
+    classes = "\n".join(f"{name},{cls}" for name, cls in subjects.items())
+    (root / "prompts_and_classes.txt").write_text(f"Classes\nsubject_name,class\n{classes}\n\nPrompts\n\n"
+                                                  f"Object Prompts\n{templates}\n\nLive Subject Prompts\n{templates}\n")
+    return root
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("reproduce")
+    configs = root / "configs"
+    configs.mkdir()
+    (configs / "etherplus.yaml").write_text(CONFIG.format(method="ether+", lr="6e-3"))
+    (configs / "dreambooth-lora.yaml").write_text(CONFIG.format(method="lora", lr="6e-4"))  # the toy configs' naming
+    b = write_tiny_backbones(root / "backbones")
+    eval_args = (f"--dino {b['dino']} --clip {b['clip']} --lpips_net {b['lpips']} --lpips_resolution 64 "
+                 "--prompts 0,1 --images_per_prompt 1 --num_inference_steps 1")
+    return {"root": root, "dataset": write_dataset(root / "dataset"), "configs": configs, "eval_args": eval_args}
+
+
+def command(setup, out, processes=2, methods="ether+,lora", extra=()):
+    launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes)]
+                if processes > 1 else [sys.executable])
+    return [*launcher, "-m", "evaluate.reproduce", "dreambooth", "--dataset", str(setup["dataset"]),
+            "--config_dir", str(setup["configs"]), "--methods", methods, "--output_dir", str(out),
+            "--select_every", "1", "--select_prompts", "0", "--select_images", "1", "--eval_args", setup["eval_args"],
+            *extra]
+
+
+ENV = {**os.environ, "ACCELERATE_USE_CPU": "1", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+
+
+def run(cmd, check=True):
+    result = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=900)
+    if check:
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+def runs_of(out: Path) -> dict[str, Path]:
+    return {f"{p.parent.name}/{p.name}": p for p in sorted(out.glob("runs/*/*")) if p.is_dir()}
+
+
+def trainer_starts(run_dir: Path) -> int:
+    return sum(line.startswith("$ ") for line in (run_dir / "train.log").read_text().splitlines())
+
+
+@pytest.fixture(scope="module")
+def one_go(setup):
+    out = setup["root"] / "one_go"
+    return out, run(command(setup, out))
+
+
+def test_every_run_is_trained_exactly_once_on_its_own(one_go):
+    out, result = one_go
+    runs = runs_of(out)
+    assert sorted(runs) == ["ether+/blue_box", "ether+/red_toy", "lora/blue_box", "lora/red_toy"]
+    for name, run_dir in runs.items():
+        assert trainer_starts(run_dir) == 1, name
+        log = (run_dir / "train.log").read_text()
+        # a plain single process: no process group spans two runs
+        assert re.search(r"Distributed environment: (DistributedType\.)?NO\b", log) and "Num processes: 1" in log
+        steps = [json.loads(line)["step"] for line in (run_dir / "train_log.jsonl").read_text().splitlines()]
+        assert steps == [1, 2], name
+        assert (run_dir / "done.json").is_file() and not (run_dir / "failed.json").exists()
+    # both processes trained, and the progress line counts runs and time
+    for process in ("1/2", "2/2"):
+        assert f"[process {process}] done " in result.stdout
+    assert "runs finished, elapsed" in result.stdout and "left; all:" in result.stdout
+    # the runs of a class shared its class images
+    assert sorted(p.name for p in (out / "class-images").iterdir()) == ["box-32px", "toy-32px"]
+
+
+def test_selection_is_recorded_in_each_run(one_go):
+    out, _ = one_go
+    for name, run_dir in runs_of(out).items():
+        record = json.loads((run_dir / "selection.json").read_text())
+        assert [c["step"] for c in record["candidates"]] == [1, 2]
+        assert record["criterion"] == "dino+clip_t"
+        scores = {c["step"]: c["metrics"]["dino"] + c["metrics"]["clip_t"] for c in record["candidates"]}
+        best = max(scores, key=lambda step: (scores[step], -step))
+        assert record["selected"] == {"step": best, "path": f"checkpoint-{best}"}
+        done = json.loads((run_dir / "done.json").read_text())
+        assert done["selected_step"] == best and done["parameters"]["adapter"] > 0
+
+
+def test_report_has_the_papers_rows_and_ours(one_go):
+    out, _ = one_go
+    report = json.loads((out / "report.json").read_text())
+    assert report["paper"]["rows"] == [list(row) for row in TABLE_2]
+    md = (out / "report.md").read_text()
+    for method, params, dino, clip_i, clip_t, lpips in TABLE_2:
+        cells = [f"{v:.3f}" if v is not None else "" for v in (dino, clip_i, clip_t, lpips)]
+        assert f"| {method} (paper) | {params or ''} | {' | '.join(cells)} |" in md
+    ours = {row["variant"]: row for row in report["ours"]}
+    assert set(ours) == {"ether+", "lora"} and ours["ether+"]["paper_row"] == "ETHER+"
+    assert ours["ether+"]["parameters"]["adapter"] == 4_992  # ETHER+ n=1 on the tiny SD's q/k/v/out
+    assert all(row["runs_scored"] == 2 and 0 < row["metrics"]["dino"] <= 1 for row in ours.values())
+    assert report["failed"] == []
+    subjects = (out / "per_subject.csv").read_text().splitlines()
+    assert subjects[0].startswith("subject,class,method,selected_step") and len(subjects) == 1 + 4
+    for subject in SUBJECTS:
+        assert Image.open(out / "grids" / f"{subject}.png").size == (2 * 32, 2 * 32)  # methods x prompts
+
+
+def test_stop_in_the_middle_and_restart_gives_the_same_report(setup, one_go):
+    reference, _ = one_go
+    out = setup["root"] / "stopped"
+    process = subprocess.Popen(command(setup, out), cwd=REPO, env=ENV, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 600
+    while not list(out.glob("runs/*/*/done.json")) and time.monotonic() < deadline and process.poll() is None:
+        time.sleep(0.5)
+    os.killpg(process.pid, signal.SIGKILL)  # every process of the launch, trainers included
+    process.wait()
+    finished = {name for name, run_dir in runs_of(out).items() if (run_dir / "done.json").is_file()}
+    assert finished and not (out / "report.json").exists()  # stopped in the middle
+
+    run(command(setup, out))
+    for name in ("report.json", "report.md", "per_subject.csv", "grids/red_toy.png", "grids/blue_box.png"):
+        assert (out / name).read_bytes() == (reference / name).read_bytes(), name
+    for name, run_dir in runs_of(out).items():
+        if name in finished:
+            assert trainer_starts(run_dir) == 1, name  # finished work is not redone
+
+
+S2I_CONFIG = """pretrained_model_name_or_path: builtin:tiny-sd
+method: {method}
+n_blocks: {n_blocks}
+resolution: 32
+train_batch_size: 1
+max_train_steps: 2
+learning_rate: 1e-3
+seed: 0
+num_validation_images: 1
+validation_inference_steps: 1
+validation_steps: 1000
+report_to: none
+"""
+
+
+def test_s2i_a_failed_run_is_named_and_the_exit_code_says_so(setup, tmp_path):
+    """Table 3 on one process: encoder-only trains, is selected and evaluated; the ETHER config asks for blocks
+    the tiny SD's widths cannot hold, so its trainer fails; the report names it and the exit code is 1."""
+    configs = tmp_path / "configs"
+    configs.mkdir()
+    (configs / "none.yaml").write_text(S2I_CONFIG.format(method="none", n_blocks=1))
+    (configs / "s2i-ether.yaml").write_text(S2I_CONFIG.format(method="ether", n_blocks=7))
+    dataset = write_tiny_ade20k(tmp_path / "ade", n_train=2, n_val=2, size=48)
+    b = write_tiny_backbones(tmp_path / "backbones")
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "evaluate.reproduce", "s2i", "--dataset", str(dataset), "--config_dir", str(configs),
+           "--methods", "none,ether", "--output_dir", str(out), "--select_every", "1", "--select_maps", "1",
+           "--eval_args", f"--segmenter {b['upernet']} --inception {b['inception']} --limit 2 --num_inference_steps 1"]
+    result = run(cmd, check=False)
+    assert result.returncode == 1, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "FAILED ether (train): layer " in result.stdout and "is not divisible by n_blocks=7" in result.stdout
+    md = (out / "report.md").read_text()
+    assert "## Failed" in md and "- ether (train): layer " in md
+    # the paper's Table 3, our encoder-only row under its "Encoder-only" row, with the encoder's size
+    report = json.loads((out / "report.json").read_text())
+    assert report["paper"]["rows"] == [list(row) for row in TABLE_3]
+    lines = md.splitlines()
+    ours = lines.index("| Encoder-only (paper) | 0 |  | 8.2 | 38.0 | 41.2 |  |  |") + 1
+    assert lines[ours].startswith("| **none (ours)** | 0 | ")
+    none = next(row for row in report["ours"] if row["variant"] == "none")
+    assert none["parameters"]["encoder"] > 0 and 0 <= none["metrics"]["miou"] <= 1
+    assert len(list((out / "eval/none/images").glob("*.png"))) == 2 and (out / "grids/maps.png").is_file()
+    # selection on the first map by mIoU, both steps scored
+    record = json.loads((out / "runs/none/selection.json").read_text())
+    assert [c["step"] for c in record["candidates"]] == [1, 2] and record["criterion"] == "miou"
+    assert record["subset"] == "the first 1 validation maps"
+    # run again: the failed run is tried again (and fails again), the done one is left alone
+    assert run(cmd, check=False).returncode == 1
+    assert trainer_starts(out / "runs/ether") == 2 and trainer_starts(out / "runs/none") == 1
+    # the same folder with other settings is refused, naming the setting
+    args = reproduce.parse_args(cmd[3:-2] + ["--select_maps", "2", *cmd[-2:]])
+    with pytest.raises(UserError, match="holds a reproduction made with select_maps = 1, but this command asks for 2"):
+        reproduce.check_settings(args, reproduce.plan_runs(args, None))
+
+
+# ------------------------------------------------------------------------------------------ the pieces
+def test_criterion_and_selection(tmp_path):
+    criterion = selection.Criterion.parse("dino + clip_t", ("dino", "clip_t", "fid"))
+    assert criterion.score({"dino": 0.5, "clip_t": 0.25}) == 0.75
+    assert criterion.score({"dino": float("nan"), "clip_t": 0.25}) is None
+    assert selection.Criterion.parse("miou-fid", ("miou", "fid")).score({"miou": 0.3, "fid": 10.0}) == pytest.approx(-9.7)
+    for bad, message in (("dino*2", "expected metric names"), ("dinoo", "unknown metric 'dinoo'")):
+        with pytest.raises(UserError, match=message):
+            selection.Criterion.parse(bad, ("dino", "clip_t"))
+
+    run_dir = tmp_path / "run"
+    for step in (2, 4, 6):
+        (run_dir / f"checkpoint-{step}").mkdir(parents=True)
+        (run_dir / f"checkpoint-{step}" / "state.json").write_text("{}")
+    (run_dir / "train_log.jsonl").write_text("".join(json.dumps({"step": s}) + "\n" for s in range(1, 8)))
+    assert [s for s, _ in selection.candidates(run_dir, 2)] == [2, 4, 6, 7]  # the final output is step 7
+    assert [s for s, _ in selection.candidates(run_dir, 4)] == [4, 7]
+    assert selection.candidates(run_dir, 0) == [(7, run_dir)]  # --select_every 0: the final output alone
+    values = {2: 0.5, 4: 0.75, 6: 0.75, 7: None}  # None: not computed (all images black)
+    scored = []
+
+    def score(step, folder):
+        scored.append(step)
+        return {"dino": values[step], "clip_t": 0.0}
+
+    record = selection.select(run_dir, 2, criterion, score, "a subset")
+    assert record["selected"] == {"step": 4, "path": "checkpoint-4"}  # the earliest of the tied best
+    assert record["candidates"][-1] == {"step": 7, "path": ".", "metrics": {"dino": None, "clip_t": 0.0}, "score": None}
+    assert json.loads((run_dir / "selection.json").read_text()) == record
+    selection.select(run_dir, 2, criterion, score, "a subset")  # scores are kept: nothing is scored twice
+    assert scored == [2, 4, 6, 7]
+    one = selection.select(run_dir, 0, criterion, score, "a subset")  # one candidate: nothing to score
+    assert one["selected"] == {"step": 7, "path": "."} and one["candidates"][0]["metrics"] is None
+    assert scored == [2, 4, 6, 7] and one["criterion"] == "the final output (one candidate)"
+
+
+def test_shards_from_the_launchers_environment():
+    torchrun = shards.shard_from_environment({"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2"})
+    assert (torchrun.index, torchrun.count, torchrun.local_rank, torchrun.in_array) == (3, 4, 1, False)
+    assert torchrun.mine(list(range(10))) == [3, 7] and not torchrun.reports
+    array = shards.shard_from_environment({"SLURM_ARRAY_TASK_ID": "5", "SLURM_ARRAY_TASK_MIN": "1",
+                                           "SLURM_ARRAY_TASK_COUNT": "8"})
+    assert (array.index, array.count, array.in_array, array.reports) == (4, 8, True, True)
+    both = shards.shard_from_environment({"SLURM_ARRAY_TASK_ID": "1", "SLURM_ARRAY_TASK_COUNT": "2",
+                                          "RANK": "1", "WORLD_SIZE": "2"})
+    assert (both.index, both.count, list(both.launch_shards)) == (3, 4, [2, 3])
+    assert shards.shard_from_environment({}).count == 1
+
+    environ = {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "h",
+               "MASTER_PORT": "1", "TORCHELASTIC_RUN_ID": "x", "CUDA_VISIBLE_DEVICES": "4,6",
+               "OMP_NUM_THREADS": str(__import__("torch").get_num_threads()), "HOME": "/root"}
+    shards.run_as_single_process(shards.shard_from_environment(environ), environ)
+    assert environ == {"CUDA_VISIBLE_DEVICES": "6", "OMP_NUM_THREADS": environ["OMP_NUM_THREADS"], "HOME": "/root"}
+
+
+@pytest.mark.user_error("a method without a config, or a config of another method", tool="evaluate/reproduce.py")
+def test_configs_are_found_by_method_or_refused(setup, tmp_path):
+    base = ["dreambooth", "--dataset", str(setup["dataset"]), "--output_dir", str(tmp_path / "o")]
+    args = reproduce.parse_args(base + ["--config_dir", str(setup["configs"]), "--methods", "ether+,lora"])
+    assert [v.config.name for v in reproduce.variants(args)] == ["etherplus.yaml", "dreambooth-lora.yaml"]
+    args = reproduce.parse_args(base + ["--config_dir", str(setup["configs"]), "--methods", "oft"])
+    with pytest.raises(UserError, match="no config for method oft in .* \\(looked for oft.yaml or dreambooth-oft.yaml\\)"):
+        reproduce.variants(args)
+    args = reproduce.parse_args(base + ["--config", f"ether={setup['configs'] / 'etherplus.yaml'}", "--methods", "ether"])
+    with pytest.raises(UserError, match="etherplus.yaml trains method ether\\+, not ether"):
+        reproduce.plan_runs(args, reproduce.load_protocol(setup["dataset"]))
+    with pytest.raises(UserError, match="--eval_args: --output_dir is set by the driver"):
+        reproduce.parse_args(base + ["--methods", "ether", "--eval_args", "--output_dir x"])
+
+
+@pytest.mark.user_error("--stage all inside a Slurm job array", tool="evaluate/reproduce.py")
+def test_a_job_array_trains_only(setup, tmp_path, monkeypatch):
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "0")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_COUNT", "2")
+    with pytest.raises(UserError, match="in a Slurm job array use --stage train"):
+        reproduce.main(["dreambooth", "--dataset", str(setup["dataset"]), "--methods", "ether+",
+                        "--config_dir", str(setup["configs"]), "--output_dir", str(tmp_path / "o")])
