@@ -5,7 +5,7 @@ An accelerate script in the style of diffusers' examples/dreambooth/train_dreamb
 argument names and defaults, plus --method, --n_blocks, --target_modules and --config FILE.yaml:
 
     accelerate launch train_dreambooth.py --config configs/dreambooth/etherplus.yaml \\
-        --instance_data_dir ../shared/datasets/dreambooth/dog --instance_prompt "a photo of qwe dog" \\
+        --instance_data_dir data/dreambooth/dog --instance_prompt "a photo of qwe dog" \\
         --class_prompt "a photo of dog" --class_data_dir class-images/dog --output_dir runs/etherplus-dog
 
 Writes <output_dir>/adapter.safetensors (load it with ether_diffusion.load_adapter or

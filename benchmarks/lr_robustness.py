@@ -13,7 +13,7 @@ README.md gets the tables.
 
     python benchmarks/lr_robustness.py --quick     # tiny SD, 32 px, 20 steps: a few minutes on 2 CPU cores
     python benchmarks/lr_robustness.py --pretrained_model_name_or_path runwayml/stable-diffusion-v1-5 \\
-        --resolution 512 --max_train_steps 400 --instance_data_dir ../shared/datasets/dreambooth/dog
+        --resolution 512 --max_train_steps 400 --instance_data_dir data/dreambooth/dog
 
 With the tiny, randomly initialised SD the images mean nothing; the distances and energies are what the
 script is for.

@@ -2,7 +2,7 @@
 """DreamBooth evaluation: generate the protocol's images with trained adapters, then score them.
 
     accelerate launch --num_processes 8 evaluate/dreambooth.py \
-        --dataset ../shared/datasets/dreambooth --pretrained_model_name_or_path runwayml/stable-diffusion-v1-5 \
+        --dataset data/dreambooth --pretrained_model_name_or_path runwayml/stable-diffusion-v1-5 \
         --adapters runs/ether_plus --output_dir eval/ether_plus
 
 Jobs are the (subject, prompt) pairs of the protocol (30 x 25 = 750). They are split across processes;

@@ -4,7 +4,7 @@ run's best checkpoint, evaluate, and write one report beside the paper's numbers
 
     # Table 2: every DreamBooth subject x method; one run per process at a time, here on 8 GPUs
     accelerate launch --num_processes 8 -m evaluate.reproduce dreambooth \\
-        --dataset ../shared/datasets/dreambooth --config_dir configs/dreambooth \\
+        --dataset data/dreambooth --config_dir configs/dreambooth \\
         --methods ether,ether+,lora,oft --output_dir reproduce/table2
 
     # Table 3: one run per method on ADE20K (`none`: the signal encoder alone, the paper's "Encoder-only")

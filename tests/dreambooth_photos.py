@@ -2,7 +2,7 @@
 
 `COPY` (tests/data/dreambooth: 3 subjects, 7 photos, CC-BY-4.0, see its README.md) is in the repository, so a
 bare clone runs every test. Tests about the whole dataset (30 subjects, 158 photos, 750 jobs) take it from
-`$ETHER_DIFFUSION_DREAMBOOTH_DIR` (`.ci/run` points it at ../shared/datasets/dreambooth); without it they check
+`$ETHER_DIFFUSION_DREAMBOOTH_DIR` (`.ci/run` sets it where CI has the whole dataset); without it they check
 the same things on the copy, and the end of the run lists them (`conftest.pytest_terminal_summary`).
 """
 import os
