@@ -86,8 +86,6 @@ def load_unet(model: str):
 
 
 def lr_sweep(args, work_dir: Path) -> list[dict]:
-    import train_dreambooth
-
     base = load_unet(args.pretrained_model_name_or_path)
     rows = []
     for method in METHODS:
