@@ -40,10 +40,12 @@ _held: dict[Path, "RunLock"] = {}  # this process's locks by folder, released at
 
 # ------------------------------------------------------------------------------------------- the lock
 class RunLock:
-    """An exclusive `flock` on `<folder>/run.lock`, whose text says who holds it (pid, host, start, command)."""
+    """An exclusive `flock` on `<folder>/<name>` (`run.lock`), whose text says who holds it (pid, host, start,
+    command, and `about`: what the holder says of itself). `user` names the kind of holder in the error."""
 
-    def __init__(self, folder):
-        self.path = Path(folder, LOCK_FILE)
+    def __init__(self, folder, name=LOCK_FILE, user="another training run", about=None):
+        self.path = Path(folder, name)
+        self.user, self.about = user, about
         self.file = None
 
     def acquire(self):
@@ -53,9 +55,9 @@ class RunLock:
                 fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 f.seek(0)
-                holder = _describe_holder(f.read())
+                holder = describe_holder(f.read())
                 f.close()
-                raise UserError(f"{self.path.parent} is in use by another training run ({holder}): wait for it to "
+                raise UserError(f"{self.path.parent} is in use by {self.user} ({holder}): wait for it to "
                                 "finish, stop it, or use another --output_dir") from None
             except OSError as e:  # a file system without locks (some network mounts)
                 f.close()
@@ -72,13 +74,13 @@ class RunLock:
         previous = f.read().strip()
         if previous:
             logger.warning("taking over %s from a run that is no longer running (%s)", self.path,
-                           _describe_holder(previous))
+                           describe_holder(previous))
         f.seek(0)
         f.truncate()
         with writing(self.path):
             f.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
                                 "started": datetime.datetime.now().isoformat(timespec="seconds"),
-                                "command": " ".join(sys.argv)}) + "\n")
+                                "command": " ".join(sys.argv), "about": self.about}) + "\n")
             f.flush()
         self.file = f
         return self
@@ -97,7 +99,25 @@ def _same_file(f, path: Path) -> bool:
         return False
 
 
-def _describe_holder(text: str) -> str:
+def holder_of(path) -> str | None:
+    """The text the live holder of the lock file `path` wrote (`describe_holder` reads it), or None when no
+    live process holds it (a stale file, or none)."""
+    try:
+        f = open(path)
+    except FileNotFoundError:
+        return None
+    with f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return f.read()
+        except OSError:  # a file system without locks: nothing can be known
+            return None
+        fcntl.flock(f, fcntl.LOCK_UN)
+        return None
+
+
+def describe_holder(text: str) -> str:
     try:
         holder = json.loads(text)
         return f"pid {holder['pid']} on host {holder['host']}, started {holder['started']}"

@@ -39,7 +39,9 @@ on; the exit code is 1 when anything failed. Slurm job arrays and several nodes:
 import argparse
 import contextlib
 import csv
+import ctypes
 import io
+import json
 import os
 import shlex
 import shutil
@@ -64,6 +66,7 @@ from ether_diffusion.arguments import NO_ADAPTER  # noqa: E402
 from ether_diffusion.control import ENCODER_WEIGHTS  # noqa: E402
 from ether_diffusion.errors import ArgumentParser, UserError, first_line, run_cli  # noqa: E402
 from ether_diffusion.files import read_json, write_text  # noqa: E402
+from ether_diffusion.run_folder import RunLock, describe_holder, holder_of  # noqa: E402
 from evaluate import dreambooth as dreambooth_eval  # noqa: E402
 from evaluate import reproduce_report, s2i as s2i_eval, selection, shards  # noqa: E402
 from evaluate.harness import write_json  # noqa: E402
@@ -76,6 +79,7 @@ DONE = "done.json"  # written last: the run is done
 FAILED = "failed.json"
 EVAL_DIR, RUNS_DIR = "eval", "runs"
 POLL_SECONDS = 1  # reading a few small records: cheap
+LOCKS = "locks"  # one lock file per process of the launches working in the folder
 # Flags the driver sets itself in every evaluator call: not accepted in --eval_args.
 DRIVER_EVAL_FLAGS = ("--dataset", "--pretrained_model_name_or_path", "--model", "--adapters", "--manifest",
                      "--output_dir", "--subjects", "--skip_generation", "--skip_metrics", "--token", "--control_dir",
@@ -309,6 +313,41 @@ def _same_or_new(path: Path, value: dict, what: str):
                             "use the same settings or another --output_dir")
 
 
+def lock_launch(output_dir, shard, launch_id: str) -> RunLock:
+    """Hold `<output_dir>/locks/process-<shard>.lock` while this process works, and refuse to start while a
+    process of another launch works in the folder: two launches would train the same runs and write the same
+    records. (Killing torchrun or accelerate with SIGKILL leaves its workers running: they hold their locks
+    until they end.) The tasks of one Slurm job array share the folder: they count as one launch."""
+    folder = Path(output_dir, LOCKS)
+    folder.mkdir(parents=True, exist_ok=True)
+    mine = f"array {os.environ['SLURM_ARRAY_JOB_ID']}" if shard.in_array and "SLURM_ARRAY_JOB_ID" in os.environ \
+        else f"launch {launch_id}"
+    user = "a process of another reproduction launch"
+    lock = RunLock(folder, f"process-{shard.index}.lock", user, mine).acquire()
+    for path in sorted(folder.glob("process-*.lock")):
+        if path == lock.path:
+            continue
+        for _ in range(50):  # a process of this launch may have locked its file and not yet written it
+            text = holder_of(path)
+            if text is None or read_holder(text).get("about") is not None:
+                break
+            time.sleep(0.1)
+        if text is not None and read_holder(text).get("about") != mine:
+            lock.release()
+            raise UserError(f"{output_dir} is in use by {user} ({describe_holder(text)}; {path}): wait for it to "
+                            "finish or stop all of its processes (killing torchrun/accelerate with SIGKILL leaves "
+                            "them running), or use another --output_dir")
+    return lock
+
+
+def read_holder(text: str) -> dict:
+    try:
+        holder = json.loads(text)
+    except ValueError:
+        return {}
+    return holder if isinstance(holder, dict) else {}
+
+
 # ================================================================================================ one run
 def run_status(run: Run, launch_id: str) -> str:
     """done, failed (in this launch; an earlier launch's failure is tried again) or pending."""
@@ -334,7 +373,8 @@ def train(run: Run) -> str | None:
         start = log.tell()
         log.write(f"$ {shlex.join(command)}\n")
         log.flush()
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
+                                   preexec_fn=stop_with_parent if sys.platform == "linux" else None)
         try:
             code = process.wait()
         finally:  # the driver was stopped: stop its trainer too (it resumes from its checkpoint next time)
@@ -349,6 +389,12 @@ def train(run: Run) -> str | None:
     with open(log_path) as log:
         log.seek(start)
         return error_line(log.read(), code)
+
+
+def stop_with_parent():
+    """In the trainer's process before it starts: SIGTERM it when the driver dies, however the driver dies
+    (SIGKILL included), so no trainer outlives its launch and races the next one (Linux `prctl`)."""
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG
 
 
 def error_line(output: str, code: int) -> str:
@@ -733,6 +779,7 @@ def main(argv=None):
         raise UserError("in a Slurm job array use --stage train, then --stage evaluate in one job after the array "
                         "(see docs/reproduce.md)")
     launch_id = shards.agree_on_launch_id(shard)
+    lock = lock_launch(args.output_dir, shard, launch_id)  # noqa: F841 - held until this process ends
     threads = shards.run_as_single_process(shard)
     signal.signal(signal.SIGTERM, stop_on_sigterm)
 

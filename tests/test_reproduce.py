@@ -3,6 +3,7 @@ processes (`ACCELERATE_USE_CPU=1 torchrun --nproc_per_node 2`, one thread each):
 as its own single process, a stop in the middle and a restart give the same report as one go, the paper's rows
 are the paper's numbers. S2I (Table 3) on one process: a failed run is named and the exit code says so. The
 pieces (selection, sharding, config lookup) on their own."""
+import contextlib
 import json
 import os
 import re
@@ -163,8 +164,16 @@ def test_stop_in_the_middle_and_restart_gives_the_same_report(setup, one_go):
     deadline = time.monotonic() + 600
     while not list(out.glob("runs/*/*/done.json")) and time.monotonic() < deadline and process.poll() is None:
         time.sleep(0.5)
-    os.killpg(process.pid, signal.SIGKILL)  # every process of the launch, trainers included
+    # every process of the launch: torchrun starts its workers in sessions of their own, so killing its
+    # process group leaves them running; the trainers die with their worker (PR_SET_PDEATHSIG)
+    for pid in processes_naming(out):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
     process.wait()
+    deadline = time.monotonic() + 60
+    while processes_naming(out) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not processes_naming(out)
     finished = {name for name, run_dir in runs_of(out).items() if (run_dir / "done.json").is_file()}
     assert finished and not (out / "report.json").exists()  # stopped in the middle
 
@@ -174,6 +183,37 @@ def test_stop_in_the_middle_and_restart_gives_the_same_report(setup, one_go):
     for name, run_dir in runs_of(out).items():
         if name in finished:
             assert trainer_starts(run_dir) == 1, name  # finished work is not redone
+
+
+def processes_naming(path: Path) -> list[int]:
+    """The pids of the live processes whose command line names `path` (the driver's, its workers', the
+    trainers'), this one excluded."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit() and int(proc.name) != os.getpid():
+            with contextlib.suppress(OSError):
+                if str(path).encode() in (proc / "cmdline").read_bytes() and b"(zombie)" not in (proc / "stat").read_bytes():
+                    pids.append(int(proc.name))
+    return pids
+
+
+def test_a_second_launch_on_a_folder_in_use_is_refused(tmp_path):
+    """A process of another launch holds its lock in the folder (as the workers of a torchrun killed with
+    SIGKILL do): a new launch stops at once with its pid; once it is gone, its lock file is stale."""
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time; from evaluate import reproduce, shards; "
+        f"lock = reproduce.lock_launch({str(tmp_path)!r}, shards.shard_from_environment({{}}), 'old'); "
+        "print('locked', flush=True); time.sleep(60)")], cwd=REPO, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        second = shards.shard_from_environment({"RANK": "1", "WORLD_SIZE": "2"})
+        with pytest.raises(UserError, match=f"is in use by a process of another reproduction launch \\(pid {holder.pid} "):
+            reproduce.lock_launch(tmp_path, second, "new")
+        reproduce.lock_launch(tmp_path, second, "old").release()  # a process of the same launch is welcome
+    finally:
+        holder.kill()
+        holder.wait()
+    assert reproduce.lock_launch(tmp_path, shards.shard_from_environment({}), "new").file is not None
 
 
 S2I_CONFIG = """pretrained_model_name_or_path: builtin:tiny-sd
