@@ -1,5 +1,8 @@
 """The adapters against float64 dense references, their properties, injection, merging and training."""
 import copy
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -262,3 +265,29 @@ def test_config_and_target_errors(tiny_unet):
     inject_adapters(tiny_unet, AdapterConfig())
     with refused("already has adapters"):
         inject_adapters(tiny_unet, AdapterConfig())
+
+
+def test_oft_runs_with_several_torch_threads():
+    """OFT's Cayley map solves a batch of blocks; on the CPU, after `torch.set_num_threads(2)`, torch 2.14's
+    batched solve of blocks of 160 hangs in MKL (pytorch/pytorch#142815). In a child process (a hang must end
+    as a failure, not stall the suite): forward and backward finish and give the one-thread result."""
+    code = """
+import torch, torch.nn as nn
+from ether_diffusion import AdapterConfig, inject_adapters
+def grads(threads):
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    holder = nn.Module(); holder.layer = nn.Linear(640, 640)
+    inject_adapters(holder, AdapterConfig(method="oft", n_blocks=4, target_modules=["layer"]))
+    with torch.no_grad():
+        holder.layer.oft_r.normal_(0, 0.05)
+    holder.layer(torch.randn(2, 16, 640)).square().sum().backward()
+    return holder.layer.oft_r.grad
+one, two = grads(1), grads(2)
+print(float((one - two).abs().max() / one.abs().max()))
+"""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "OMP_NUM_THREADS": "2"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "SLASWP" not in result.stdout + result.stderr
+    assert float(result.stdout.split()[-1]) < 1e-5

@@ -23,5 +23,15 @@ class OFTLinear(BlockDiagonalLinear):
         r = self.oft_r
         s = (r - r.transpose(-1, -2)) / 2
         eye = torch.eye(s.shape[-1], dtype=s.dtype, device=s.device)
-        # S is skew, so (I+S) and (I-S)^-1 commute: Q = (I-S)^-1 (I+S), one batched solve.
-        return torch.linalg.solve(eye - s, eye + s)
+        # S is skew, so (I+S) and (I-S)^-1 commute: Q = (I-S)^-1 (I+S).
+        return solve_blocks(eye - s, eye + s)
+
+
+def solve_blocks(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """`torch.linalg.solve` over a batch of blocks. On the CPU with more than one torch thread, torch runs the
+    batch's LU factorisations in parallel, and MKL's row swaps are not safe to run so: it prints "Parameter 6
+    was incorrect on entry to SLASWP" and hangs (seen here with 4 blocks of 160 after `torch.set_num_threads(2)`;
+    pytorch/pytorch#142815, #141358). There the blocks are solved one at a time, each with every thread."""
+    if a.device.type != "cpu" or torch.get_num_threads() == 1 or a.shape[0] == 1:
+        return torch.linalg.solve(a, b)
+    return torch.stack([torch.linalg.solve(a_i, b_i) for a_i, b_i in zip(a, b)])
