@@ -37,3 +37,13 @@ def test_bad_methods_and_subjects_are_one_line_errors(tmp_path):
         learning.parse_args(["--output_dir", str(tmp_path), "--subjects", "dog"])
     args = learning.parse_args(["--output_dir", str(tmp_path), "--methods", "lora, hra", "--subjects", "star_toy"])
     assert args.methods == ["lora", "hra"] and args.subjects == ["star_toy"]
+
+
+def test_the_table_shows_the_base_models_rows_and_the_look_in_words():
+    cells = {"subject": 0.0, "subject_parts": 0.36, "scene": 1.0, "subject_in_scenes": 0.0, "other_toys": 1.0}
+    base = {"subjects": {"star_toy": cells}, "look_in_words": {"star_toy": {"subject": 0.25, "subject_parts": 0.5}}}
+    run = {**cells, "subject": 0.5, "learning_rate": 0.18}
+    lines = learning.table(base, {("ether+", "star_toy"): run}).splitlines()
+    assert lines[2:] == ["| base model | | star_toy | 0% | 36% | 100% | 0% | 100% |",
+                         "| base model, the look in words | | star_toy | 25% | 50% | | | |",
+                         "| ether+ | 0.18 | star_toy | 50% | 36% | 100% | 0% | 100% |"]

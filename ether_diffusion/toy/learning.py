@@ -120,6 +120,16 @@ def judge_subject(judge: Judge, adapter, subject: str, count: int, seed: int = 0
             "subject_parts": sum(parts_right(a, subject) for a in photo_answers) / count}
 
 
+def look_in_words(judge: Judge, subject: str, count: int, seed: int = 0) -> dict:
+    """The base model asked for the subject's whole look in words ("a photo of a blue square toy with small
+    eyes, a heart and yellow feet"): how often it draws the subject, and how many of its parts. What the model
+    can draw at all bounds what an adapter can teach it in a few hundred steps."""
+    pipe = use_dpm_solver(load_pipeline(MODEL))
+    answers = judge(samples(pipe, f"a photo of {world.SUBJECTS[subject].describe()}", count, seed))
+    return {"subject": sum(a["subject"] == subject for a in answers) / count,
+            "subject_parts": sum(parts_right(a, subject) for a in answers) / count}
+
+
 def prompt_following(judge: Judge, count: int, seed: int = 0) -> dict:
     """Base model: "a photo of a <colour> <object> <scene>", each object with two colours in every scene."""
     pipe = use_dpm_solver(load_pipeline(MODEL))
@@ -154,6 +164,9 @@ def table(base: dict, rows: dict) -> str:
     lines = [f"| method | lr | subject | {RESULT_COLUMNS} |", "|---|---|---|---|---|---|---|---|"]
     for subject, r in base["subjects"].items():
         lines.append(f"| base model | | {subject} | {result_cells(r)} |")
+    for subject, r in base.get("look_in_words", {}).items():  # the same columns, for the look spelled out
+        lines.append(f"| base model, the look in words | | {subject} | {pct(r['subject'])} | {pct(r['subject_parts'])} "
+                     "| | | |")
     for (method, subject), r in rows.items():
         lines.append(f"| {method} | {r['learning_rate']:g} | {subject} | {result_cells(r)} |")
     return "\n".join(lines)
@@ -222,11 +235,15 @@ def base_judged(judge, out: Path, subjects, count: int) -> dict:
         base = {"samples": count, "subjects": {}}
     if "prompt_following" not in base:
         base["prompt_following"] = prompt_following(judge, max(1, count // 4))
+    words = base.setdefault("look_in_words", {})
     for subject in subjects:
         if subject not in base["subjects"]:
             base["subjects"][subject] = judge_subject(judge, None, subject, count)
+        if subject not in words:
+            words[subject] = look_in_words(judge, subject, count)
     cache.write_text(json.dumps(base, indent=1))
-    return {"prompt_following": base["prompt_following"], "subjects": {s: base["subjects"][s] for s in subjects}}
+    return {"prompt_following": base["prompt_following"], "subjects": {s: base["subjects"][s] for s in subjects},
+            "look_in_words": {s: words[s] for s in subjects}}
 
 
 def main(argv=None):
