@@ -11,7 +11,13 @@ plus a FLOP table of one SD-1.5 training step (its Table 1). Everything goes to 
    method and n.
 README.md gets the tables.
 
+With `--from_reproduction DIR` it instead reads a learning-rate study made by `evaluate/reproduce.py
+--lr_multipliers ...` (e.g. on the toy world, docs/reproduce_toy.md) and plots, per method and multiple, the
+outcomes the evaluator measured (DreamBooth: DINO and CLIP-T; S2I: mIoU and accuracy) beside the
+transformation and weight distances of the same runs' selected adapters: lr_outcomes_<task>.png and .md.
+
     python benchmarks/lr_robustness.py --quick     # tiny SD, 32 px, 20 steps: a few minutes on 2 CPU cores
+    python benchmarks/lr_robustness.py --from_reproduction outputs/lr-toy/dreambooth   # outcomes + distances
     python benchmarks/lr_robustness.py --pretrained_model_name_or_path runwayml/stable-diffusion-v1-5 \\
         --resolution 512 --max_train_steps 400 --instance_data_dir data/dreambooth/dog
 
@@ -31,6 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # train_dreambooth.py lives at the repository root
 
 from ether_diffusion import AdapterConfig, analysis, inject_adapters, load_adapter  # noqa: E402
+from ether_diffusion.adapter_file import ADAPTER_FILE  # noqa: E402
 from ether_diffusion.adapters.methods import METHODS as METHOD_TABLE  # noqa: E402
 from ether_diffusion.builtin import resolve_instance_dir, resolve_model_path  # noqa: E402
 from ether_diffusion.errors import run_cli  # noqa: E402
@@ -40,7 +47,10 @@ from ether_diffusion.tiny_sd import build_sd15_unet  # noqa: E402
 METHODS = ("ether", "ether+", "oft", "naive", "lora")
 LR_MULTIPLIERS = (0.1, 1, 10, 100)
 STRENGTHS = (0.0, 0.01, 0.1, 1.0, 10.0)
-COLORS = {"ether": "tab:blue", "ether+": "tab:orange", "oft": "tab:green", "naive": "tab:red", "lora": "tab:purple"}
+COLORS = {"ether": "tab:blue", "ether+": "tab:orange", "oft": "tab:green", "naive": "tab:red", "lora": "tab:purple",
+          "hra": "tab:brown"}
+OUTCOMES = {"dreambooth": (("dino", "subject fidelity (DINO)"), ("clip_t", "prompt fidelity (CLIP-T)")),
+            "s2i": (("miou", "mIoU"), ("accuracy", "pixel accuracy"))}
 
 
 def parse_args(argv=None):
@@ -55,6 +65,9 @@ def parse_args(argv=None):
     p.add_argument("--work_dir", default=None, help="Where the training runs go (default: a temporary folder).")
     p.add_argument("--device", default="cpu", help="For sampling; training uses accelerate's device.")
     p.add_argument("--quick", action="store_true", help="20 steps, 32 px, fewer sampling steps.")
+    p.add_argument("--from_reproduction", default=None, metavar="DIR",
+                   help="Plot the outcomes of an `evaluate/reproduce.py --lr_multipliers` folder beside its runs' "
+                        "distances (no training here).")
     args = p.parse_args(argv)
     if args.quick:
         args.max_train_steps, args.resolution = 20, 32
@@ -99,16 +112,48 @@ def lr_sweep(args, work_dir: Path) -> list[dict]:
     return rows
 
 
-def plot_distances(rows, path: Path):
+def outcomes_from_reproduction(folder: Path) -> tuple[str, list[dict]]:
+    """One row per variant (method x multiplier) of a reproduction folder: the report's metrics, and the
+    distances of its runs' selected adapters (the mean over its subjects)."""
+    report = json.loads((folder / "report.json").read_text())
+    base = load_unet(report["settings"]["models"][0])
+    rows = []
+    for row in report["ours"]:
+        reports = []
+        for run in report["runs"]:
+            if run["run"].split("/")[0] != row["variant"] or run["status"] != "done":
+                continue
+            done = json.loads((folder / "runs" / run["run"] / "done.json").read_text())
+            adapter = folder / "runs" / run["run"] / done["selected"] / ADAPTER_FILE
+            if adapter.is_file():  # S2I's encoder-only runs have none
+                unet = copy.deepcopy(base)
+                load_adapter(unet, adapter)
+                reports.append(analysis.unet_report(unet))
+        distances = {k: sum(r[k] for r in reports) / len(reports) for k in (reports[0] if reports else {})}
+        rows.append({"method": row["method"], "multiplier": row["lr_multiplier"], "lr": row["learning_rate"],
+                     "runs": len(reports), **(row["metrics"] or {}), **distances})
+        print(json.dumps(rows[-1]), flush=True)
+    return report["task"], rows
+
+
+def plot_distances(rows, path: Path, outcomes=()):
+    """Transformation and weight distance per method over the multiples; `outcomes` (metric, title) add a
+    panel each, from the same rows."""
     import matplotlib.pyplot as plt
 
-    fig, (ax_t, ax_w) = plt.subplots(1, 2, figsize=(9, 3.4), dpi=90)
-    for method in METHODS:
+    fig, axes = plt.subplots(1, 2 + len(outcomes), figsize=(4.5 * (2 + len(outcomes)), 3.4), dpi=90)
+    ax_t, ax_w = axes[:2]
+    for method in dict.fromkeys(r["method"] for r in rows):
         mine = [r for r in rows if r["method"] == method]
         x = [r["multiplier"] for r in mine]
         if "transform_distance_per_block" in mine[0]:  # LoRA has no transform
             ax_t.plot(x, [r["transform_distance_per_block"] for r in mine], "o-", color=COLORS[method], label=method)
-        ax_w.plot(x, [r["weight_distance"] for r in mine], "o-", color=COLORS[method], label=method)
+        if "weight_distance" in mine[0]:
+            ax_w.plot(x, [r["weight_distance"] for r in mine], "o-", color=COLORS[method], label=method)
+        for ax, (metric, title) in zip(axes[2:], outcomes):
+            ax.plot(x, [r.get(metric) if r.get(metric) is not None else float("nan") for r in mine], "o-",
+                    color=COLORS[method], label=method)
+            ax.set(xscale="log", xlabel="learning rate / config's rate", title=title)
     ax_t.axhline(2, color="gray", ls=":", lw=1)
     ax_t.set(xscale="log", yscale="log", xlabel="learning rate / paper default",
              ylabel="||T - I||_F per block (RMS)", title="transformation distance")
@@ -230,10 +275,35 @@ def markdown(args, rows, flops) -> str:
     return "\n".join(lines) + "\n"
 
 
+def outcomes_markdown(folder: Path, task: str, rows: list[dict]) -> str:
+    metrics = [m for m, _ in OUTCOMES[task]]
+    lines = [f"# Learning-rate robustness with outcomes ({task})", "",
+             f"`python benchmarks/lr_robustness.py --from_reproduction {folder}`: per method and multiple of its "
+             "config's learning rate, the evaluator's metrics (the reproduction's report.json) and the distances of "
+             "the runs' selected adapters (mean over subjects). Plot: `lr_outcomes_" + task + ".png`.", "",
+             "| method | x lr | lr | " + " | ".join(metrics) + " | transformation distance per block | weight distance |",
+             "|---|---|---|" + "---|" * (len(metrics) + 2)]
+
+    def fmt(value):
+        return "" if value is None else f"{value:.3g}"
+
+    for r in rows:
+        lines.append(f"| {r['method']} | {r['multiplier']:g} | {r['lr']:.3g} | "
+                     + " | ".join(fmt(r.get(m)) for m in metrics)
+                     + f" | {fmt(r.get('transform_distance_per_block'))} | {fmt(r.get('weight_distance'))} |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv=None):
     args = parse_args(argv)
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    if args.from_reproduction:
+        task, rows = outcomes_from_reproduction(Path(args.from_reproduction))
+        plot_distances(rows, out / f"lr_outcomes_{task}.png", OUTCOMES[task])
+        (out / f"lr_outcomes_{task}.md").write_text(outcomes_markdown(Path(args.from_reproduction), task, rows))
+        print(f"wrote {out}/lr_outcomes_{task}.png and .md")
+        return
     with tempfile.TemporaryDirectory() as tmp:
         work_dir = Path(args.work_dir or tmp)
         subject_label = args.instance_data_dir

@@ -111,6 +111,9 @@ def parse_args(argv=None):
         g.add_argument("--output_dir", required=True)
         g.add_argument("--lr_multipliers", type=_float_list, default=[1.0],
                        help="train every method at these multiples of its config's learning rate (e.g. 0.1,1,10,100)")
+        g.add_argument("--lr_relative_to", choices=["config", "paper"], default="config",
+                       help="paper: the multiples are of the method's paper learning rate (the paper's Figures 5 and 8; "
+                            "the encoder-only S2I run keeps its config's)")
         g.add_argument("--max_train_steps", type=int, default=None, help="override the configs' number of steps")
         g.add_argument("--train_args", default="", help='extra trainer arguments for every run, e.g. "--mixed_precision fp16"')
         g.add_argument("--eval_args", default="",
@@ -254,8 +257,11 @@ def plan_run(args, variant: Variant, subject=None, class_name=None) -> Run:
     settings = trainer_of(args).parse_args(argv)
     if settings.method != variant.method:
         raise UserError(f"{variant.config} trains method {settings.method}, not {variant.method}")
-    if variant.lr_multiplier != 1:
-        argv += ["--learning_rate", repr(settings.learning_rate * variant.lr_multiplier)]
+    rate = settings.learning_rate
+    if args.lr_relative_to == "paper" and variant.method in METHODS:
+        rate = METHODS[variant.method].dreambooth_lr if args.task == "dreambooth" else METHODS[variant.method].s2i_lr
+    if rate * variant.lr_multiplier != settings.learning_rate:
+        argv += ["--learning_rate", repr(rate * variant.lr_multiplier)]
     if args.select_every:
         # Every checkpoint is a candidate: none may be pruned before the selection.
         argv += ["--checkpointing_steps", str(args.select_every)]

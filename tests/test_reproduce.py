@@ -17,6 +17,7 @@ import pytest
 from PIL import Image, ImageDraw
 from trainer_helpers import REPO
 
+from ether_diffusion.adapters.methods import METHODS
 from ether_diffusion.errors import UserError
 from ether_diffusion.tiny_ade20k import write_tiny_ade20k
 from evaluate import reproduce, selection, shards
@@ -348,3 +349,32 @@ def test_a_job_array_trains_only(setup, tmp_path, monkeypatch):
     with pytest.raises(UserError, match="in a Slurm job array use --stage train"):
         reproduce.main(["dreambooth", "--dataset", str(setup["dataset"]), "--methods", "ether+",
                         "--config_dir", str(setup["configs"]), "--output_dir", str(tmp_path / "o")])
+
+
+def test_learning_rate_outcomes_are_read_beside_the_runs_distances(one_go, tmp_path):
+    """benchmarks/lr_robustness.py --from_reproduction: one row per variant with the report's metrics and the
+    distances of its runs' selected adapters; a plot and a table."""
+    from benchmarks import lr_robustness
+
+    out, _ = one_go
+    task, rows = lr_robustness.outcomes_from_reproduction(out)
+    report = json.loads((out / "report.json").read_text())
+    assert task == "dreambooth" and [r["method"] for r in rows] == [row["method"] for row in report["ours"]]
+    by_method = {r["method"]: r for r in rows}
+    assert by_method["ether+"]["dino"] == next(r["metrics"]["dino"] for r in report["ours"] if r["method"] == "ether+")
+    assert by_method["ether+"]["runs"] == 2 and 0 < by_method["ether+"]["transform_distance_per_block"] <= 2
+    assert "transform_distance_per_block" not in by_method["lora"] and by_method["lora"]["weight_distance"] > 0
+    lr_robustness.main(["--from_reproduction", str(out), "--output_dir", str(tmp_path)])
+    assert (tmp_path / "lr_outcomes_dreambooth.png").is_file()
+    assert "| ether+ | 1 | 0.006 |" in (tmp_path / "lr_outcomes_dreambooth.md").read_text()
+
+
+def test_learning_rate_multiples_of_the_config_or_of_the_paper(setup, tmp_path):
+    base = ["dreambooth", "--dataset", str(setup["dataset"]), "--config_dir", str(setup["configs"]),
+            "--methods", "ether+,lora", "--lr_multipliers", "0.1,10", "--output_dir", str(tmp_path / "o")]
+    for relative_to, rates in (("config", {"ether+": 6e-3, "lora": 6e-4}),  # the test configs' rates
+                               ("paper", {m: METHODS[m].dreambooth_lr for m in ("ether+", "lora")})):
+        args = reproduce.parse_args(base + ["--lr_relative_to", relative_to])
+        runs = reproduce.plan_runs(args, reproduce.load_protocol(setup["dataset"]))
+        got = {(r.variant.method, r.variant.lr_multiplier): r.settings.learning_rate for r in runs}
+        assert got == pytest.approx({(m, x): rate * x for m, rate in rates.items() for x in (0.1, 10)}), relative_to
