@@ -117,12 +117,20 @@ def holder_of(path) -> str | None:
         return None
 
 
-def describe_holder(text: str) -> str:
+def read_holder(text: str) -> dict:
+    """What a lock file's text says of its holder ({} when it says nothing readable)."""
     try:
         holder = json.loads(text)
-        return f"pid {holder['pid']} on host {holder['host']}, started {holder['started']}"
-    except (ValueError, KeyError, TypeError):
+    except ValueError:
+        return {}
+    return holder if isinstance(holder, dict) else {}
+
+
+def describe_holder(text: str) -> str:
+    holder = read_holder(text)
+    if not {"pid", "host", "started"} <= holder.keys():
         return "its pid is unknown"
+    return f"pid {holder['pid']} on host {holder['host']}, started {holder['started']}"
 
 
 def lock_output_dir(output_dir) -> RunLock:

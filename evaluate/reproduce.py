@@ -41,7 +41,6 @@ import contextlib
 import csv
 import ctypes
 import io
-import json
 import os
 import shlex
 import shutil
@@ -66,7 +65,7 @@ from ether_diffusion.arguments import NO_ADAPTER  # noqa: E402
 from ether_diffusion.control import ENCODER_WEIGHTS  # noqa: E402
 from ether_diffusion.errors import ArgumentParser, UserError, first_line, run_cli  # noqa: E402
 from ether_diffusion.files import read_json, write_text  # noqa: E402
-from ether_diffusion.run_folder import RunLock, describe_holder, holder_of  # noqa: E402
+from ether_diffusion.run_folder import RunLock, describe_holder, holder_of, read_holder  # noqa: E402
 from evaluate import dreambooth as dreambooth_eval  # noqa: E402
 from evaluate import reproduce_report, s2i as s2i_eval, selection, shards  # noqa: E402
 from evaluate.harness import write_json  # noqa: E402
@@ -344,14 +343,6 @@ def lock_launch(output_dir, shard, launch_id: str) -> RunLock:
                             "finish or stop all of its processes (killing torchrun/accelerate with SIGKILL leaves "
                             "them running), or use another --output_dir")
     return lock
-
-
-def read_holder(text: str) -> dict:
-    try:
-        holder = json.loads(text)
-    except ValueError:
-        return {}
-    return holder if isinstance(holder, dict) else {}
 
 
 # ================================================================================================ one run
