@@ -1,8 +1,8 @@
-"""evaluate/reproduce.py. DreamBooth: 2 subjects x 2 methods on the tiny SD with stand-in backbones, on two
-processes (`ACCELERATE_USE_CPU=1 torchrun --nproc_per_node 2`, one thread each): every run trained exactly once
-as its own single process, a stop in the middle and a restart give the same report as one go, the paper's rows
-are the paper's numbers. S2I (Table 3) on one process: a failed run is named and the exit code says so. The
-pieces (selection, sharding, config lookup) on their own."""
+"""evaluate/reproduce.py. DreamBooth: 2 toy-world subjects x 2 methods on `builtin:toy-sd` with stand-in
+backbones, on two processes (`ACCELERATE_USE_CPU=1 torchrun --nproc_per_node 2`, one thread each): every run
+trained exactly once as its own single process, a stop in the middle and a restart give the same report as one
+go, the paper's rows are the paper's numbers. S2I (Table 3, on the tiny SD) on one process: a failed run is named
+and the exit code says so. The pieces (selection, sharding, config lookup) on their own."""
 import contextlib
 import json
 import os
@@ -14,19 +14,19 @@ import time
 from pathlib import Path
 
 import pytest
-from PIL import Image, ImageDraw
+from PIL import Image
 from trainer_helpers import REPO
 
 from ether_diffusion.adapters.methods import METHODS
 from ether_diffusion.errors import UserError
 from ether_diffusion.tiny_ade20k import write_tiny_ade20k
+from ether_diffusion.toy import world
 from evaluate import reproduce, selection, shards
 from evaluate.paper_tables import TABLE_2, TABLE_3
 from evaluate.tiny_backbones import write_tiny_backbones
 
-SUBJECTS = {"red_toy": "toy", "blue_box": "box"}
-TEMPLATES = ("a photo of {0} {1}", "a {0} {1} on the beach", "a {0} {1} in the snow")
-CONFIG = """pretrained_model_name_or_path: builtin:tiny-sd
+SUBJECTS = ("star_toy", "heart_toy")  # two of the toy world's subjects, class "toy"
+CONFIG = """pretrained_model_name_or_path: builtin:toy-sd
 method: {method}
 resolution: 32
 train_batch_size: 1
@@ -44,21 +44,6 @@ distance_logging_steps: 0
 """
 
 
-def write_dataset(root: Path, subjects=SUBJECTS) -> Path:
-    """A DreamBooth-layout folder: two drawn pictures per subject and a prompts_and_classes.txt."""
-    for k, name in enumerate(subjects):
-        (root / name).mkdir(parents=True, exist_ok=True)
-        for i in range(2):
-            image = Image.new("RGB", (32, 32), (200, 220, 240))
-            ImageDraw.Draw(image).ellipse([4 + 4 * i, 6, 24 + 4 * i, 26], fill=((210, 40, 40), (40, 60, 210))[k % 2])
-            image.save(root / name / f"{i:02d}.png")
-    templates = "\n".join(f"'{t}'.format(unique_token, class_token)," for t in TEMPLATES)
-    classes = "\n".join(f"{name},{cls}" for name, cls in subjects.items())
-    (root / "prompts_and_classes.txt").write_text(f"Classes\nsubject_name,class\n{classes}\n\nPrompts\n\n"
-                                                  f"Object Prompts\n{templates}\n\nLive Subject Prompts\n{templates}\n")
-    return root
-
-
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("reproduce")
@@ -69,7 +54,8 @@ def setup(tmp_path_factory):
     b = write_tiny_backbones(root / "backbones")
     eval_args = (f"--dino {b['dino']} --clip {b['clip']} --lpips_net {b['lpips']} --lpips_resolution 64 "
                  "--prompts 0,1 --images_per_prompt 1 --num_inference_steps 1")
-    return {"root": root, "dataset": write_dataset(root / "dataset"), "configs": configs, "eval_args": eval_args}
+    dataset = world.write_subjects(root / "dataset", SUBJECTS, count=2)
+    return {"root": root, "dataset": dataset, "configs": configs, "eval_args": eval_args}
 
 
 def command(setup, out, processes=2, methods="ether+,lora", extra=()):
@@ -108,7 +94,7 @@ def one_go(setup):
 def test_every_run_is_trained_exactly_once_on_its_own(one_go):
     out, result = one_go
     runs = runs_of(out)
-    assert sorted(runs) == ["ether+/blue_box", "ether+/red_toy", "lora/blue_box", "lora/red_toy"]
+    assert sorted(runs) == ["ether+/heart_toy", "ether+/star_toy", "lora/heart_toy", "lora/star_toy"]
     for name, run_dir in runs.items():
         assert trainer_starts(run_dir) == 1, name
         log = (run_dir / "train.log").read_text()
@@ -121,8 +107,8 @@ def test_every_run_is_trained_exactly_once_on_its_own(one_go):
     for process in ("1/2", "2/2"):
         assert f"[process {process}] done " in result.stdout
     assert "runs finished, elapsed" in result.stdout and "left; all:" in result.stdout
-    # the runs of a class shared its class images
-    assert sorted(p.name for p in (out / "class-images").iterdir()) == ["box-32px", "toy-32px"]
+    # the runs of a class shared its class images (both subjects are toys)
+    assert sorted(p.name for p in (out / "class-images").iterdir()) == ["toy-32px"]
 
 
 def test_selection_is_recorded_in_each_run(one_go):
@@ -148,7 +134,9 @@ def test_report_has_the_papers_rows_and_ours(one_go):
         assert f"| {method} (paper) | {params or ''} | {' | '.join(cells)} |" in md
     ours = {row["variant"]: row for row in report["ours"]}
     assert set(ours) == {"ether+", "lora"} and ours["ether+"]["paper_row"] == "ETHER+"
-    assert ours["ether+"]["parameters"]["adapter"] == 4_992  # ETHER+ n=1 on the tiny SD's q/k/v/out
+    # ETHER+ n=1 on q/k/v/out: 2 (in + out) per layer, 28 C + 512 per transformer block of width C
+    # (cross-attention keys/values from 128), three blocks of 64 and seven of 128 in the toy UNet
+    assert ours["ether+"]["parameters"]["adapter"] == 3 * (28 * 64 + 512) + 7 * (28 * 128 + 512)
     assert all(row["runs_scored"] == 2 and 0 < row["metrics"]["dino"] <= 1 for row in ours.values())
     assert report["failed"] == []
     subjects = (out / "per_subject.csv").read_text().splitlines()
@@ -179,7 +167,7 @@ def test_stop_in_the_middle_and_restart_gives_the_same_report(setup, one_go):
     assert finished and not (out / "report.json").exists()  # stopped in the middle
 
     run(command(setup, out))
-    for name in ("report.json", "report.md", "per_subject.csv", "grids/red_toy.png", "grids/blue_box.png"):
+    for name in ("report.json", "report.md", "per_subject.csv", "grids/star_toy.png", "grids/heart_toy.png"):
         assert (out / name).read_bytes() == (reference / name).read_bytes(), name
     for name, run_dir in runs_of(out).items():
         if name in finished:
@@ -217,7 +205,7 @@ def test_a_second_launch_on_a_folder_in_use_is_refused(tmp_path):
     assert reproduce.lock_launch(tmp_path, shards.shard_from_environment({}), "new").file is not None
 
 
-S2I_CONFIG = """pretrained_model_name_or_path: builtin:tiny-sd
+S2I_CONFIG = """pretrained_model_name_or_path: builtin:toy-sd
 method: {method}
 n_blocks: {n_blocks}
 resolution: 32
