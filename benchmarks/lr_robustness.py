@@ -27,6 +27,7 @@ script is for.
 import argparse
 import copy
 import json
+import math
 import sys
 import tempfile
 from pathlib import Path
@@ -136,7 +137,7 @@ def outcomes_from_reproduction(folder: Path) -> tuple[str, list[dict]]:
     return report["task"], rows
 
 
-def plot_distances(rows, path: Path, outcomes=()):
+def plot_distances(rows, path: Path, outcomes=(), xlabel="learning rate / paper default"):
     """Transformation and weight distance per method over the multiples; `outcomes` (metric, title) add a
     panel each, from the same rows."""
     import matplotlib.pyplot as plt
@@ -153,11 +154,11 @@ def plot_distances(rows, path: Path, outcomes=()):
         for ax, (metric, title) in zip(axes[2:], outcomes):
             ax.plot(x, [r.get(metric) if r.get(metric) is not None else float("nan") for r in mine], "o-",
                     color=COLORS[method], label=method)
-            ax.set(xscale="log", xlabel="learning rate / config's rate", title=title)
+            ax.set(xscale="log", xlabel=xlabel, title=title)
     ax_t.axhline(2, color="gray", ls=":", lw=1)
-    ax_t.set(xscale="log", yscale="log", xlabel="learning rate / paper default",
+    ax_t.set(xscale="log", yscale="log", xlabel=xlabel,
              ylabel="||T - I||_F per block (RMS)", title="transformation distance")
-    ax_w.set(xscale="log", yscale="log", xlabel="learning rate / paper default",
+    ax_w.set(xscale="log", yscale="log", xlabel=xlabel,
              ylabel="sum over layers of ||W' - W||_F", title="weight distance")
     ax_w.legend(fontsize=8)
     fig.tight_layout()
@@ -279,8 +280,9 @@ def outcomes_markdown(folder: Path, task: str, rows: list[dict]) -> str:
     metrics = [m for m, _ in OUTCOMES[task]]
     lines = [f"# Learning-rate robustness with outcomes ({task})", "",
              f"`python benchmarks/lr_robustness.py --from_reproduction {folder}`: per method and multiple of its "
-             "config's learning rate, the evaluator's metrics (the reproduction's report.json) and the distances of "
-             "the runs' selected adapters (mean over subjects). Plot: `lr_outcomes_" + task + ".png`.", "",
+             "learning rate (`lr`: the rate it trained with), the evaluator's metrics (the reproduction's "
+             "report.json) and the distances of the runs' selected adapters (mean over subjects). Plot: "
+             f"`lr_outcomes_{task}.png`.", "",
              "| method | x lr | lr | " + " | ".join(metrics) + " | transformation distance per block | weight distance |",
              "|---|---|---|" + "---|" * (len(metrics) + 2)]
 
@@ -300,7 +302,10 @@ def main(argv=None):
     out.mkdir(parents=True, exist_ok=True)
     if args.from_reproduction:
         task, rows = outcomes_from_reproduction(Path(args.from_reproduction))
-        plot_distances(rows, out / f"lr_outcomes_{task}.png", OUTCOMES[task])
+        paper = all(math.isclose(r["lr"], r["multiplier"] * getattr(METHOD_TABLE[r["method"]], f"{task}_lr"))
+                    for r in rows if r["method"] in METHOD_TABLE)  # --lr_relative_to paper, or configs at the paper's
+        plot_distances(rows, out / f"lr_outcomes_{task}.png", OUTCOMES[task],
+                       "learning rate / paper default" if paper else "learning rate / config's rate")
         (out / f"lr_outcomes_{task}.md").write_text(outcomes_markdown(Path(args.from_reproduction), task, rows))
         print(f"wrote {out}/lr_outcomes_{task}.png and .md")
         return
