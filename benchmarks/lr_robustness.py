@@ -41,7 +41,7 @@ from ether_diffusion import AdapterConfig, analysis, inject_adapters, load_adapt
 from ether_diffusion.adapter_file import ADAPTER_FILE  # noqa: E402
 from ether_diffusion.adapters.methods import METHODS as METHOD_TABLE  # noqa: E402
 from ether_diffusion.builtin import resolve_instance_dir, resolve_model_path  # noqa: E402
-from ether_diffusion.errors import run_cli  # noqa: E402
+from ether_diffusion.errors import UserError, run_cli  # noqa: E402
 from ether_diffusion.pipelines import load_pipeline  # noqa: E402
 from ether_diffusion.tiny_sd import build_sd15_unet  # noqa: E402
 
@@ -116,6 +116,9 @@ def lr_sweep(args, work_dir: Path) -> list[dict]:
 def outcomes_from_reproduction(folder: Path) -> tuple[str, list[dict]]:
     """One row per variant (method x multiplier) of a reproduction folder: the report's metrics, and the
     distances of its runs' selected adapters (the mean over its subjects)."""
+    if not (folder / "report.json").is_file():
+        raise UserError(f"{folder}: no report.json: not a finished evaluate/reproduce.py folder (its report is "
+                        "written when every run is trained and evaluated)")
     report = json.loads((folder / "report.json").read_text())
     base = load_unet(report["settings"]["models"][0])
     rows = []
@@ -151,10 +154,11 @@ def plot_distances(rows, path: Path, outcomes=(), xlabel="learning rate / paper 
             ax_t.plot(x, [r["transform_distance_per_block"] for r in mine], "o-", color=COLORS[method], label=method)
         if "weight_distance" in mine[0]:
             ax_w.plot(x, [r["weight_distance"] for r in mine], "o-", color=COLORS[method], label=method)
-        for ax, (metric, title) in zip(axes[2:], outcomes):
+        for ax, (metric, _) in zip(axes[2:], outcomes):
             ax.plot(x, [r.get(metric) if r.get(metric) is not None else float("nan") for r in mine], "o-",
                     color=COLORS[method], label=method)
-            ax.set(xscale="log", xlabel=xlabel, title=title)
+    for ax, (_, title) in zip(axes[2:], outcomes):
+        ax.set(xscale="log", xlabel=xlabel, title=title)
     ax_t.axhline(2, color="gray", ls=":", lw=1)
     ax_t.set(xscale="log", yscale="log", xlabel=xlabel,
              ylabel="||T - I||_F per block (RMS)", title="transformation distance")

@@ -181,7 +181,8 @@ def processes_naming(path: Path) -> list[int]:
     for proc in Path("/proc").iterdir():
         if proc.name.isdigit() and int(proc.name) != os.getpid():
             with contextlib.suppress(OSError):
-                if str(path).encode() in (proc / "cmdline").read_bytes() and b"(zombie)" not in (proc / "stat").read_bytes():
+                names_it = str(path).encode() in (proc / "cmdline").read_bytes()
+                if names_it and b"(zombie)" not in (proc / "stat").read_bytes():
                     pids.append(int(proc.name))
     return pids
 
@@ -205,7 +206,7 @@ def test_a_second_launch_on_a_folder_in_use_is_refused(tmp_path):
     assert reproduce.lock_launch(tmp_path, shards.shard_from_environment({}), "new").file is not None
 
 
-S2I_CONFIG = """pretrained_model_name_or_path: builtin:toy-sd
+S2I_CONFIG = """pretrained_model_name_or_path: builtin:tiny-sd
 method: {method}
 n_blocks: {n_blocks}
 resolution: 32
@@ -354,6 +355,8 @@ def test_learning_rate_outcomes_are_read_beside_the_runs_distances(one_go, tmp_p
     assert "transform_distance_per_block" not in by_method["lora"] and by_method["lora"]["weight_distance"] > 0
     lr_robustness.main(["--from_reproduction", str(out), "--output_dir", str(tmp_path)])
     assert (tmp_path / "lr_outcomes_dreambooth.png").is_file()
+    with pytest.raises(UserError, match="no report.json: not a finished evaluate/reproduce.py folder"):
+        lr_robustness.outcomes_from_reproduction(tmp_path)
     assert "| ether+ | 1 | 0.006 |" in (tmp_path / "lr_outcomes_dreambooth.md").read_text()
 
 
