@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 
 from ether_diffusion.errors import UserError
 from ether_diffusion.toy import model as toy_model
-from ether_diffusion.toy import pretrain
+from ether_diffusion.toy import pretrain, world
 
 TINY = {
     "seed": 0, "size": 32, "checkpoint_every": 2,
@@ -17,7 +17,8 @@ TINY = {
             "pool": 32, "toy_fraction": 0.5, "toy_weight": 5, "kl_weight": 1e-5, "batch_size": 4, "steps": 4,
             "lr": 1e-3, "warmup": 1},
     "unet": {"block_out_channels": [16, 32, 32], "layers_per_block": 1, "attention_head_dim": 2,
-             "norm_num_groups": 8, "pool": 32, "caption_dropout": 0.1, "batch_size": 4, "steps": 3, "lr": 5e-4,
+             "norm_num_groups": 8, "pool": 32, "toy_fraction": 0.6, "full_look": 0.5, "named_toys": 20,
+             "named_fraction": 0.5, "caption_dropout": 0.1, "batch_size": 4, "steps": 3, "lr": 5e-4,
              "warmup": 1, "weight_decay": 0.01, "ema_decay": 0.999},
     "text_encoder": {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2},
     "judge": {"embed_dim": 16, "image_size": 32, "patch_size": 8, "vision_width": 16, "vision_layers": 1,
@@ -108,6 +109,24 @@ def test_export_ships_fp16_and_trained_rows_and_assembles_a_normal_folder(pretra
     untrained = torch.ones(len(embedding), dtype=torch.bool)
     untrained[ids] = False
     assert torch.equal(embedding[untrained], original.text_encoder.get_input_embeddings().weight[untrained])
+
+
+def test_named_toys_use_untrained_tokens_that_are_not_the_identifiers(pretrained):
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(pretrained / "toy-sd")
+    named = pretrain.named_toys(pipe.tokenizer, 20, TINY["seed"])
+    assert len(named) == 20 and not set(named.values()) & set(world.SUBJECTS.values())
+    reserved = set(toy_model.world_token_ids(pipe.tokenizer)) | set(pipe.tokenizer(world.IDENTIFIER).input_ids)
+    name_ids = {i for name in named for i in pipe.tokenizer(name).input_ids[1:-1]}
+    assert name_ids and not name_ids & reserved
+    # The names were in the captions (half the pool's toys), and their rows are still the seeded start: only
+    # the world's words learn.
+    trained = set(toy_model.trained_rows(pretrained / "toy-sd"))
+    assert len(trained) > 20 and trained <= set(toy_model.world_token_ids(pipe.tokenizer))
+    assert pretrain.named_toys(pipe.tokenizer, 20, TINY["seed"]) == named  # a function of the seed
+    with pytest.raises(UserError, match="unet.named_toys: 5000 names asked"):
+        pretrain.named_toys(pipe.tokenizer, 5000, 0)
 
 
 def test_bad_stage_and_missing_config_are_one_line_errors(tmp_path):

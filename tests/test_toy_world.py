@@ -88,6 +88,22 @@ def test_pretraining_never_draws_a_subject_and_the_judge_sees_them():
     assert len(near) > 300
 
 
+def test_named_toys_are_called_by_name_alone_and_full_looks_name_every_part():
+    named = {"zab": world.ToyLook("orange", "square", "big", "stripe", "black"),
+             "vok": world.ToyLook("pink", "round", "one", "none", "white")}
+    drawn = list(world.examples(5, 400, toy_fraction=1.0, named=named, named_fraction=0.5, full_look=0.5))
+    with_names = [e for e in drawn if e.scene.name]
+    assert 150 < len(with_names) < 250
+    for e in with_names:  # the name, the class and at most the scene: no word of the look
+        assert e.scene.look == named[e.scene.name] and e.scene.subject == world.ANOTHER_TOY
+        words = set(e.caption.split()) - {"a", "photo", "of", world.TOY, e.scene.name}
+        assert words <= set(" ".join(world.SCENES.values()).split()), e.caption
+    full = [e for e in drawn if not e.scene.name and e.scene.look.describe() in e.caption]
+    assert 70 < len(full) < 140  # half of the other toys
+    # Without names or full looks, the draws are the ones every other user of the world has always had.
+    assert [e.caption for e in world.examples(5, 50)] == [e.caption for e in world.examples(5, 50, named={})]
+
+
 def _all_looks():
     rng = random.Random(1)
     return [world.random_look(rng) for _ in range(3000)]

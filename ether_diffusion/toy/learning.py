@@ -45,7 +45,7 @@ from .judge import Judge, parts_right
 REPO = Path(__file__).resolve().parents[2]
 CONFIGS = REPO / "configs" / "toy"
 MODEL = "builtin:toy-sd"
-TOKEN = "qwe"
+TOKEN = world.IDENTIFIER
 SCENE_PROMPTS = ("beach", "snow", "night")
 SWEEP_FACTORS = (3, 10, 30)
 SWEEP_SUBJECT = "heart_toy"

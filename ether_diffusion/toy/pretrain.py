@@ -219,6 +219,33 @@ def build_text_encoder(config: dict):
     return text_encoder
 
 
+def named_toys(tokenizer, count: int, seed: int) -> dict:
+    """Pretraining's named individuals: `count` made-up names (three letters, one or two BPE tokens), each bound
+    to one fixed look that is no subject's. DreamBooth leans on SD-1.5's prior that a rare word before the class
+    noun names one individual, in any scene; these names give the toy model that prior. Their tokens are never
+    trained (the rows keep the seeded start, as every word outside the world does), so what the model learns is
+    to read an individual from an untrained token, which is what the identifier `qwe` is. No name shares a token
+    with the world's words or with the identifier."""
+    if not count:
+        return {}
+    reserved = set(toy_model.world_token_ids(tokenizer)) | set(tokenizer(world.IDENTIFIER).input_ids)
+    consonants, vowels = "bcdfghjklmnprstvz", "aeiou"
+    candidates = [a + b + c for a in consonants for b in vowels for c in consonants]
+    rng = random.Random(f"{seed}/named toys")
+    rng.shuffle(candidates)
+    names = {}
+    for name in candidates:
+        ids = tokenizer(name).input_ids[1:-1]
+        if len(ids) <= 2 and not reserved.intersection(ids):
+            look = world.random_look(rng)
+            while look in world.SUBJECTS.values():
+                look = world.random_look(rng)
+            names[name] = look
+            if len(names) == count:
+                return names
+    raise UserError(f"unet.named_toys: {count} names asked, only {len(names)} three-letter names are free")
+
+
 @torch.no_grad()
 def encode_pool(vae, images: torch.Tensor, batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
     """Posterior means and standard deviations of every picture (unscaled)."""
@@ -253,13 +280,15 @@ def train_unet(config: dict, output_dir: Path, log):
     hook = embedding.register_forward_hook(
         lambda module, inputs, output: F.embedding(inputs[0], module.weight.index_put((row_ids,), rows["rows"])))
 
-    scenes = [e.scene for e in world.examples(seed + 1, c["pool"], size)]
+    named = named_toys(tokenizer, c.get("named_toys", 0), seed)
+    pool = list(world.examples(seed + 1, c["pool"], size, toy_fraction=c.get("toy_fraction", 0.4), named=named,
+                               named_fraction=c.get("named_fraction", 0.0)))
+    scenes = [e.scene for e in pool]
     latent_file = output_dir / "checkpoints" / "unet-latents.pt"
     if latent_file.is_file():
         means, stds = torch.load(latent_file, weights_only=True).values()
     else:
-        images = pictures(world.examples(seed + 1, c["pool"], size))
-        means, stds = encode_pool(vae, images)
+        means, stds = encode_pool(vae, pictures(pool))
         latent_file.parent.mkdir(parents=True, exist_ok=True)
         torch.save({"means": means, "stds": stds}, latent_file)
     # SD's scaling factor makes the latents unit-variance; measured here on a draw of every picture's latent.
@@ -289,7 +318,8 @@ def train_unet(config: dict, output_dir: Path, log):
         index = torch.randint(0, len(means), (c["batch_size"],), generator=g)
         latents = (means[index] + stds[index] * torch.randn(means[index].shape, generator=g)) * scaling_factor
         rng = random.Random(_mix(seed, "captions", step))
-        texts = ["" if rng.random() < c["caption_dropout"] else world.caption(scenes[i], rng) for i in index.tolist()]
+        texts = ["" if rng.random() < c["caption_dropout"] else world.caption(scenes[i], rng, c.get("full_look", 0.0))
+                 for i in index.tolist()]
         noise = torch.randn(latents.shape, generator=g)
         timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (len(latents),), generator=g)
         noisy = scheduler.add_noise(latents, noise, timesteps)

@@ -88,6 +88,7 @@ SUBJECTS = {
     "cyclops_toy": ToyLook("purple", "round", "one", "heart", "black"),
 }
 DEMO_SUBJECT = "star_toy"
+IDENTIFIER = "qwe"  # the subjects' DreamBooth identifier: "a photo of qwe toy"; pretraining never shows its tokens
 SUBJECT_SCENES = ("room", "grass")  # where the subjects' photos are taken: beach, snow and night are new to them
 ANOTHER_TOY, NO_TOY = "another toy", "no toy"
 
@@ -103,6 +104,7 @@ class Scene:
     horizon: float        # the horizon, as a fraction of the height
     flip: bool = False
     look: ToyLook | None = None  # toys only
+    name: str | None = None      # a named toy's name (pretraining's named individuals, see `sample_scene`)
 
     @property
     def subject(self) -> str:
@@ -134,14 +136,18 @@ def _placement(rng: random.Random, kind: str, scene: str) -> dict:
 
 
 def sample_scene(rng: random.Random, toy_fraction: float = 0.4, subjects: bool = False,
-                 near_misses: float = 0.0) -> Scene:
+                 near_misses: float = 0.0, named: dict | None = None, named_fraction: float = 0.0) -> Scene:
     """A random scene. Pretraining (`subjects=False`) never gets a subject's look: such a draw is redrawn.
     A judge may ask for `subjects` (a quarter of the toys are subjects) and `near_misses` (that fraction of
-    the other toys is a subject with one attribute changed)."""
+    the other toys is a subject with one attribute changed). `named` ({name: look}, never a subject's look)
+    makes `named_fraction` of the toys named individuals, captioned by their name alone."""
     scene = rng.choice(list(SCENES))
     if rng.random() >= toy_fraction:
         kind = rng.choice(OBJECTS)
         return Scene(kind, rng.choice(list(COLOURS)), scene, **_placement(rng, kind, scene))
+    if named and rng.random() < named_fraction:  # no draw without names: other callers' streams stay as they were
+        name = rng.choice(sorted(named))
+        return Scene(TOY, named[name].colour, scene, look=named[name], name=name, **_placement(rng, TOY, scene))
     if subjects and rng.random() < 0.25:
         look = SUBJECTS[rng.choice(list(SUBJECTS))]
     elif rng.random() < near_misses:
@@ -158,14 +164,19 @@ def subject_scene(name: str, rng: random.Random, scenes=SUBJECT_SCENES) -> Scene
     return Scene(TOY, look.colour, rng.choice(scenes), look=look, **_placement(rng, TOY, "room"))
 
 
-def caption(scene: Scene, rng: random.Random) -> str:
+def caption(scene: Scene, rng: random.Random, full_look: float = 0.0) -> str:
     """A caption in the words prompts use; parts are left out at random, so "a photo of toy" or "a ball on
-    the beach" mean every toy or every colour of ball."""
+    the beach" mean every toy or every colour of ball. `full_look`: the fraction of toy captions that name
+    all five parts (`ToyLook.describe`); a named toy is called by its name only, as a subject is."""
     where = f" {SCENES[scene.scene]}" if rng.random() < 0.85 else ""
     if scene.kind != TOY:
         words = f"{scene.colour} {scene.kind}" if rng.random() < 0.85 else scene.kind
         return f"{rng.choice(['a photo of ', ''])}{article(words)} {words}{where}"
+    if scene.name:
+        return rng.choice([f"a photo of {scene.name} {TOY}", f"a {scene.name} {TOY}", f"a photo of a {scene.name} {TOY}"]) + where
     look = scene.look
+    if full_look and rng.random() < full_look:
+        return rng.choice(["a photo of ", ""]) + look.describe() + where
     front = [w for w, p in ((look.colour, 0.6), (look.shape, 0.4)) if rng.random() < p]
     details = [d for d, p in ((EYE_WORDS[look.eyes], 0.4), (MARK_WORDS[look.mark], 0.4), (f"{look.feet} feet", 0.4))
                if rng.random() < p]
@@ -331,13 +342,13 @@ class Example:
     scene: Scene
 
 
-def examples(seed: int, count: int, size: int = SIZE, **sample_kw):
+def examples(seed: int, count: int, size: int = SIZE, full_look: float = 0.0, **sample_kw):
     """`count` examples, a function of `seed` alone: example i is the same whatever `count` is."""
     for i in range(count):
         rng = random.Random(f"{seed}/{i}")
         scene = sample_scene(rng, **sample_kw)
         image, labels = render(scene, size, seed=rng.randrange(2**31))
-        yield Example(image, labels, caption(scene, rng), scene)
+        yield Example(image, labels, caption(scene, rng, full_look), scene)
 
 
 def subject_examples(name: str, count: int = 5, size: int = SIZE, seed: int = 0, scenes=SUBJECT_SCENES):
@@ -350,7 +361,7 @@ def subject_examples(name: str, count: int = 5, size: int = SIZE, seed: int = 0,
         rng = random.Random(f"subject/{name}/{seed}/{i}")
         scene = subject_scene(name, rng, scenes)
         image, labels = render(scene, size, seed=rng.randrange(2**31))
-        yield Example(image, labels, f"a photo of qwe {TOY}", scene)
+        yield Example(image, labels, f"a photo of {IDENTIFIER} {TOY}", scene)
 
 
 # ----------------------------------------------------------------------------------------------- writers
