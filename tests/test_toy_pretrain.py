@@ -132,5 +132,9 @@ def test_named_toys_use_untrained_tokens_that_are_not_the_identifiers(pretrained
 def test_bad_stage_and_missing_config_are_one_line_errors(tmp_path):
     with pytest.raises(UserError, match="unknown stage 'unet2'"):
         pretrain.parse_args(["--output_dir", str(tmp_path), "--stages", "vae,unet2"])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({**TINY, "unet": {**TINY["unet"], "named_toys": 0}}))
+    with pytest.raises(UserError, match="unet.named_fraction is 0.5 but unet.named_toys is 0"):
+        pretrain.load_config(bad)
     with pytest.raises(UserError, match="config file not found"):
         pretrain.main(["--output_dir", str(tmp_path), "--config", str(tmp_path / "none.yaml")])

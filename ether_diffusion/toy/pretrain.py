@@ -53,6 +53,9 @@ def load_config(path) -> dict:
     for key in ("seed", "size", "vae", "unet", "text_encoder", "judge", "segmenter"):
         if key not in config:
             raise UserError(f"{path}: missing key {key!r}")
+    unet = config["unet"]
+    if unet.get("named_fraction", 0) and not unet.get("named_toys", 0):
+        raise UserError(f"{path}: unet.named_fraction is {unet['named_fraction']} but unet.named_toys is 0 (no names to use)")
     return config
 
 

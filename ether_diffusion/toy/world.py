@@ -146,7 +146,7 @@ def sample_scene(rng: random.Random, toy_fraction: float = 0.4, subjects: bool =
         kind = rng.choice(OBJECTS)
         return Scene(kind, rng.choice(list(COLOURS)), scene, **_placement(rng, kind, scene))
     if named and rng.random() < named_fraction:  # no draw without names: other callers' streams stay as they were
-        name = rng.choice(sorted(named))
+        name = rng.choice(list(named))  # insertion order: a function of the seed, like the names
         return Scene(TOY, named[name].colour, scene, look=named[name], name=name, **_placement(rng, TOY, scene))
     if subjects and rng.random() < 0.25:
         look = SUBJECTS[rng.choice(list(SUBJECTS))]
