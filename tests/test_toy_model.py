@@ -22,7 +22,7 @@ from ether_diffusion.toy import world
 
 STEPS = 300
 SUBJECT = "heart_toy"
-PARTS_GAIN = 0.2  # of the subject's five parts, on 8 pictures (measured once: 0.23 -> 0.60 in 300 steps)
+PARTS_GAIN = 0.2  # of the subject's five parts, on 8 pictures (measured: 0.22 -> 0.63 in 300 steps)
 
 
 @pytest.fixture(scope="module")
@@ -97,7 +97,7 @@ def _parts(pipe, judge, subject):
 
 def test_etherplus_dreambooth_learns_a_qwe_toy(judge, tmp_path):
     # The toy config's rate (the sweep's choice), fewer steps and class images than the table's runs. The
-    # subject is heart_toy, whose look ETHER+ learns most clearly here (docs/toy_world.md: parts 24% -> 68%
+    # subject is heart_toy, whose look ETHER+ learns most clearly here (docs/toy_world.md: parts 23% -> 62%
     # in 600 steps); "qwe toy" names whichever subject the run learns.
     out = tmp_path / "run"
     launch("train_dreambooth.py", "--config", "configs/toy/dreambooth-etherplus.yaml",
@@ -112,5 +112,5 @@ def test_etherplus_dreambooth_learns_a_qwe_toy(judge, tmp_path):
     print(f"subject's parts: base {before:.2f}, after {STEPS} steps {after:.2f}")
     assert after >= before + PARTS_GAIN, (before, after)
     beach = _judged(pipe, judge, "a qwe toy on the beach", seed=1)
-    assert sum(a["scene"] == "beach" for a in beach) >= 4  # the table's runs (600 steps): 96% of scenes kept
+    assert sum(a["scene"] == "beach" for a in beach) >= 4  # the table's runs (600 steps): 85-100% of scenes kept
     assert Image.open(out / "samples" / "final.png").size == (64, 128)

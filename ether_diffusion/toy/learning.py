@@ -18,8 +18,8 @@ colour and scene (>= 85% each). Runs go `--jobs` at a time, one torch thread eac
 exists is not trained again, so the script can be stopped and restarted.
 
 The learning-rate rule (`--sweep`): on one subject (heart_toy, not the demo's), each method at its paper
-rate times 1, 3, 10 and 30; the chosen rate is the one with the most subject found among those that keep
-the asked scene in at least 70% of the scene prompts (ties: the lower rate). The chosen rates are the
+rate times 3, 10, 30 and 100; the chosen rate is the one with the most subject found among those that keep
+the asked scene in at least 70% of the scene prompts (ties: the most subject's parts, then the lower rate). The chosen rates are the
 `learning_rate` of `configs/toy/dreambooth-<method>.yaml`.
 """
 import json
@@ -46,7 +46,7 @@ REPO = Path(__file__).resolve().parents[2]
 CONFIGS = REPO / "configs" / "toy"
 MODEL = "builtin:toy-sd"
 SCENE_PROMPTS = ("beach", "snow", "night")
-SWEEP_FACTORS = (3, 10, 30)
+SWEEP_FACTORS = (3, 10, 30, 100)
 SWEEP_SUBJECT = "heart_toy"
 THRESHOLDS = {"subject": 0.8, "scene": 0.7, "other_toys": 0.5, "base_subject": 0.1, "prompt_following": 0.85}
 
