@@ -19,8 +19,8 @@ exists is not trained again, so the script can be stopped and restarted.
 
 The learning-rate rule (`--sweep`): on one subject (heart_toy, not the demo's), each method at its paper
 rate times 3, 10, 30 and 100; the chosen rate is the one with the most subject found among those that keep
-the asked scene in at least 70% of the scene prompts (ties: the most subject's parts, then the lower rate). The chosen rates are the
-`learning_rate` of `configs/toy/dreambooth-<method>.yaml`.
+the asked scene in at least 70% of the scene prompts (ties: the most subject's parts, then the lower rate).
+The chosen rates are the `learning_rate` of `configs/toy/dreambooth-<method>.yaml`.
 """
 import json
 import os
