@@ -134,7 +134,10 @@ def test_bad_stage_and_missing_config_are_one_line_errors(tmp_path):
         pretrain.parse_args(["--output_dir", str(tmp_path), "--stages", "vae,unet2"])
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump({**TINY, "unet": {**TINY["unet"], "named_toys": 0}}))
-    with pytest.raises(UserError, match="unet.named_fraction is 0.5 but unet.named_toys is 0"):
+    with pytest.raises(UserError, match="unet.named_toys is 0 but unet.named_fraction is 0.5"):
+        pretrain.load_config(bad)
+    bad.write_text(yaml.safe_dump({**TINY, "unet": {**TINY["unet"], "named_fraction": 0}}))
+    with pytest.raises(UserError, match="unet.named_toys is 20 but unet.named_fraction is 0 "):
         pretrain.load_config(bad)
     with pytest.raises(UserError, match="config file not found"):
         pretrain.main(["--output_dir", str(tmp_path), "--config", str(tmp_path / "none.yaml")])

@@ -103,7 +103,8 @@ def judge_subject(judge: Judge, adapter, subject: str, count: int, seed: int = 0
     """The three fractions of the table for one adapter (None: the base model) and subject."""
     pipe = use_dpm_solver(load_pipeline(MODEL, adapter=adapter, merge=adapter is not None))
     photo = samples(pipe, f"a photo of {world.IDENTIFIER} toy", count, seed)
-    scene_images = {s: samples(pipe, f"a {world.IDENTIFIER} toy {world.SCENES[s]}", count, seed + 1) for s in SCENE_PROMPTS}
+    scene_images = {s: samples(pipe, f"a {world.IDENTIFIER} toy {world.SCENES[s]}", count, seed + 1)
+                    for s in SCENE_PROMPTS}
     class_photo = samples(pipe, "a photo of toy", count, seed + 2)
     photo_answers = judge(photo)
     scene_answers = {s: judge(images) for s, images in scene_images.items()}

@@ -53,9 +53,10 @@ def load_config(path) -> dict:
     for key in ("seed", "size", "vae", "unet", "text_encoder", "judge", "segmenter"):
         if key not in config:
             raise UserError(f"{path}: missing key {key!r}")
-    unet = config["unet"]
-    if unet.get("named_fraction", 0) and not unet.get("named_toys", 0):
-        raise UserError(f"{path}: unet.named_fraction is {unet['named_fraction']} but unet.named_toys is 0 (no names to use)")
+    names, fraction = config["unet"].get("named_toys", 0), config["unet"].get("named_fraction", 0)
+    if bool(names) != bool(fraction):  # names never shown, or a fraction of nothing: either is a silent no-op
+        raise UserError(f"{path}: unet.named_toys is {names} but unet.named_fraction is {fraction} "
+                        "(set both, or neither)")
     return config
 
 
@@ -240,10 +241,7 @@ def named_toys(tokenizer, count: int, seed: int) -> dict:
     for name in candidates:
         ids = tokenizer(name).input_ids[1:-1]
         if len(ids) <= 2 and not reserved.intersection(ids):
-            look = world.random_look(rng)
-            while look in world.SUBJECTS.values():
-                look = world.random_look(rng)
-            names[name] = look
+            names[name] = world.random_look(rng, avoid=world.SUBJECTS.values())
             if len(names) == count:
                 return names
     raise UserError(f"unet.named_toys: {count} names asked, only {len(names)} three-letter names are free")
@@ -284,7 +282,7 @@ def train_unet(config: dict, output_dir: Path, log):
         lambda module, inputs, output: F.embedding(inputs[0], module.weight.index_put((row_ids,), rows["rows"])))
 
     named = named_toys(tokenizer, c.get("named_toys", 0), seed)
-    pool = list(world.examples(seed + 1, c["pool"], size, toy_fraction=c.get("toy_fraction", 0.4), named=named,
+    pool = list(world.examples(seed + 1, c["pool"], size, toy_fraction=c.get("toy_fraction", world.TOY_FRACTION), named=named,
                                named_fraction=c.get("named_fraction", 0.0)))
     scenes = [e.scene for e in pool]
     latent_file = output_dir / "checkpoints" / "unet-latents.pt"

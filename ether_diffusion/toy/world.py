@@ -89,6 +89,7 @@ SUBJECTS = {
 }
 DEMO_SUBJECT = "star_toy"
 IDENTIFIER = "qwe"  # the subjects' DreamBooth identifier: "a photo of qwe toy"; pretraining never shows its tokens
+TOY_FRACTION = 0.4  # of the pictures `sample_scene` draws, unless asked otherwise
 SUBJECT_SCENES = ("room", "grass")  # where the subjects' photos are taken: beach, snow and night are new to them
 ANOTHER_TOY, NO_TOY = "another toy", "no toy"
 
@@ -115,9 +116,13 @@ class Scene:
 
 
 # ----------------------------------------------------------------------------------------------- sampling
-def random_look(rng: random.Random) -> ToyLook:
-    return ToyLook(rng.choice(list(COLOURS)), rng.choice(TOY_SHAPES), rng.choice(TOY_EYES), rng.choice(TOY_MARKS),
-                   rng.choice(list(TOY_FEET)))
+def random_look(rng: random.Random, avoid=()) -> ToyLook:
+    """A random toy look; one in `avoid` (the subjects' looks, for pretraining) is redrawn."""
+    while True:
+        look = ToyLook(rng.choice(list(COLOURS)), rng.choice(TOY_SHAPES), rng.choice(TOY_EYES),
+                       rng.choice(TOY_MARKS), rng.choice(list(TOY_FEET)))
+        if look not in avoid:
+            return look
 
 
 def near_miss(look: ToyLook, rng: random.Random) -> ToyLook:
@@ -135,7 +140,7 @@ def _placement(rng: random.Random, kind: str, scene: str) -> dict:
     return dict(x=x, bottom=bottom, scale=scale, horizon=horizon, flip=rng.random() < 0.5)
 
 
-def sample_scene(rng: random.Random, toy_fraction: float = 0.4, subjects: bool = False,
+def sample_scene(rng: random.Random, toy_fraction: float = TOY_FRACTION, subjects: bool = False,
                  near_misses: float = 0.0, named: dict | None = None, named_fraction: float = 0.0) -> Scene:
     """A random scene. Pretraining (`subjects=False`) never gets a subject's look: such a draw is redrawn.
     A judge may ask for `subjects` (a quarter of the toys are subjects) and `near_misses` (that fraction of
@@ -152,10 +157,8 @@ def sample_scene(rng: random.Random, toy_fraction: float = 0.4, subjects: bool =
         look = SUBJECTS[rng.choice(list(SUBJECTS))]
     elif rng.random() < near_misses:
         look = near_miss(SUBJECTS[rng.choice(list(SUBJECTS))], rng)
-    else:
-        look = random_look(rng)
-    while not subjects and look in SUBJECTS.values():
-        look = random_look(rng)
+    else:  # a near miss differs from its subject in one part and from the others in two or more: never a subject
+        look = random_look(rng, avoid=() if subjects else SUBJECTS.values())
     return Scene(TOY, look.colour, scene, look=look, **_placement(rng, TOY, scene))
 
 
