@@ -1,7 +1,7 @@
 """Learning-rate robustness, hyperspherical energy and random transforms: the paper's Figures 4, 7 and 3,
 plus a FLOP table of one SD-1.5 training step (its Table 1). Everything goes to docs/analysis/.
 
-1. Trains ETHER, ETHER+, OFT, Naive and LoRA with the DreamBooth trainer (in-process, `train_dreambooth.main`)
+1. Trains ETHER, ETHER+, OFT, Naive and LoRA with the DreamBooth trainer (in-process, `ether_diffusion.trainers.dreambooth.main`)
    at x0.1, x1, x10, x100 of each method's paper learning rate for a fixed number of steps, then measures
    the transformation distance (per block), the weight distance and the hyperspherical-energy change of the
    trained UNet (ether_diffusion.analysis):  lr_distances.png, hyperspherical_energy.png.
@@ -28,28 +28,25 @@ import argparse
 import copy
 import json
 import math
-import sys
 import tempfile
 from pathlib import Path
 
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # train_dreambooth.py lives at the repository root
 
-from ether_diffusion import AdapterConfig, analysis, inject_adapters, load_adapter  # noqa: E402
-from ether_diffusion.adapter_file import ADAPTER_FILE  # noqa: E402
-from ether_diffusion.adapters.methods import METHODS as METHOD_TABLE  # noqa: E402
-from ether_diffusion.builtin import resolve_instance_dir, resolve_model_path  # noqa: E402
-from ether_diffusion.errors import UserError, run_cli  # noqa: E402
-from ether_diffusion.pipelines import load_pipeline  # noqa: E402
-from ether_diffusion.tiny_sd import build_sd15_unet  # noqa: E402
+from ether_diffusion import AdapterConfig, analysis, inject_adapters, load_adapter
+from ether_diffusion.adapter_file import ADAPTER_FILE
+from ether_diffusion.adapters.methods import METHODS as METHOD_TABLE
+from ether_diffusion.builtin import resolve_instance_dir, resolve_model_path
+from ether_diffusion.errors import UserError, run_cli
+from ether_diffusion.pipelines import load_pipeline
+from ether_diffusion.tiny_sd import build_sd15_unet
 
-METHODS = ("ether", "ether+", "oft", "naive", "lora")
+METHODS = tuple(METHOD_TABLE)
 LR_MULTIPLIERS = (0.1, 1, 10, 100)
 STRENGTHS = (0.0, 0.01, 0.1, 1.0, 10.0)
-COLORS = {"ether": "tab:blue", "ether+": "tab:orange", "oft": "tab:green", "naive": "tab:red", "lora": "tab:purple",
-          "hra": "tab:brown"}
+COLORS = dict(zip(METHOD_TABLE, [f"C{i}" for i in range(10)]))  # one colour per method, in the table's order
 OUTCOMES = {"dreambooth": (("dino", "subject fidelity (DINO)"), ("clip_t", "prompt fidelity (CLIP-T)")),
             "s2i": (("miou", "mIoU"), ("accuracy", "pixel accuracy"))}
 
@@ -78,19 +75,20 @@ def parse_args(argv=None):
 # ------------------------------------------------------------------------------- 1. learning-rate sweep
 def train(args, method: str, lr: float, out_dir: Path) -> Path:
     """One DreamBooth run through the real trainer; returns its adapter file."""
-    import train_dreambooth
+    from ether_diffusion.trainers import dreambooth
 
-    train_dreambooth.main([
+    dreambooth.main([
         "--pretrained_model_name_or_path", args.pretrained_model_name_or_path,
         "--instance_data_dir", args.instance_data_dir, "--instance_prompt", args.instance_prompt,
         "--output_dir", str(out_dir), "--resolution", str(args.resolution), "--train_batch_size", "1",
         "--max_train_steps", str(args.max_train_steps), "--learning_rate", repr(lr),
-        "--method", method, "--n_blocks", str(args.n_blocks), "--seed", "0",
+        "--method", method, *(["--n_blocks", str(args.n_blocks)] if "n_blocks" in METHOD_TABLE[method].settings else []),
+        "--seed", "0",
         "--checkpointing_steps", str(10 ** 9), "--report_to", "none", "--mixed_precision", "no",
         # the trainer always samples a final grid: keep it to one image and few steps
         "--num_validation_images", "1", "--validation_inference_steps", "2",
     ])
-    return out_dir / "adapter.safetensors"
+    return out_dir / ADAPTER_FILE
 
 
 def load_unet(model: str):
@@ -193,12 +191,13 @@ def plot_energy(rows, path: Path, floor: float = 1e-12, rounding: float = 1e-8):
 
 # ------------------------------------------------------------------------------- 2. random transforms
 def random_transforms(args, path: Path, steps: int):
-    """Rows: ETHER, ETHER+, OFT, Naive; columns: growing noise on the adapter parameters; same seed."""
+    """Rows: the block-diagonal methods (ETHER, ETHER+, OFT, Naive); columns: growing noise on the adapter
+    parameters; same seed."""
     import matplotlib.pyplot as plt
 
     pipe = load_pipeline(args.pretrained_model_name_or_path, device=args.device)
     base = pipe.unet
-    methods = METHODS[:4]
+    methods = [m for m in METHODS if "n_blocks" in METHOD_TABLE[m].settings]
     fig, axes = plt.subplots(len(methods), len(STRENGTHS), figsize=(1.5 * len(STRENGTHS), 1.6 * len(methods)), dpi=80)
     for i, method in enumerate(methods):
         for j, strength in enumerate(STRENGTHS):

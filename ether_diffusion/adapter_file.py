@@ -125,7 +125,7 @@ def header_shapes(meta: dict, path=None) -> dict[str, list[int]]:
 def config_difference(have: AdapterConfig, want: AdapterConfig) -> tuple[str, object, object] | None:
     """The first setting in which two adapters differ, as (key, have, want), or None. n_blocks only shapes
     the block-diagonal methods and rank only PEFT's, so each method is compared on what it uses."""
-    shape_key = METHODS[have.method].shape_key
+    shape_key = METHODS[have.method].settings[0]
     for key in ("method", shape_key, "target_modules"):
         if getattr(have, key) != getattr(want, key):
             return key, getattr(have, key), getattr(want, key)

@@ -14,7 +14,7 @@ Palette ambiguity: the palette gives road (label 7) and skyscraper (label 49) th
 value. A coloured map therefore cannot express "skyscraper"; the conditioning image is the same either way.
 
 Random crops come from the sample's own seed: items are looked up by `index` or by `(index, seed)` (the
-keys of `training.ResumableSampler`), and a crop drawn with `torch.Generator().manual_seed(seed)` does not
+keys of `data_order.ResumableSampler`), and a crop drawn with `torch.Generator().manual_seed(seed)` does not
 depend on the global RNG, on data-loader workers or on which batches a resumed run skipped.
 
 Captions come from a caption file in the `metadata.jsonl` convention of datasets' imagefolder
@@ -180,7 +180,7 @@ class ADE20KDataset(torch.utils.data.Dataset):
     an unknown colour in an RGB map) raise a UserError naming the file when the item is loaded, or all at
     once in `check_maps()`, which a trainer calls before it writes anything.
 
-    Keys: `index`, or `(index, seed)` from `training.ResumableSampler`: a random crop (`center_crop=False`)
+    Keys: `index`, or `(index, seed)` from `data_order.ResumableSampler`: a random crop (`center_crop=False`)
     then comes from that seed alone. Items: `pixel_values` (3, R, R) in [-1, 1], `conditioning_pixel_values`
     (3, R, R) in [0, 1], `labels` (R, R) int64, `caption` (str) and, with a tokenizer, `input_ids` (padded
     to model_max_length).

@@ -26,9 +26,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .adapters import AdapterConfig, adapter_modules, adapter_parameters, base_layer_of, inject_adapters
-from .adapters.base import AdapterLinear
 from .adapters.ether import ETHERLinear, dense_blocks
-from .adapters.methods import method_of
+from .adapters.methods import METHODS, method_of
 
 
 # ---------------------------------------------------------------------------------------------- per layer
@@ -36,32 +35,14 @@ def _base_weight(module) -> torch.Tensor:
     return base_layer_of(module).weight
 
 
-def transforms(module) -> list[torch.Tensor]:
-    """The layer's multiplicative transforms (float64, dense; analysis only). Empty for LoRA."""
-    if isinstance(module, AdapterLinear):
-        return [t for t in (module.input_transform(), module.output_transform()) if t is not None]
-    if method_of(module) == "hra":
-        return [module.get_delta_weight("default").double()]
-    return []
-
-
-def merged_weight(module) -> torch.Tensor:
-    """`W'` in float32, without changing the module."""
-    if isinstance(module, AdapterLinear):
-        return module.merged_weight().float()
-    w = _base_weight(module).float()
-    if method_of(module) == "hra":
-        return w @ module.get_delta_weight("default").float()
-    return w + module.get_delta_weight("default").float()  # LoRA: scaling * B @ A
-
-
 @torch.no_grad()
 def layer_distances(module) -> dict:
     """`transform` (None for LoRA), `transform_per_block`, `blocks`, `weight` for one adapter layer."""
-    mats = transforms(module)
+    method = method_of(module)
+    mats = method.transforms(module)
     squared = sum(((t - torch.eye(len(t), dtype=t.dtype, device=t.device)).norm() ** 2).item() for t in mats)
     blocks = getattr(module, "n_blocks", 1) * len(mats)
-    weight = (merged_weight(module) - _base_weight(module).float()).norm().item()
+    weight = (method.merged_weight(module) - _base_weight(module).float()).norm().item()
     if not mats:
         return {"transform": None, "transform_per_block": None, "blocks": 0, "weight": weight}
     return {"transform": math.sqrt(squared), "transform_per_block": math.sqrt(squared / blocks),
@@ -83,10 +64,11 @@ def layer_report(unet: nn.Module, energy: bool = True) -> list[dict]:
     """One row per adapter layer: name, method, distances and (energy=True) HE before and after."""
     rows = []
     for name, module in adapter_modules(unet):
-        row = {"name": name, "method": method_of(module), **layer_distances(module)}
+        method = method_of(module)
+        row = {"name": name, "method": method.name, **layer_distances(module)}
         if energy:
             row["he_before"] = hyperspherical_energy(_base_weight(module))
-            row["he_after"] = hyperspherical_energy(merged_weight(module))
+            row["he_after"] = hyperspherical_energy(method.merged_weight(module))
         rows.append(row)
     return rows
 
@@ -210,7 +192,7 @@ def step_flops(unet: nn.Module, inputs) -> tuple[int, int]:
     return counter.get_total_flops(), essential
 
 
-FLOP_METHODS = ("ether", "ether+", "ether (dense H)", "ether+ (dense H)", "oft", "naive", "lora", "hra")
+FLOP_METHODS = ("ether", "ether+", "ether (dense H)", "ether+ (dense H)", *[m for m in METHODS if not m.startswith("ether")])
 
 
 def flop_table(make_unet, inputs, n_values=(1, 4, 32), methods=FLOP_METHODS, rank: int = 4) -> list[dict]:
@@ -222,7 +204,7 @@ def flop_table(make_unet, inputs, n_values=(1, 4, 32), methods=FLOP_METHODS, ran
     rows = []
     for label in methods:
         method, dense = label.split(" ")[0], label.endswith("(dense H)")
-        for n in ((None,) if method in ("lora", "hra") else n_values):
+        for n in (n_values if "n_blocks" in METHODS[method].settings else (None,)):
             unet = make_unet()
             inject_adapters(unet, AdapterConfig(method=method, n_blocks=n or 1, rank=rank))
             if dense:

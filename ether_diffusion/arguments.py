@@ -6,17 +6,15 @@ Every bad value is a `UserError` (one line, exit 2 through `errors.run_cli`).
 """
 import argparse
 import difflib
-from pathlib import Path
 
-import yaml
 from accelerate.tracking import get_available_trackers
 from accelerate.utils import LoggerType
 
 from . import checks
 from .adapters import ATTENTION_TARGETS, AdapterConfig
-from .adapters.methods import METHODS, learning_rate_help
-from .errors import UserError, first_line, number_problem
-from .files import check_output_folder
+from .adapters.methods import BLOCKS, METHODS, SETTING_FLAGS, learning_rate_help
+from .errors import ArgumentParser, UserError, number_problem
+from .files import check_output_folder, read_yaml_mapping
 
 LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
 
@@ -25,6 +23,14 @@ def comma_list(value) -> list[str]:
     """`to_q,to_k` -> ["to_q", "to_k"]; a YAML list is taken as is."""
     items = value if isinstance(value, (list, tuple)) else str(value).split(",")
     return [str(item).strip() for item in items if str(item).strip()]
+
+
+def trainer_parser(prog: str, output_dir: str, description: str) -> ArgumentParser:
+    """What every trainer's command line starts with: --config and the model and output arguments."""
+    parser = ArgumentParser(prog=prog, description=description)
+    add_config_arg(parser)
+    add_model_args(parser, output_dir=output_dir)
+    return parser
 
 
 def add_config_arg(parser):
@@ -63,11 +69,12 @@ def add_adapter_args(parser, default_targets=ATTENTION_TARGETS, allow_no_adapter
     g.add_argument("--method", type=str, default="ether+", choices=methods,
                    help="Finetuning method" + (f"; `{NO_ADAPTER}`: no adapter, the UNet stays as it is" if allow_no_adapter
                                                else "") + ".")
-    g.add_argument("--n_blocks", type=int, default=1,
-                   help="Block-diagonal blocks for ETHER/ETHER+/OFT/Naive (must divide every target's width).")
+    g.add_argument("--n_blocks", type=int, default=None,
+                   help=f"Block-diagonal blocks for {'/'.join(m.title for m in METHODS.values() if m.settings == BLOCKS)} "
+                        "(default 1; must divide every target's width).")
     g.add_argument("--target_modules", type=comma_list, default=list(default_targets),
                    help=f"Comma-separated module names to adapt (default: {','.join(default_targets)}).")
-    g.add_argument("--rank", type=int, default=4, help="LoRA rank / number of HRA reflections.")
+    g.add_argument("--rank", type=int, default=None, help="LoRA rank / number of HRA reflections (default 4).")
     g.add_argument("--lora_alpha", type=float, default=None, help="LoRA alpha (default: equal to the rank).")
 
 
@@ -158,24 +165,6 @@ def parse_args(parser: argparse.ArgumentParser, argv=None) -> argparse.Namespace
     return args
 
 
-def read_yaml_mapping(path) -> dict:
-    """A YAML file that must hold a mapping ({} when empty); a missing or malformed file is a `UserError`."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"config file not found: {path}")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except UnicodeDecodeError:
-        raise UserError(f"{path} is not a text file (a YAML config of argument names and values is expected)") from None
-    except (yaml.YAMLError, ValueError) as e:  # ValueError: a date-like value that is no date (2024-13-45)
-        raise UserError(f"{path} is not valid YAML: {first_line(e)}") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise UserError(f"{path} must hold a mapping of argument names to values, not a {type(data).__name__}")
-    return data
-
-
 def load_config(parser: argparse.ArgumentParser, path) -> dict:
     """The YAML file as {dest: value}; unknown keys and ill-typed values are `UserError`s naming key and file."""
     data = read_yaml_mapping(path)
@@ -252,8 +241,19 @@ def check_common_args(args, required=("pretrained_model_name_or_path",)):
     checks.not_negative(args, "adam_weight_decay", "lr_warmup_steps", "dataloader_num_workers", "distance_logging_steps")
     if not args.target_modules:
         raise UserError("--target_modules is empty")
+    check_method_settings(args)
     check_report_to(args.report_to)
     check_output_folder(args.output_dir, "--output_dir")
+
+
+def check_method_settings(args):
+    """A setting the chosen method does not use (`--rank` with ETHER+, `--n_blocks` with LoRA) is refused, not
+    silently ignored."""
+    method = METHODS.get(args.method)
+    for key, flag in SETTING_FLAGS.items():
+        if getattr(args, flag, None) is not None and (method is None or key not in method.settings):
+            takes = ", ".join(f"--{SETTING_FLAGS[k]}" for k in method.settings) if method else "no adapter settings"
+            raise UserError(f"--{flag} does not apply to --method {args.method} (it takes {takes})")
 
 
 def check_report_to(value):
@@ -274,5 +274,5 @@ def adapter_config_from_args(args) -> AdapterConfig | None:
     """The adapter the arguments ask for; None for `--method none`."""
     if args.method == NO_ADAPTER:
         return None
-    return AdapterConfig(method=args.method, n_blocks=args.n_blocks, target_modules=list(args.target_modules),
-                         rank=args.rank, alpha=args.lora_alpha)
+    settings = {key: getattr(args, flag) for key, flag in SETTING_FLAGS.items() if getattr(args, flag) is not None}
+    return AdapterConfig(method=args.method, target_modules=list(args.target_modules), **settings)

@@ -19,8 +19,6 @@ from .errors import UserError, writing
 from .files import build_folder_once
 from .tiny_ade20k import write_tiny_ade20k
 from .tiny_sd import build_tiny_sd, tiny_sd_cache_dir
-from .toy import world
-from .toy.model import toy_sd_path
 
 TINY_SD = "builtin:tiny-sd"
 TOY_SD = "builtin:toy-sd"
@@ -35,6 +33,8 @@ def resolve_model_path(name_or_path: str) -> str:
     if name_or_path == TINY_SD:
         return str(build_folder_once(tiny_sd_cache_dir(), build_tiny_sd))
     if name_or_path == TOY_SD:
+        from .toy.model import toy_sd_path  # the toy world loads only when a toy name is asked for
+
         return str(toy_sd_path())
     # A hub id is "org/name"; something that starts like a path is a folder and must exist, so the user
     # gets "not found" instead of the hub client's complaint about repo id characters.
@@ -49,6 +49,10 @@ def resolve_model_path(name_or_path: str) -> str:
 def resolve_instance_dir(value: str, output_dir) -> Path:
     """`builtin:toy-subject/<name>` -> `<output_dir>/toy-subject-<name>` and `builtin:demo-subject` ->
     `<output_dir>/demo-subject` (the qwe toy, star_toy), drawn there once; a folder unchanged."""
+    if not value.startswith("builtin:"):
+        return Path(value)
+    from .toy import world
+
     if value == DEMO_SUBJECT:
         name, folder = world.DEMO_SUBJECT, Path(output_dir, "demo-subject")
     elif value.startswith(TOY_SUBJECT):
@@ -58,7 +62,8 @@ def resolve_instance_dir(value: str, output_dir) -> Path:
                             f"(choose from {', '.join(world.SUBJECTS)})")
         folder = Path(output_dir, f"toy-subject-{name}")
     else:
-        return Path(value)
+        raise UserError(f"--instance_data_dir {value}: unknown built-in subject (choose {DEMO_SUBJECT} or "
+                        f"{TOY_SUBJECT}<name>)")
     with writing(folder):
         return build_folder_once(folder, lambda tmp: world.write_subject(tmp, name))
 

@@ -30,7 +30,7 @@ from . import processes
 from .adapter_file import (ADAPTER_FILE, config_difference, config_from_metadata, load_adapter, read_adapter_metadata,
                            save_adapter)
 from .adapters import AdapterConfig, adapter_config_of
-from .adapters.methods import METHODS
+from .adapters.methods import METHODS, SETTING_FLAGS
 from .errors import UserError, first_line, writing
 from .files import replace_folder
 
@@ -203,10 +203,10 @@ def run_settings(accelerator, args, dataset_size: int) -> dict:
     settings = {k: v for k, v in vars(args).items() if k not in NOT_IN_THE_RESULT}
     # Each method on the adapter settings it uses: --rank changes no ETHER run, --n_blocks no LoRA run, and
     # neither an S2I run without an adapter (--method none).
-    method = METHODS.get(args.method)
-    used = method.shape_key if method else None
-    for unused in {"n_blocks": ("rank", "lora_alpha"), "rank": ("n_blocks",), None: ("rank", "lora_alpha", "n_blocks")}[used]:
-        settings.pop(unused, None)
+    used = METHODS[args.method].settings if args.method in METHODS else ()
+    for key, flag in SETTING_FLAGS.items():
+        if key not in used:
+            settings.pop(flag, None)
     settings.update(mixed_precision=accelerator.mixed_precision, num_processes=accelerator.num_processes,
                     dataset_size=dataset_size)
     return json.loads(json.dumps(settings, default=str))  # as state.json will hold them (lists, not tuples)

@@ -44,7 +44,7 @@ class SubjectDataset(torch.utils.data.Dataset):
     """Instance images (and class images for prior preservation), resized and cropped to `size`, in [-1, 1].
 
     Prompts are not here: they are the same for every example, so the trainer encodes them once.
-    Keys are `index` or `(index, sample_seed)` (see `training.ResumableSampler`): the random crop then comes
+    Keys are `index` or `(index, sample_seed)` (see `data_order.ResumableSampler`): the random crop then comes
     from that seed, not from the global RNG. The length is that of the larger set, as in diffusers.
     """
 

@@ -10,8 +10,9 @@
 `LoraConfig` in the `lora_adapter_metadata` header); `merged` is a stock diffusers pipeline folder.
 
 Why a LoRA holds the adapter exactly: every update `W' - W` of these methods is low rank (the bias is
-untouched). ETHER: `-2 W U U^T`, rank <= n; ETHER+: rank <= 4n (`ether.low_rank_delta`); HRA with r
-reflections: rank <= r; LoRA: its own rank. OFT and Naive change W at full rank, so only `merged` carries them.
+untouched): each method's `update_rank` and `exact_factors` in `adapters.methods` (ETHER: `-2 W U U^T`, rank
+<= n; ETHER+: rank <= 4n; HRA with r reflections: rank <= r; LoRA: its own rank). OFT and Naive change W at
+full rank, so only `merged` carries them.
 
 Why the factors are formed in float64 and balanced: formed naively, ETHER+'s factors nearly cancel when
 v is close to u (as training leaves it), and fp16 rounding of the large factors swamps the small update.
@@ -28,7 +29,6 @@ A single-file checkpoint in the original (A1111) layout is not offered: no insta
 diffusers pipeline to that layout (diffusers ships it as scripts/convert_diffusers_to_original_stable_diffusion.py
 in its repository, not in the package); run that script on the merged folder if you need one.
 """
-import copy
 import hashlib
 import json
 import math
@@ -40,8 +40,7 @@ from safetensors.torch import save_file
 
 from .adapter_file import config_from_metadata, load_adapter, read_adapter_metadata
 from .adapters import AdapterConfig, adapter_modules
-from .adapters.methods import METHODS
-from .adapters.ether import ETHERLinear
+from .adapters.methods import METHODS, method_of
 from .builtin import resolve_model_path
 from .devices import TORCH_DTYPES
 from .errors import ArgumentParser, UserError, run_cli
@@ -54,45 +53,20 @@ LORA_FORMATS = ("kohya", "diffusers")
 # default weight name, so `pipe.load_lora_weights(output_dir)` finds it without a weight_name.
 EXPORT_FILE_NAMES = {"kohya": "lora_kohya.safetensors", "diffusers": "pytorch_lora_weights.safetensors"}
 MODEL_CARD = "README.md"
-METHOD_TITLES = {"ether": "ETHER", "ether+": "ETHER+", "oft": "OFT", "naive": "Naive", "lora": "LoRA", "hra": "HRA"}
 
 
 # ------------------------------------------------------------------------------------------------- the math
 def lora_rank(cfg: AdapterConfig) -> int:
-    """The rank every layer's update fits in: n (ETHER), 4n (ETHER+: 2n per side), r (LoRA, HRA)."""
+    """The rank every layer's update fits in (the method's `update_rank`: n for ETHER, 4n for ETHER+, r for
+    LoRA and HRA)."""
     check_low_rank(cfg.method)
-    return {"ether": cfg.n_blocks, "ether+": 4 * cfg.n_blocks}.get(cfg.method, cfg.rank)
+    return METHODS[cfg.method].update_rank(cfg)
 
 
 def check_low_rank(method: str, what: str = "a LoRA export"):
-    if not METHODS[method].low_rank:
-        raise UserError(f"{what}: {METHOD_TITLES[method]} changes every weight at full rank and no LoRA file holds "
+    if METHODS[method].update_rank is None:
+        raise UserError(f"{what}: {METHODS[method].title} changes every weight at full rank and no LoRA file holds "
                         "that; export a merged model (a diffusers pipeline folder) with --format merged instead")
-
-
-def exact_factors(name: str, module) -> tuple[torch.Tensor, torch.Tensor]:
-    """(up, down) in float64 with the layer's adapted weight minus its base weight = up @ down, exactly."""
-    from peft.tuners.hra import HRALayer
-    from peft.tuners.lora import LoraLayer
-
-    if isinstance(module, ETHERLinear):
-        return module.low_rank_delta(torch.float64)
-    if isinstance(module, LoraLayer):
-        adapter = module.active_adapters[0]
-        return (module.lora_B[adapter].weight.double() * module.scaling[adapter],
-                module.lora_A[adapter].weight.double())
-    if isinstance(module, HRALayer):
-        # HRA's W' = W P, P PEFT's own product of r reflections (built here in float64 on a copy). P - I vanishes
-        # on everything orthogonal to the reflection vectors, so with Q an orthonormal basis of their span,
-        # W' - W = W (P - I) Q Q^T: rank <= r.
-        adapter = module.active_adapters[0]
-        double = copy.deepcopy(module).double()
-        p = double.get_delta_weight(adapter)
-        w = double.get_base_layer().weight
-        q = torch.linalg.qr(double.hra_u[adapter])[0]
-        return (w @ p - w) @ q, q.T
-    raise UserError(f"layer {name}: a {type(module).__name__} adapter has no exact low-rank form; "
-                    "export it with --format merged")
 
 
 def balance(up: torch.Tensor, down: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -111,7 +85,7 @@ def balance(up: torch.Tensor, down: torch.Tensor, rank: int) -> tuple[torch.Tens
 @torch.no_grad()
 def lora_factors(unet, rank: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """{layer name: (up (out x rank), down (rank x in))}, float64, balanced, for every adapter layer."""
-    return {name: balance(*exact_factors(name, module), rank) for name, module in adapter_modules(unet)}
+    return {name: balance(*method_of(module).exact_factors(module), rank) for name, module in adapter_modules(unet)}
 
 
 # ------------------------------------------------------------------------------------------------- the files
@@ -185,7 +159,7 @@ def export_lora(adapter, fmt: str, out, model: str | None = None, dtype: torch.d
         "ether_source_sha256": file_sha256(adapter),
         "ether_base_model": model,
     }
-    if cfg.method in ("lora", "hra"):
+    if "rank" in METHODS[cfg.method].settings:
         header["ether_rank"] = str(cfg.rank)
     if meta.get("instance_prompt"):
         header["ether_instance_prompt"] = meta["instance_prompt"]
@@ -267,13 +241,10 @@ def finish_run(output_dir, adapter_file, lora_format: str | None = None, grid=No
 # -------------------------------------------------------------------------------------------- model card
 def adapter_summary(meta: dict) -> str:
     cfg = config_from_metadata(meta)
-    title = METHOD_TITLES[cfg.method]
-    if cfg.method in ("lora", "hra"):
-        shape = f"rank {cfg.rank}" if cfg.method == "lora" else f"{cfg.rank} reflections"
-    else:
-        shape = f"n = {cfg.n_blocks} blocks"
+    method = METHODS[cfg.method]
     parameters = sum(math.prod(shape) for shape in json.loads(meta["shapes"]).values())
-    return f"{title} ({shape}, {parameters:,} trainable parameters) on {', '.join(cfg.target_modules)}"
+    return (f"{method.title} ({method.shape(cfg)}, {parameters:,} trainable parameters) on "
+            f"{', '.join(cfg.target_modules)}")
 
 
 def write_model_card(output_dir, adapter_file, exports: dict[str, Path] | None = None, grid=None) -> Path:
@@ -284,7 +255,7 @@ def write_model_card(output_dir, adapter_file, exports: dict[str, Path] | None =
 
     output_dir, adapter_name, exports = Path(output_dir), Path(adapter_file).name, exports or {}
     meta = read_adapter_metadata(adapter_file)
-    method, title = meta["method"], METHOD_TITLES[meta["method"]]
+    method, title = meta["method"], METHODS[meta["method"]].title
     base = meta.get("base_model") or "the base model"
     builtin = base.startswith("builtin:")  # our offline models: not on the hub, loaded by ether_diffusion
     prompt = meta.get("instance_prompt") or None
@@ -328,7 +299,7 @@ def write_model_card(output_dir, adapter_file, exports: dict[str, Path] | None =
         lines.append(f"`{name}` is a kohya-format LoRA, the form both read. ComfyUI: copy it to `ComfyUI/models/loras/` "
                      "and add a *Load LoRA* node after the checkpoint loader (strength 1.0). AUTOMATIC1111: copy it to "
                      f"`models/Lora/` and write `<lora:{Path(name).stem}:1>` in the prompt.")
-    elif not METHODS[method].low_rank:
+    elif METHODS[method].update_rank is None:
         lines.append(f"A {title} update is full rank: no LoRA file holds it. Export a merged pipeline folder with "
                      f"`python -m ether_diffusion.export {adapter_name} --format merged OUT`.")
     else:

@@ -8,9 +8,10 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+import yaml
 from PIL import Image, ImageOps
 
-from .errors import UserError
+from .errors import UserError, first_line
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
@@ -139,6 +140,24 @@ def read_json(path):
         return json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
+
+
+def read_yaml_mapping(path) -> dict:
+    """A YAML file that must hold a mapping ({} when empty); a missing or malformed file is a `UserError`."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise UserError(f"{path} is not a text file (a YAML config of argument names and values is expected)") from None
+    except (yaml.YAMLError, ValueError) as e:  # ValueError: a date-like value that is no date (2024-13-45)
+        raise UserError(f"{path} is not valid YAML: {first_line(e)}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UserError(f"{path} must hold a mapping of argument names to values, not a {type(data).__name__}")
+    return data
 
 
 def replace_folder(src, dst):

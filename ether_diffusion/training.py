@@ -1,12 +1,11 @@
-"""What every trainer here needs, written once: train_dreambooth.py and train_controlnet_s2i.py use it,
-with their command line from `arguments.py` and their checkpoints from `checkpoints.py`.
+"""What every trainer here needs, written once: the trainers (`trainers/dreambooth.py`, `trainers/s2i.py`) use it,
+with their command line from `arguments.py`, their checkpoints from `checkpoints.py` and their data order from
+`data_order.py`.
 
 - accelerate set-up, logging, trackers (TensorBoard by default) and a plain `train_log.jsonl`;
 - loading the frozen SD parts, the optimizer (weight decay as the method table says), diffusers' LR
   schedulers, the step/epoch plan;
 - the noise-prediction step: noisy latents and the `epsilon` / `v_prediction` target;
-- the data order: a function of (seed, epoch), so a resumed run skips the batches already seen without
-  loading them;
 - the optimizer-step loop itself (`train_loop`): a trainer supplies only its loss; it stops a diverged run
   (`divergence.py`), logs loss, lr and every `--distance_logging_steps` the adapter's distances from the base
   model (`analysis.adapter_distances`), saves checkpoints and validation grids (`samples/step-NNNNNN.png`).
@@ -19,7 +18,6 @@ import json
 import logging
 import math
 import os
-import random
 import shutil
 from pathlib import Path
 
@@ -28,7 +26,7 @@ import numpy as np
 import torch
 import transformers
 from accelerate import Accelerator
-from accelerate.utils import ProjectConfiguration, broadcast_object_list, set_seed
+from accelerate.utils import ProjectConfiguration, set_seed
 from diffusers import AutoencoderKL, DDPMScheduler, DPMSolverMultistepScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from diffusers.optimization import get_scheduler
 from tqdm.auto import tqdm
@@ -38,12 +36,14 @@ from . import divergence, processes
 from .adapters import AdapterConfig, adapter_parameters, check_targets, inject_adapters
 from .adapters.methods import METHODS
 from .analysis import adapter_distances
+from .arguments import adapter_config_from_args
 from .checkpoints import load_checkpoint, save_checkpoint
+from .data_order import resumable_dataloader, shared_seed
 from .devices import TORCH_DTYPES, share_cpu_cores
 from .errors import UserError, writing
 from .grids import save_grid
 from .pipelines import model_load_errors
-from .run_folder import SAMPLES_DIR, TRAIN_LOG, check_final_step
+from .run_folder import SAMPLES_DIR, TRAIN_LOG, check_final_step, release_output_dir
 
 logger = logging.getLogger(__name__)
 
@@ -252,73 +252,6 @@ def noisy_latents_and_target(noise_scheduler, latents):
     return noisy, timesteps, diffusion_target(noise_scheduler, latents, noise, timesteps)
 
 
-# ============================================================================================ data order
-class ResumableSampler(torch.utils.data.Sampler):
-    """A shuffled order that is a function of (seed, epoch) only, with a per-sample augmentation seed.
-
-    Yields `(index, sample_seed)`: datasets take that key and draw their random crops from
-    `torch.Generator().manual_seed(sample_seed)`, never from the global RNG, so neither skipping batches on
-    resume nor data-loader workers change what a sample looks like. `start_epoch(epoch, skip)` drops the
-    first `skip` samples of the epoch without loading them. (Not named `set_epoch`: accelerate's prepared
-    loaders call `sampler.set_epoch(<their own iteration count>)`, which would undo both on resume.)
-
-    With `pad_to` (batch size x processes, for several processes) an epoch is the order followed by its own
-    first samples again, up to a multiple of `pad_to`: every process then gets whole batches, the same number
-    of them. accelerate would otherwise even out the split itself by wrapping around to the start of what it
-    is given, which on resume is the rest of the epoch, not its start: 3 images on 2 processes resumed 1e-3 off.
-    """
-
-    def __init__(self, num_samples: int, seed: int, pad_to: int = 1):
-        self.num_samples = num_samples
-        self.seed = seed
-        self.pad_to = pad_to
-        self.epoch = 0
-        self.skip = 0
-
-    def start_epoch(self, epoch: int, skip: int = 0):
-        self.epoch, self.skip = epoch, skip
-
-    def epoch_length(self) -> int:
-        return math.ceil(self.num_samples / self.pad_to) * self.pad_to
-
-    def _order(self):
-        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        order = torch.randperm(self.num_samples, generator=g).tolist()
-        sample_seeds = torch.randint(0, 2**62, (self.num_samples,), generator=g).tolist()
-        keys = list(zip(order, sample_seeds))
-        return (keys * math.ceil(self.epoch_length() / self.num_samples))[: self.epoch_length()]
-
-    def __iter__(self):
-        return iter(self._order()[self.skip:])
-
-    def __len__(self):
-        return max(self.epoch_length() - self.skip, 0)
-
-
-def resumable_dataloader(dataset, seed: int, batch_size: int, num_workers: int = 0, collate_fn=None,
-                         num_processes: int = 1):
-    """A DataLoader over a `ResumableSampler` (padded for `num_processes` > 1); returns (dataloader, sampler).
-
-    The loader gets its own generator: torch draws a base seed for workers from it each time an iterator is
-    created (once per epoch), which would otherwise come from the global RNG, and a resumed run, which
-    creates its iterator after restoring the RNG, would then draw its noise one step out of line.
-    """
-    sampler = ResumableSampler(len(dataset), seed, pad_to=batch_size * num_processes if num_processes > 1 else 1)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
-                                         collate_fn=collate_fn, generator=torch.Generator().manual_seed(seed))
-    return loader, sampler
-
-
-def shared_seed(accelerator, seed) -> int:
-    """`seed`, or one random seed agreed by all processes (the data order must be the same everywhere)."""
-    if seed is not None:
-        return int(seed)
-    value = [random.SystemRandom().randrange(2**31)]
-    if accelerator.num_processes > 1:
-        broadcast_object_list(value)
-    return value[0]
-
-
 # ============================================================================================ logs and images
 class TrainLog:
     """`train_log.jsonl`: one JSON object per optimizer step (loss, lr, and whatever else a step logs).
@@ -411,7 +344,9 @@ def start_run(accelerator, args, project: str, resume_from, model, optimizer, lr
 def log_run_start(args, num_examples: int, batches_per_epoch: int, parameter_counts: dict[str, int]):
     logger.info("***** Running training *****")
     logger.info(f"  Num examples = {num_examples}, batches per epoch = {batches_per_epoch}")
-    logger.info(f"  Method = {args.method}, n_blocks = {args.n_blocks}, targets = {','.join(args.target_modules)}")
+    cfg = adapter_config_from_args(args)
+    shape = METHODS[cfg.method].shape(cfg) if cfg else "no adapter"
+    logger.info(f"  Method = {args.method} ({shape}), targets = {','.join(args.target_modules)}")
     for what, count in parameter_counts.items():
         logger.info(f"  {what} = {count:,}")
     logger.info(f"  Batch size per device = {args.train_batch_size}, accumulation = {args.gradient_accumulation_steps}")
@@ -494,6 +429,14 @@ def train_loop(accelerator, args, model, optimizer, lr_scheduler, dataloader, sa
                 if global_step >= args.max_train_steps:
                     break
     return global_step, last_validation
+
+
+def finish_run(accelerator, args, save_outputs):
+    """The end of every trainer: the main process writes the outputs (`save_outputs`; a failure, a full disk,
+    stops every process with its line), the trackers close, and the output folder is free for the next run."""
+    processes.on_main(accelerator, save_outputs)
+    accelerator.end_training()
+    release_output_dir(args.output_dir)
 
 
 def save_final_grid(output_dir, global_step: int, last_validation, validate) -> Path:

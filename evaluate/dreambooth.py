@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """DreamBooth evaluation: generate the protocol's images with trained adapters, then score them.
 
-    accelerate launch --num_processes 8 evaluate/dreambooth.py \
+    accelerate launch --num_processes 8 -m evaluate.dreambooth \
         --dataset data/dreambooth --pretrained_model_name_or_path runwayml/stable-diffusion-v1-5 \
         --adapters runs/ether_plus --output_dir eval/ether_plus
 
@@ -18,11 +18,7 @@ averages over the pairs of images generated for the same prompt.
 """
 import csv
 import json
-import sys
 from pathlib import Path
-
-if __package__ in (None, ""):  # run as a script (accelerate launch evaluate/dreambooth.py): find `evaluate`
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 from tqdm.auto import tqdm

@@ -16,8 +16,8 @@ A run is (subject, method) for DreamBooth and (method) for S2I, trained by the p
 method's config file (`--config_dir DIR`: `DIR/<method>.yaml` or `DIR/<task>-<method>.yaml`, "+" spelled
 "plus"; or `--config METHOD=FILE`). In order:
 
-1. Train. Each process takes every N-th run and starts the trainer (`train_dreambooth.py`,
-   `train_controlnet_s2i.py`) as a plain single process: no gradient sync between independent runs
+1. Train. Each process takes every N-th run and starts the trainer (`ether_diffusion.trainers.dreambooth`,
+   `.s2i`) as a plain single process: no gradient sync between independent runs
    (`evaluate/shards.py`). It checkpoints every `--select_every` steps and resumes from its latest checkpoint,
    so a stopped run goes on where it stopped. DreamBooth runs of one class share their class images.
 2. Select (`evaluate/selection.py`): every checkpoint is scored by the evaluator on a small, stated subset
@@ -53,23 +53,18 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:  # the trainers live at the repository root
-    sys.path.insert(0, str(REPO))
-
-import train_controlnet_s2i  # noqa: E402
-import train_dreambooth  # noqa: E402
-from ether_diffusion.adapter_file import ADAPTER_FILE  # noqa: E402
-from ether_diffusion.adapters.methods import METHODS  # noqa: E402
-from ether_diffusion.arguments import NO_ADAPTER  # noqa: E402
-from ether_diffusion.control import ENCODER_WEIGHTS  # noqa: E402
-from ether_diffusion.errors import ArgumentParser, UserError, first_line, run_cli  # noqa: E402
-from ether_diffusion.files import read_json, write_text  # noqa: E402
-from ether_diffusion.run_folder import RunLock, describe_holder, holder_of, read_holder  # noqa: E402
-from evaluate import dreambooth as dreambooth_eval  # noqa: E402
-from evaluate import reproduce_report, s2i as s2i_eval, selection, shards  # noqa: E402
-from evaluate.harness import write_json  # noqa: E402
-from evaluate.protocol import load_protocol  # noqa: E402
+from ether_diffusion.adapter_file import ADAPTER_FILE
+from ether_diffusion.adapters.methods import METHODS
+from ether_diffusion.arguments import NO_ADAPTER
+from ether_diffusion.control import ENCODER_WEIGHTS
+from ether_diffusion.errors import ArgumentParser, UserError, first_line, run_cli
+from ether_diffusion.files import read_json, write_text
+from ether_diffusion.run_folder import RunLock, describe_holder, holder_of, read_holder
+from ether_diffusion.trainers import dreambooth as dreambooth_trainer, s2i as s2i_trainer
+from evaluate import dreambooth as dreambooth_eval
+from evaluate import reproduce_report, s2i as s2i_eval, selection, shards
+from evaluate.harness import write_json
+from evaluate.protocol import load_protocol
 
 SETTINGS = "reproduce.json"  # the settings of the whole reproduction, checked when it is run again
 RUN = "run.json"  # a run's identity: its trainer command and config text
@@ -190,7 +185,7 @@ class Run:
     variant: Variant
     subject: str | None  # None for S2I
     folder: Path
-    trainer: object = field(repr=False)  # the trainer's module: train_dreambooth or train_controlnet_s2i
+    trainer: object = field(repr=False)  # the trainer's module: ether_diffusion.trainers.dreambooth or .s2i
     argv: list[str] = field(repr=False)  # its command line
     settings: argparse.Namespace = field(repr=False)  # its arguments as it will parse them
 
@@ -233,7 +228,7 @@ def variants(args) -> list[Variant]:
 
 
 def trainer_of(args):
-    return train_dreambooth if args.task == "dreambooth" else train_controlnet_s2i
+    return dreambooth_trainer if args.task == "dreambooth" else s2i_trainer
 
 
 def plan_run(args, variant: Variant, subject=None, class_name=None) -> Run:
@@ -364,8 +359,7 @@ def train(run: Run) -> str | None:
     Returns None, or the error line when it failed."""
     log_path = run.folder / "train.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    script = REPO / f"{run.trainer.__name__}.py"
-    command = [sys.executable, str(script), *run.argv]
+    command = [sys.executable, "-m", run.trainer.__name__, *run.argv]
     with open(log_path, "a") as log:
         start = log.tell()
         log.write(f"$ {shlex.join(command)}\n")

@@ -2,7 +2,7 @@
 """S2I evaluation: generate from the ADE20K validation maps with a trained control encoder + adapter, then
 score semantic fidelity (mIoU, pixel accuracy with a UperNet) and image quality (FID).
 
-    accelerate launch --num_processes 8 evaluate/s2i.py \
+    accelerate launch --num_processes 8 -m evaluate.s2i \
         --dataset data/ADEChallengeData2016 --caption_file data/ade20k_captions.jsonl \
         --pretrained_model_name_or_path runwayml/stable-diffusion-v1-5 --control_dir runs/s2i_ether_plus \
         --output_dir eval/s2i_ether_plus
@@ -17,11 +17,7 @@ resolution, and writes `metrics.json`, `per_image.csv`, `summary.md` and `grids/
 The segmenter is also run on the real images: its score there is the ceiling the generated images can reach.
 """
 import csv
-import sys
 from pathlib import Path
-
-if __package__ in (None, ""):  # run as a script (accelerate launch evaluate/s2i.py): find `evaluate`
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 import torchvision.transforms.functional as TF

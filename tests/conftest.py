@@ -3,9 +3,14 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+if os.environ.get("PYTEST_XDIST_WORKER"):  # `pytest -n N` (make test): the workers share the cores, one each
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest
 import torch
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 import dreambooth_photos
 import user_errors
@@ -23,6 +28,11 @@ def pytest_runtest_makereport(item, call):
     user_errors.collect(item, outcome.get_result())
 
 
+def pytest_runtest_logreport(report):
+    user_errors.rows_of(report)
+    dreambooth_photos.note(report)
+
+
 def pytest_terminal_summary(terminalreporter):
     for line in dreambooth_photos.summary_lines():  # never a silent skip: say what ran on the small copy
         terminalreporter.write_line(line, yellow=True)
@@ -31,7 +41,7 @@ def pytest_terminal_summary(terminalreporter):
 @pytest.fixture
 def whole_dreambooth(request):
     """The whole DreamBooth dataset, or the copy in tests/data/dreambooth (and the run's summary says so)."""
-    return dreambooth_photos.whole_dataset(request.node.nodeid)
+    return dreambooth_photos.whole_dataset(request.node)
 
 
 def pytest_sessionfinish(session):

@@ -17,16 +17,23 @@ PROMPTS_FILE = "prompts_and_classes.txt"
 checked_on_copy: list[str] = []  # node ids of the tests that wanted the whole dataset and got the copy
 
 
-def whole_dataset(test_id: str) -> Path:
-    """The whole dataset where $ETHER_DIFFUSION_DREAMBOOTH_DIR names it; else `COPY`, noting `test_id`."""
+def whole_dataset(item) -> Path:
+    """The whole dataset where $ETHER_DIFFUSION_DREAMBOOTH_DIR names it; else `COPY`, noted on the test `item`
+    (its reports carry the note to the main process, also from `pytest -n` workers: see `note`)."""
     value = os.environ.get(ENV)
     if not value:
-        checked_on_copy.append(test_id)
+        item.user_properties.append(("dreambooth_copy", True))
         return COPY
     path = Path(value)
     if not (path / PROMPTS_FILE).is_file():
         pytest.fail(f"${ENV}={value} is not a DreamBooth dataset folder (it has no {PROMPTS_FILE})", pytrace=False)
     return path
+
+
+def note(report):
+    """Called by conftest for every report the main process sees."""
+    if report.when == "call" and ("dreambooth_copy", True) in report.user_properties:
+        checked_on_copy.append(report.nodeid)
 
 
 def summary_lines() -> list[str]:

@@ -5,7 +5,8 @@ import re
 import pytest
 
 from ether_diffusion import arguments
-from trainer_helpers import TINY, fails, import_script, make_parser
+from ether_diffusion.trainers import dreambooth as dreambooth_trainer
+from trainer_helpers import REPO, TINY, fails, make_parser
 from user_errors import case, refused
 
 TRAINERS = "train_dreambooth.py, train_controlnet_s2i.py"
@@ -152,7 +153,7 @@ def test_default_learning_rates_come_from_the_method_table():
 # ------------------------------------------------------------------------------------ the trainers' own checks
 @pytest.fixture(scope="module")
 def dreambooth():
-    return import_script("train_dreambooth")
+    return dreambooth_trainer
 
 
 def dreambooth_args(out, *extra):
@@ -181,3 +182,37 @@ def test_trainer_specific_floats_are_checked_too(dreambooth, tmp_path, capsys):
     line = fails(dreambooth.main, dreambooth_args(tmp_path / "out", "--with_prior_preservation", "--class_prompt", "a toy",
                                                   "--prior_loss_weight", "nan"), capsys)
     assert line == "error: --prior_loss_weight must be a finite number, got nan"
+
+
+@pytest.mark.parametrize("argv, message", [
+    case(["--method", "ether+", "--rank", "8"], "--rank does not apply to --method ether+ (it takes --n_blocks)",
+         "--rank with ETHER+ (ignored before)", tool=TRAINERS),
+    case(["--method", "oft", "--lora_alpha", "8"], "--lora_alpha does not apply to --method oft (it takes --n_blocks)",
+         "--lora_alpha with OFT", tool=TRAINERS),
+    case(["--method", "lora", "--n_blocks", "4"], "--n_blocks does not apply to --method lora (it takes --rank, "
+         "--lora_alpha)", "--n_blocks with LoRA", tool=TRAINERS),
+])
+def test_a_setting_the_method_does_not_use_is_refused(dreambooth, tmp_path, capsys, argv, message):
+    args = ["--pretrained_model_name_or_path", TINY, "--instance_data_dir", tmp_path, "--instance_prompt", "a qwe toy",
+            "--output_dir", tmp_path / "o", *argv]
+    assert message in fails(dreambooth.main, args, capsys)
+    assert not (tmp_path / "o").exists()
+
+
+def test_each_method_gets_its_settings_and_their_defaults():
+    for argv, want in ((["--method", "ether+"], {"n_blocks": 1, "rank": 4}),
+                       (["--method", "oft", "--n_blocks", "4"], {"n_blocks": 4}),
+                       (["--method", "hra", "--rank", "8"], {"rank": 8})):
+        cfg = arguments.adapter_config_from_args(trainer_args(*argv))
+        assert cfg.method == argv[1] and {k: getattr(cfg, k) for k in want} == want
+
+
+@pytest.mark.parametrize("script, prog", [("train_dreambooth.py", "DreamBooth"),
+                                          ("train_controlnet_s2i.py", "Semantic map")])
+def test_the_entry_point_scripts_run_their_trainer(script, prog):
+    """The scripts at the repository root are what `accelerate launch` runs: thin, but they must work."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, script, "--help"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.startswith(f"usage: {script}") and prog in proc.stdout

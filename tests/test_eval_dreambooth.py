@@ -62,8 +62,8 @@ def two_process_run(setup):
     """`torchrun --nproc_per_node 2` with ACCELERATE_USE_CPU=1: two gloo processes share the jobs."""
     output_dir = setup["root"] / "out"
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               str(REPO / "evaluate" / "dreambooth.py"), *_args(setup, output_dir, extra=["--adapters", str(setup["adapters"])])]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
+               "evaluate.dreambooth", *_args(setup, output_dir, extra=["--adapters", str(setup["adapters"])])]
     result = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     return output_dir, result

@@ -1,6 +1,6 @@
 """ether_diffusion.export: every low-rank adapter as an exact LoRA that stock diffusers loads (kohya and
 diffusers formats), the kohya naming rule, ranks and alphas, OFT/Naive refusal, the merged folder, the model
-card, the trainers' --export_lora, and exported files used where adapter files go (sampling, evaluation)."""
+card, the trainers' refusal of --export_lora for full-rank methods (their export: test_methods.py), and exported files used where adapter files go (sampling, evaluation)."""
 import hashlib
 import json
 import re
@@ -11,7 +11,8 @@ import torch
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from trainer_helpers import TINY, fails, import_script, launch
+from ether_diffusion.trainers import dreambooth as dreambooth_trainer, s2i as s2i_trainer
+from trainer_helpers import TINY, fails
 
 from ether_diffusion import AdapterConfig, inject_adapters, save_adapter
 from ether_diffusion.adapters import adapter_parameters
@@ -295,24 +296,9 @@ def test_model_card(adapters, tmp_path):
         assert needle in card.text, needle
 
 
-def test_trainer_export_lora_writes_the_file_and_the_card(tmp_path):
-    out = tmp_path / "run"
-    launch("train_dreambooth.py", "--pretrained_model_name_or_path", TINY, "--instance_data_dir", "builtin:demo-subject",
-           "--instance_prompt", PROMPT, "--output_dir", out, "--resolution", 32, "--train_batch_size", 1,
-           "--max_train_steps", 2, "--method", "ether+", "--n_blocks", 2, "--report_to", "none",
-           "--num_validation_images", 1, "--validation_inference_steps", 1, "--export_lora", "kohya")
-    lora = out / EXPORT_FILE_NAMES["kohya"]
-    assert (out / "README.md").is_file() and "<lora:lora_kohya:1>" in (out / "README.md").read_text()
-    merged = unet_output(load_pipeline(TINY, adapter=out / "adapter.safetensors", merge=True))
-    pipe = load_pipeline(TINY)
-    pipe.load_lora_weights(str(lora))
-    assert relative_error(unet_output(pipe), merged) < TOLERANCE[torch.float16]  # the trainer writes fp16
-    assert {t.shape[0] for k, t in load_file(str(lora)).items() if k.endswith("lora_down.weight")} == {8}
-
-
 @pytest.mark.parametrize("name", ["train_dreambooth", "train_controlnet_s2i"])
 def test_trainers_refuse_export_lora_for_full_rank_methods_before_training(name, tmp_path, capsys):
-    script = import_script(name)
+    script = {"train_dreambooth": dreambooth_trainer, "train_controlnet_s2i": s2i_trainer}[name]
     data = ["--instance_data_dir", "builtin:demo-subject", "--instance_prompt", PROMPT] if name == "train_dreambooth" \
         else ["--train_data_dir", "builtin:tiny-ade20k"]
     line = fails(script.main, ["--pretrained_model_name_or_path", TINY, *data, "--output_dir", tmp_path / "run",

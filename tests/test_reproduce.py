@@ -208,8 +208,7 @@ def test_a_second_launch_on_a_folder_in_use_is_refused(tmp_path):
 
 S2I_CONFIG = """pretrained_model_name_or_path: builtin:tiny-sd
 method: {method}
-n_blocks: {n_blocks}
-resolution: 32
+{setting}resolution: 32
 train_batch_size: 1
 max_train_steps: 2
 learning_rate: 1e-3
@@ -226,8 +225,8 @@ def test_s2i_a_failed_run_is_named_and_the_exit_code_says_so(setup, tmp_path):
     the tiny SD's widths cannot hold, so its trainer fails; the report names it and the exit code is 1."""
     configs = tmp_path / "configs"
     configs.mkdir()
-    (configs / "none.yaml").write_text(S2I_CONFIG.format(method="none", n_blocks=1))
-    (configs / "s2i-ether.yaml").write_text(S2I_CONFIG.format(method="ether", n_blocks=7))
+    (configs / "none.yaml").write_text(S2I_CONFIG.format(method="none", setting=""))
+    (configs / "s2i-ether.yaml").write_text(S2I_CONFIG.format(method="ether", setting="n_blocks: 7\n"))
     dataset = write_tiny_ade20k(tmp_path / "ade", n_train=2, n_val=2, size=48)
     b = write_tiny_backbones(tmp_path / "backbones")
     out = tmp_path / "out"

@@ -6,7 +6,6 @@ import json
 import logging
 import os
 import pathlib
-import re
 import shutil
 import socket
 import subprocess
@@ -16,7 +15,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 from safetensors.torch import load_file
-from trainer_helpers import REPO, TINY, fails, import_script
+from ether_diffusion.trainers import dreambooth as dreambooth_trainer
+from trainer_helpers import REPO, TINY, fails
 
 import user_errors
 from ether_diffusion import checkpoints, divergence, dreambooth_data, training
@@ -28,7 +28,7 @@ TOOL = "train_dreambooth.py"
 
 @pytest.fixture(scope="module")
 def script():
-    return import_script("train_dreambooth")
+    return dreambooth_trainer
 
 
 @pytest.fixture(scope="module")
@@ -82,20 +82,7 @@ def snapshot(out) -> dict:
 
 
 # ------------------------------------------------------------------------------------------ diverged runs
-@pytest.mark.user_error("a learning rate so high that training diverges (LoRA at 1e4)", tool=TOOL)
-def test_a_diverged_run_stops_at_its_step_and_keeps_what_came_before(script, subject, tmp_path, capsys):
-    out = tmp_path / "o"
-    line = fails(script.main, argv(subject, out, "--method", "lora", "--learning_rate", "1e4", steps=8, every=1), capsys)
-    step = int(re.search(r"training diverged at step (\d+): ", line)[1])
-    assert 1 < step < 8 and "(--method lora, --learning_rate 10000)" in line and "lower --learning_rate" in line
-    assert f"checkpoint-{step - 1} is the last checkpoint" in line
-    # nothing of the diverged step or after: no checkpoint, no log line, no adapter; the last checkpoint is finite
-    assert [p.name for _, p in checkpoints.checkpoint_folders(out)] == [f"checkpoint-{s}" for s in range(1, step)]
-    assert log_steps(out) == list(range(1, step)) and not (out / "adapter.safetensors").exists()
-    last = tensors(out / f"checkpoint-{step - 1}" / "adapter.safetensors")
-    assert all(torch.isfinite(t).all() for t in last.values())
-
-
+# A whole diverged run (both processes stop, what came before is kept): test_two_processes.py.
 class FakeAccelerator(SimpleNamespace):
     num_processes = 1
     scaler = None

@@ -8,7 +8,7 @@ import random
 import pytest
 import torch
 from PIL import Image
-from trainer_helpers import launch
+from trainer_helpers import train
 
 from ether_diffusion.grids import image_grid
 from ether_diffusion.pipelines import load_pipeline
@@ -18,6 +18,7 @@ from ether_diffusion.tiny_sd import SD_SCHEDULER
 from ether_diffusion.toy import judge as toy_judge
 from ether_diffusion.toy import model as toy_model
 from ether_diffusion.toy import world
+from ether_diffusion.trainers import dreambooth
 
 
 STEPS = 300
@@ -100,10 +101,10 @@ def test_etherplus_dreambooth_learns_a_qwe_toy(judge, tmp_path):
     # subject is heart_toy, whose look ETHER+ learns most clearly here (docs/toy_world.md: parts 23% -> 62%
     # in 600 steps); "qwe toy" names whichever subject the run learns.
     out = tmp_path / "run"
-    launch("train_dreambooth.py", "--config", "configs/toy/dreambooth-etherplus.yaml",
-           "--instance_data_dir", f"builtin:toy-subject/{SUBJECT}", "--output_dir", out, "--num_class_images", 8,
-           "--max_train_steps", STEPS, "--checkpointing_steps", STEPS, "--validation_steps", STEPS,
-           "--num_validation_images", 2)
+    train(dreambooth, "--config", "configs/toy/dreambooth-etherplus.yaml",
+          "--instance_data_dir", f"builtin:toy-subject/{SUBJECT}", "--output_dir", out, "--num_class_images", 8,
+          "--max_train_steps", STEPS, "--checkpointing_steps", STEPS, "--validation_steps", STEPS,
+          "--num_validation_images", 2)
     log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
     assert len(log) == STEPS
     base = use_dpm_solver(load_pipeline("builtin:toy-sd"))

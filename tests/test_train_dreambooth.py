@@ -1,5 +1,6 @@
-"""train_dreambooth.py: real `accelerate launch` runs on the tiny model (few, 32 px, a few steps), every bad
-input in-process (exit code 2, one line), and the DreamBooth data code."""
+"""train_dreambooth.py: a real `accelerate launch` of the demo config and an in-process run on real photos, on
+the tiny model (32 px, a few steps), every bad input in-process (exit code 2, one line), and the DreamBooth data
+code. Every method's training, exact resume and checkpoint pruning: test_methods.py."""
 import json
 import shutil
 from pathlib import Path
@@ -12,7 +13,8 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
 from dreambooth_photos import COPY
-from trainer_helpers import REPO, TINY, import_script, stop_and_resume
+from ether_diffusion.trainers import dreambooth as dreambooth_trainer
+from trainer_helpers import REPO, TINY, train
 from trainer_helpers import fails as fails_in_process
 from trainer_helpers import launch as launch_script
 
@@ -32,7 +34,7 @@ def launch(*args, timeout=300):
 
 @pytest.fixture(scope="module")
 def script():
-    return import_script("train_dreambooth")
+    return dreambooth_trainer
 
 
 @pytest.fixture
@@ -83,51 +85,17 @@ def test_demo_config_with_prior_preservation_and_validation(tmp_path):
     assert images["validation"] == 2
 
 
-@pytest.fixture(scope="module")
-def resumed_runs(tmp_path_factory):
-    """An uninterrupted 6-step run, and the same run stopped after step 4 and resumed from its checkpoint."""
-    root = tmp_path_factory.mktemp("resume")
-    subject = world.write_subject(root / "subject", world.DEMO_SUBJECT)  # 5 images, batch 1, accumulation 2: 3 steps per epoch
-    common = ["--pretrained_model_name_or_path", TINY, "--instance_data_dir", subject, "--instance_prompt",
-              "a photo of qwe toy", "--resolution", 32, "--train_batch_size", 1, "--gradient_accumulation_steps", 2,
-              "--max_train_steps", 6, "--checkpointing_steps", 2, "--checkpoints_total_limit", 2,
-              "--lr_scheduler", "linear", "--lr_warmup_steps", 2, "--learning_rate", "1e-2", "--seed", 3,
-              "--method", "ether+", "--n_blocks", 2, "--report_to", "none"]
-    return stop_and_resume("train_dreambooth.py", common, root)
-
-
-def test_checkpoints_are_pruned_to_the_limit(resumed_runs):
-    full, _ = resumed_runs
-    assert sorted(p.name for p in full.iterdir() if p.name.startswith("checkpoint")) == ["checkpoint-4", "checkpoint-6"]
-    assert json.loads((full / "checkpoint-6" / "state.json").read_text())["global_step"] == 6
-
-
-def test_stop_and_resume_ends_with_the_same_adapter(resumed_runs):
-    full, resumed = resumed_runs
-    a, b = adapter_tensors(full / "adapter.safetensors"), adapter_tensors(resumed / "adapter.safetensors")
-    assert a.keys() == b.keys() and len(a) == 32 * 4  # ETHER+: u, v, u_out, v_out in 32 layers
-    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
-    # and it did train: the adapter moved away from checkpoint-4
-    c4 = adapter_tensors(full / "checkpoint-4" / "adapter.safetensors")
-    assert max((a[k] - c4[k]).abs().max().item() for k in a) > 1e-4
-    logs = [json.loads(line) for line in (resumed / "train_log.jsonl").read_text().splitlines()]
-    full_logs = [json.loads(line) for line in (full / "train_log.jsonl").read_text().splitlines()]
-    assert [d["step"] for d in logs] == [1, 2, 3, 4, 5, 6]
-    assert [d["lr"] for d in logs] == [d["lr"] for d in full_logs]  # the linear schedule resumed in place
-    assert logs[-1]["loss"] == pytest.approx(full_logs[-1]["loss"], abs=1e-6)
-
-
-def test_real_photos_of_mixed_sizes_train_and_export_a_stock_pipeline(tmp_path):
+def test_real_photos_of_mixed_sizes_train_and_export_a_stock_pipeline(tmp_path, caplog):
     photos = tmp_path / "dog"
     shutil.copytree(DOG, photos)
     assert len({Image.open(p).size for p in photos.glob("*.jpg")}) > 1  # unequal sizes
     (photos / "notes.txt").write_text("not an image")
     out, merged = tmp_path / "out", tmp_path / "merged"
-    proc = launch("--pretrained_model_name_or_path", TINY, "--instance_data_dir", photos, "--instance_prompt",
-                  "a photo of qwe dog", "--output_dir", out, "--resolution", 32, "--train_batch_size", 2,
-                  "--max_train_steps", 2, "--method", "ether", "--n_blocks", 4, "--prediction_type", "v_prediction",
-                  "--report_to", "none", "--export_merged", merged)
-    assert f"skipping {photos / 'notes.txt'}: not an image file" in proc.stderr
+    train(dreambooth_trainer, "--pretrained_model_name_or_path", TINY, "--instance_data_dir", photos,
+          "--instance_prompt", "a photo of qwe dog", "--output_dir", out, "--resolution", 32, "--train_batch_size", 2,
+          "--max_train_steps", 2, "--method", "ether", "--n_blocks", 4, "--prediction_type", "v_prediction",
+          "--report_to", "none", "--export_merged", merged)
+    assert f"skipping {photos / 'notes.txt'}: not an image file" in caplog.text
     assert Image.open(out / "samples" / "final.png").size == (4 * 32, 32)  # the instance prompt, 4 images
     # the merged folder is plain diffusers and computes what base model + adapter compute
     from diffusers import StableDiffusionPipeline, UNet2DConditionModel
@@ -194,16 +162,6 @@ def test_n_blocks_that_does_not_divide_a_layer_names_it(script, subject, tmp_pat
     line = fails(script, base_args(subject, tmp_path / "o") + ["--method", "ether+", "--n_blocks", 3], capsys)
     layer = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
     assert f"layer {layer}: input size 32 is not divisible by n_blocks=3" in line
-
-
-@pytest.mark.user_error("resuming a checkpoint with another --method", tool="train_dreambooth.py")
-def test_resuming_with_another_method_is_an_error(script, resumed_runs, subject, tmp_path, capsys):
-    full, _ = resumed_runs
-    out = tmp_path / "o"
-    shutil.copytree(full / "checkpoint-6", out / "checkpoint-6")
-    line = fails(script, base_args(subject, out) + ["--method", "oft", "--n_blocks", 2, "--resume_from_checkpoint",
-                                                    "latest"], capsys)
-    assert "checkpoint-6 was trained with method='ether+' but this run asks for method='oft'" in line
 
 
 # ------------------------------------------------------------------------------------------ data

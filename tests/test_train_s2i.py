@@ -1,6 +1,7 @@
-"""train_controlnet_s2i.py: real `accelerate launch` runs on the tiny model and a tiny ADE20K folder (32 px,
-a few steps), exact resume, step-0 equality, the paper configs on SD-1.5, and every bad input in-process
-(exit code 2, one line, nothing written)."""
+"""train_controlnet_s2i.py, in-process, on the tiny model and a tiny ADE20K folder (32 px, a few steps): the demo
+config, the trainer's one exact-resume proof (adapter and encoder), step-0 equality, the paper configs on SD-1.5,
+and every bad input (exit code 2, one line, nothing written). The entry-point script: test_arguments.py."""
+import logging
 import json
 import shutil
 
@@ -9,7 +10,8 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
-from trainer_helpers import TINY, fails, import_script, launch, stop_and_resume
+from ether_diffusion.trainers import s2i as s2i_trainer
+from trainer_helpers import TINY, fails, stop_and_resume, train
 
 from ether_diffusion import AdapterConfig, arguments, inject_adapters
 from ether_diffusion.adapters import CONTROL_TARGETS, adapter_state_dict, count_adapter_parameters
@@ -23,13 +25,9 @@ from ether_diffusion.tiny_sd import build_sd15_unet
 ENCODER_FILES = (ENCODER_WEIGHTS, ENCODER_CONFIG)
 
 
-def run(*args):
-    return launch("train_controlnet_s2i.py", *args)
-
-
 @pytest.fixture(scope="module")
 def script():
-    return import_script("train_controlnet_s2i")
+    return s2i_trainer
 
 
 @pytest.fixture
@@ -52,14 +50,16 @@ def events(folder):
 
 
 # ------------------------------------------------------------------------------------------ end to end
-def test_demo_config_trains_and_its_output_loads_in_s2i_pipeline(script, tmp_path):
+def test_demo_config_trains_and_its_output_loads_in_s2i_pipeline(script, tmp_path, caplog):
     out = tmp_path / "demo"
     extra = ["--max_train_steps", 4, "--validation_steps", 2, "--validation_inference_steps", 2,
              "--checkpointing_steps", 3, "--distance_logging_steps", 2]
-    proc = run("--config", "configs/s2i/demo.yaml", "--output_dir", out, *extra)
-    # both counts, separately, at the start
-    assert "Trainable adapter parameters = 7,872" in proc.stderr
-    assert "Control encoder parameters (trained fully) = 72,080" in proc.stderr
+    with caplog.at_level(logging.INFO):
+        train(script, "--config", "configs/s2i/demo.yaml", "--output_dir", out, *extra)
+    # the method and its shape, then both counts, separately, at the start
+    assert "Method = ether+ (n = 1 blocks), targets = to_q,to_k,to_v,to_out.0,ff.net.0.proj" in caplog.text
+    assert "Trainable adapter parameters = 7,872" in caplog.text
+    assert "Control encoder parameters (trained fully) = 72,080" in caplog.text
     # builtin:tiny-ade20k was written into the output folder
     assert len(list((out / "tiny-ade20k/ADEChallengeData2016/annotations/training").glob("*.png"))) == 8
     # grids: 4 training maps (no validation_maps in the config) x (map | 2 images) of 32 px
@@ -106,7 +106,7 @@ def resumed_runs(tmp_path_factory):
               "--encoder_learning_rate", "1e-4", "--seed", 3, "--method", "ether+", "--n_blocks", 2,
               "--validation_steps", 100, "--validation_inference_steps", 1, "--num_validation_images", 1,
               "--report_to", "none"]
-    return stop_and_resume("train_controlnet_s2i.py", common, root)
+    return stop_and_resume(s2i_trainer, common, root, run=train)
 
 
 def test_stop_and_resume_ends_with_the_same_adapter_and_encoder(resumed_runs):

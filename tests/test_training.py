@@ -4,7 +4,7 @@ from types import SimpleNamespace
 
 import torch
 
-from ether_diffusion import AdapterConfig, arguments, inject_adapters, training
+from ether_diffusion import AdapterConfig, arguments, data_order, inject_adapters, training
 from ether_diffusion.adapters import adapter_state_dict
 from trainer_helpers import TinyBlock, make_parser
 
@@ -54,16 +54,16 @@ def test_evaluation_mode_restores_train_mode_and_never_casts():
 
 # ------------------------------------------------------------------------------------------ data order, logs
 def test_sampler_order_is_a_function_of_seed_and_epoch_and_skips_exactly():
-    s = training.ResumableSampler(7, seed=3)
+    s = data_order.ResumableSampler(7, seed=3)
     s.start_epoch(0)
     epoch0 = list(s)
     assert sorted(i for i, _ in epoch0) == list(range(7)) and len(s) == 7
-    assert list(training.ResumableSampler(7, seed=3)) == epoch0  # same seed, same order
+    assert list(data_order.ResumableSampler(7, seed=3)) == epoch0  # same seed, same order
     s.start_epoch(1)
     assert list(s) != epoch0
     s.start_epoch(0, skip=3)
     assert list(s) == epoch0[3:] and len(s) == 4
-    other = training.ResumableSampler(7, seed=4)
+    other = data_order.ResumableSampler(7, seed=4)
     assert list(other) != epoch0
 
 
@@ -92,7 +92,7 @@ class IndexDataset(torch.utils.data.Dataset):
 def test_iterating_the_training_loader_leaves_the_global_rng_alone():
     # torch's DataLoader draws a worker base seed per iterator; from the global RNG that would shift the noise
     # of a resumed run (which creates its iterator after restoring the RNG) by one draw.
-    loader, sampler = training.resumable_dataloader(IndexDataset(), seed=1, batch_size=2)
+    loader, sampler = data_order.resumable_dataloader(IndexDataset(), seed=1, batch_size=2)
     before = torch.get_rng_state()
     batches = [b for _ in range(2) for b in loader]
     assert torch.equal(torch.get_rng_state(), before)

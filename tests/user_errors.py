@@ -48,13 +48,20 @@ def refused(match: str | None = None):
 
 
 def collect(item, report):
-    """Called by conftest for every test phase: a passed marked test becomes a row per marker."""
+    """Called by conftest for every test phase, where the test ran: a passed marked test gets a row per marker,
+    carried on its report (so `pytest -n` workers hand it to the main process, see `rows_of`)."""
     if report.when != "call" or not report.passed:
         return
     for marker in item.iter_markers("user_error"):
         mistake = marker.args[0] if marker.args else item.name
         lines = _lines.get(item.nodeid, [])
-        _rows.append((marker.kwargs.get("tool", ""), mistake, lines[-1] if lines else "", item.nodeid))
+        report.user_properties.append(("user_error", (marker.kwargs.get("tool", ""), mistake,
+                                                      lines[-1] if lines else "", item.nodeid)))
+
+
+def rows_of(report):
+    """Called by conftest for every report the main process sees: keeps its rows for the table."""
+    _rows.extend(tuple(value) for key, value in report.user_properties if key == "user_error")
 
 
 def write_table(path):

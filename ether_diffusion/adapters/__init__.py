@@ -72,7 +72,7 @@ def check_divisible(name: str, layer: nn.Linear, cfg: AdapterConfig):
     # Every block-diagonal method splits the input; ETHER+ also reflects the output side.
     n = cfg.n_blocks
     sizes = [("input", layer.in_features)]
-    if cfg.method == "ether+":
+    if METHODS[cfg.method].output_blocks:
         sizes.append(("output", layer.out_features))
     for side, size in sizes:
         if size % n:
@@ -108,10 +108,10 @@ def inject_adapters(model: nn.Module, cfg: AdapterConfig) -> list[str]:
     targets = check_targets(model, cfg)  # every refusal comes before any change
     model.requires_grad_(False)
     method = METHODS[cfg.method]
-    if method.wrap is None:
+    if method.peft is not None:
         from peft import inject_adapter_in_model  # PEFT imports transformers (seconds): only when used
 
-        inject_adapter_in_model(method.peft_config(cfg), model)
+        inject_adapter_in_model(method.peft.peft_config(cfg), model)
     else:
         for name, layer in targets:
             _set_submodule(model, name, method.wrap(layer, cfg))

@@ -10,7 +10,7 @@ class AdapterLinear(nn.Module):
 
     Subclasses set `method` (their name in `adapters.methods.METHODS`) and implement `forward`,
     `merged_weight()` (the W' to fold in), `input_transform()` and `output_transform()` (dense float64
-    matrices, for checks and analysis only; None where absent).
+    matrices, for checks and analysis only; None where absent); a low-rank method also `low_rank_delta()`.
     """
 
     def __init__(self, base_layer: nn.Linear, n_blocks: int):
@@ -36,6 +36,9 @@ class AdapterLinear(nn.Module):
 
     def output_transform(self) -> torch.Tensor | None:
         return None
+
+    def transforms(self) -> list[torch.Tensor]:
+        return [t for t in (self.input_transform(), self.output_transform()) if t is not None]
 
 
 class BlockDiagonalLinear(AdapterLinear):

@@ -31,11 +31,11 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from ..arguments import read_yaml_mapping
 from ..errors import ArgumentParser, UserError, run_cli
-from ..files import load_rgb
+from ..files import load_rgb, read_yaml_mapping
 from . import world
 from .model import CONTEXT_LENGTH
+from .steps import mix, pictures, step_generator, train_steps
 
 WEIGHTS = Path(__file__).with_name("weights")
 JUDGE, SEGMENTER = WEIGHTS / "judge", WEIGHTS / "segmenter"
@@ -152,7 +152,6 @@ def _labels_tensor(values, names) -> torch.Tensor:
 
 def judge_data(c: dict, seed: int, size: int, vae, count: int):
     """Pictures, their reconstructions, captions, answers and label maps of `count` judge examples."""
-    from .pretrain import pictures
 
     examples = list(world.examples(seed, count, size, toy_fraction=c["toy_fraction"], subjects=True,
                                    near_misses=c["near_misses"]))
@@ -171,7 +170,6 @@ def train(config: dict, output_dir: Path, log):
     """The `judge` stage of pretraining: the image-text judge with its heads, then the segmenter."""
     from diffusers import AutoencoderKL
 
-    from .pretrain import _mix, step_generator, train_steps
 
     c, seed, size = config["judge"], config["seed"], config["size"]
     vae = AutoencoderKL.from_pretrained(output_dir / "vae").eval()
@@ -196,7 +194,7 @@ def train(config: dict, output_dir: Path, log):
     def step_fn(step):
         g = step_generator(seed, "judge", step)
         index = torch.randint(0, n, (c["batch_size"],), generator=g)
-        rng = random.Random(_mix(seed, "judge-captions", step))
+        rng = random.Random(mix(seed, "judge-captions", step))
         texts = tokenizer([world.caption(data["scenes"][i], rng) for i in index.tolist()])
         image_features = model.encode_image(_normalise(batch_pixels(index, g), IMAGE_MEAN, IMAGE_STD))
         text_features = model.encode_text(texts)
@@ -245,7 +243,6 @@ def train_segmenter(config: dict, output_dir: Path, data: dict, log):
     """UperNet on the world's label maps: class index = label - 1, label 0 ("other") ignored."""
     from transformers import SegformerImageProcessor
 
-    from .pretrain import step_generator, train_steps
 
     c, seed, size = config["segmenter"], config["seed"], config["size"]
     torch.manual_seed(seed)

@@ -33,9 +33,10 @@ from pathlib import Path
 
 import torch
 
+from ..adapter_file import ADAPTER_FILE
 from ..adapters import METHODS
-from ..arguments import read_yaml_mapping
 from ..errors import ArgumentParser, UserError, run_cli
+from ..files import read_yaml_mapping
 from ..grids import image_grid
 from ..pipelines import load_pipeline
 from ..sample import use_dpm_solver
@@ -59,7 +60,7 @@ def config_name(method: str) -> str:
 def train(method: str, subject: str, out: Path, class_dir: Path, num_class_images: int, learning_rate=None,
           log=None) -> Path:
     """One DreamBooth run through `accelerate launch train_dreambooth.py` (one thread); returns the adapter."""
-    adapter = out / "adapter.safetensors"
+    adapter = out / ADAPTER_FILE
     while not adapter.is_file() and (out / "train.log").is_file() and time.time() - (out / "train.log").stat().st_mtime < 120:
         time.sleep(15)  # another invocation of this script is training this run (its log is fresh): wait for it
     if adapter.is_file():
@@ -221,7 +222,7 @@ def judged(judge, out: Path, method: str, subject: str, lr: float, count: int) -
         cached = json.loads(cache.read_text())
         if cached.get("samples") == count and "subject_parts" in cached:
             return cached
-    result = judge_subject(judge, folder / "adapter.safetensors", subject, count, grid=folder / "judged.png")
+    result = judge_subject(judge, folder / ADAPTER_FILE, subject, count, grid=folder / "judged.png")
     result.update(learning_rate=lr, samples=count)
     cache.write_text(json.dumps(result, indent=1))
     return result
@@ -262,7 +263,7 @@ def main(argv=None):
         runs = [(m, SWEEP_SUBJECT, METHODS[m].dreambooth_lr * f) for m in args.methods for f in SWEEP_FACTORS]
     else:
         runs = [(m, s, config_rate(m)) for s in args.subjects for m in args.methods]  # a subject at a time
-    trained = sum((run_folder(out, *run) / "adapter.safetensors").is_file() for run in runs)
+    trained = sum((run_folder(out, *run) / ADAPTER_FILE).is_file() for run in runs)
     log(f"{len(runs)} runs, {trained} trained already; {args.jobs} at a time")
 
     judging = threading.Lock()

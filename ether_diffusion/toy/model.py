@@ -15,8 +15,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..arguments import read_yaml_mapping
-from ..files import build_folder_once
+from ..files import build_folder_once, read_yaml_mapping
 from ..tiny_sd import write_clip_tokenizer_files
 from . import world
 

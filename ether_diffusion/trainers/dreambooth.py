@@ -1,0 +1,200 @@
+"""DreamBooth with ETHER / ETHER+ (and the paper's baselines OFT, Naive, LoRA, plus HRA) on Stable Diffusion.
+
+An accelerate script in the style of diffusers' examples/dreambooth/train_dreambooth_lora.py, with the same
+argument names and defaults, plus --method, --n_blocks, --target_modules and --config FILE.yaml:
+
+    accelerate launch train_dreambooth.py --config configs/dreambooth/etherplus.yaml \\
+        --instance_data_dir data/dreambooth/dog --instance_prompt "a photo of qwe dog" \\
+        --class_prompt "a photo of dog" --class_data_dir class-images/dog --output_dir runs/etherplus-dog
+
+Writes <output_dir>/adapter.safetensors (load it with ether_diffusion.load_adapter or
+`python -m ether_diffusion.sample`), samples/ (validation grids and the final grid), checkpoint-N/ folders,
+train_log.jsonl, TensorBoard logs and a README.md model card; with --export_lora kohya|diffusers also the adapter
+as an exact LoRA file beside it (ether_diffusion.export), with --export_merged DIR a stock diffusers pipeline folder.
+One run per output folder (`ether_diffusion.run_folder`): a folder with another run in it needs
+--resume_from_checkpoint latest or --overwrite_output_dir.
+"""
+import logging
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .. import arguments, checkpoints, checks, dreambooth_data, export, run_folder, training
+from ..adapter_file import ADAPTER_FILE, save_adapter
+from ..adapters import count_adapter_parameters
+from ..builtin import resolve_instance_dir, resolve_model_path
+from ..devices import TORCH_DTYPES
+from ..errors import UserError, run_cli, writing
+from ..files import check_output_folder
+from ..grids import sample_grid
+from ..pipelines import load_pipeline
+
+logger = logging.getLogger(__name__)
+
+
+def parse_args(argv=None):
+    parser = arguments.trainer_parser("train_dreambooth.py", output_dir="dreambooth-adapter",
+                                      description="DreamBooth with ETHER / ETHER+ and the paper's baselines.")
+    g = parser.add_argument_group("dreambooth")
+    g.add_argument("--instance_data_dir", type=str, default=None,
+                   help="A folder with the subject's images; `builtin:toy-subject/<name>`: a toy-world subject "
+                        "(`builtin:demo-subject`: the demo's qwe toy, star_toy).")
+    g.add_argument("--instance_prompt", type=str, default=None, help='Prompt with the identifier, e.g. "a photo of qwe dog".')
+    g.add_argument("--class_data_dir", type=str, default=None,
+                   help="Class images for prior preservation; missing ones are generated and saved here "
+                        "(default: <output_dir>/class-images).")
+    g.add_argument("--class_prompt", type=str, default=None, help='Prompt of the class, e.g. "a photo of dog".')
+    g.add_argument("--with_prior_preservation", action="store_true", help="Add the prior preservation loss.")
+    g.add_argument("--prior_loss_weight", type=float, default=1.0, help="The weight of the prior preservation loss.")
+    g.add_argument("--num_class_images", type=int, default=100,
+                   help="Minimal class images for prior preservation; missing ones are sampled with class_prompt.")
+    g.add_argument("--sample_batch_size", type=int, default=4, help="Batch size for generating class images.")
+    g.add_argument("--class_inference_steps", type=int, default=50, help="Denoising steps per class image.")
+    g.add_argument("--prior_generation_precision", type=str, default=None, choices=["fp32", "fp16", "bf16"],
+                   help="Precision of class-image generation (default: fp16 on GPU, fp32 on CPU).")
+    g.add_argument("--center_crop", action="store_true",
+                   help="Center crop to the resolution (default: random crop) after resizing the shorter side.")
+    g.add_argument("--export_merged", type=str, default=None, metavar="DIR",
+                   help="Also write a stock diffusers pipeline folder with the adapter merged into the UNet.")
+    export.add_export_args(g)
+    arguments.add_adapter_args(parser)
+    arguments.add_training_args(parser, task="dreambooth")
+    arguments.add_checkpoint_args(parser)
+    arguments.add_validation_args(parser)
+    arguments.add_logging_args(parser)
+    args = arguments.parse_args(parser, argv)
+
+    arguments.check_common_args(args, required=("pretrained_model_name_or_path", "instance_data_dir", "instance_prompt"))
+    arguments.finish_learning_rate(args, task="dreambooth")
+    export.check_export_args(args)
+    if args.with_prior_preservation:
+        if not args.class_prompt:
+            raise UserError("--with_prior_preservation needs --class_prompt (the prompt of the class images)")
+        checks.at_least(args, 1, "num_class_images", "sample_batch_size", "class_inference_steps")
+        checks.not_negative(args, "prior_loss_weight")
+        check_output_folder(args.class_data_dir, "--class_data_dir")
+        args.class_data_dir = args.class_data_dir or str(Path(args.output_dir, "class-images"))
+    elif args.class_data_dir or args.class_prompt:
+        logger.warning("--class_data_dir / --class_prompt are only used with --with_prior_preservation")
+    return args
+
+
+def prepare_class_images(args, accelerator, model_path) -> list[Path]:
+    """Generate the missing class images with the base model (a separate pipeline, freed afterwards)."""
+    if args.prior_generation_precision:
+        dtype = TORCH_DTYPES[args.prior_generation_precision]
+    else:
+        dtype = torch.float16 if accelerator.device.type == "cuda" else torch.float32
+
+    def load_base_pipeline():
+        return load_pipeline(model_path, device=accelerator.device, torch_dtype=dtype)
+
+    dreambooth_data.generate_class_images(
+        load_base_pipeline, args.class_data_dir, args.class_prompt, args.num_class_images,
+        sample_batch_size=args.sample_batch_size, num_inference_steps=args.class_inference_steps,
+        resolution=args.resolution, seed=args.seed or 0, accelerator=accelerator)
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    class_images = dreambooth_data.list_images(args.class_data_dir, what="class")[: args.num_class_images]
+    dreambooth_data.check_images(class_images)
+    return class_images
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    training.setup_logging()
+
+    # Everything that can be wrong with the input fails here, before a model is loaded.
+    instance_dir = resolve_instance_dir(args.instance_data_dir, args.output_dir)
+    instance_images = dreambooth_data.list_images(instance_dir, what="instance")
+    dreambooth_data.check_images(instance_images)
+    adapter_config = arguments.adapter_config_from_args(args)
+
+    accelerator = training.setup_accelerator(args)
+    # The output folder is this run's alone (locked), and a checkpoint in it is resumed only if it is this run's.
+    settings = checkpoints.run_settings(accelerator, args, dataset_size=len(instance_images))
+    resume_from = run_folder.claim(accelerator, args, adapter_config, settings)
+    # Models: frozen; the adapter must fit the UNet before class images are generated.
+    model_path = resolve_model_path(args.pretrained_model_name_or_path)
+    tokenizer, text_encoder, vae, unet, noise_scheduler = training.load_models(args, model_path, adapter_config)
+
+    class_images = prepare_class_images(args, accelerator, model_path) if args.with_prior_preservation else None
+
+    # Frozen weights in the mixed-precision dtype; the adapter is injected afterwards, so it stays float32.
+    weight_dtype = training.inject_for_training(accelerator, args, adapter_config, text_encoder, vae, unet)
+
+    # The two prompts never change: encode them once.
+    instance_embeds = training.encode_prompt(tokenizer, text_encoder, args.instance_prompt, accelerator.device)
+    class_embeds = (training.encode_prompt(tokenizer, text_encoder, args.class_prompt, accelerator.device)
+                    if args.with_prior_preservation else None)
+
+    if args.scale_lr:
+        args.learning_rate *= args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes
+    optimizer = training.make_optimizer(args, [training.adapter_param_group(unet, adapter_config, args)])
+
+    dataset = dreambooth_data.SubjectDataset(instance_images, class_images, size=args.resolution,
+                                             center_crop=args.center_crop)
+    unet, optimizer, train_dataloader, sampler, lr_scheduler, steps_per_epoch = training.prepare_training(
+        accelerator, args, unet, optimizer, dataset, collate_fn=dreambooth_data.collate_fn(args.with_prior_preservation))
+
+    # Resume: adapter, optimizer, scheduler, RNG; the data order is a function of (seed, epoch).
+    global_step, train_log = training.start_run(accelerator, args, "dreambooth", resume_from, unet, optimizer,
+                                                lr_scheduler, sampler, adapter_config)
+    adapter_metadata = {"instance_prompt": args.instance_prompt, "class_prompt": args.class_prompt or "",
+                        "base_model": args.pretrained_model_name_or_path, "resolution": args.resolution}
+
+    def validate(step, prompts, **kw):
+        def draw(pipe):
+            return sample_grid(pipe, prompts, args.num_validation_images, seed=args.seed or 0,
+                               num_inference_steps=args.validation_inference_steps,
+                               height=args.resolution, width=args.resolution)[0]
+
+        models = (tokenizer, text_encoder, vae, unet, noise_scheduler)
+        return training.validation_grid(accelerator, args, models, draw, step, **kw)
+
+    def compute_loss(batch):
+        latents = training.encode_latents(vae, batch["pixel_values"], weight_dtype)
+        n = batch["num_instance"]
+        embeds = instance_embeds.expand(n, -1, -1)
+        if args.with_prior_preservation:
+            embeds = torch.cat([embeds, class_embeds.expand(n, -1, -1)])
+        noisy_latents, timesteps, target = training.noisy_latents_and_target(noise_scheduler, latents)
+        model_pred = unet(noisy_latents, timesteps, embeds).sample
+        if not args.with_prior_preservation:
+            return F.mse_loss(model_pred.float(), target.float())
+        # instances first, class images second (see dreambooth_data.collate_fn)
+        model_pred, model_pred_prior = model_pred.float().chunk(2)
+        target, target_prior = target.float().chunk(2)
+        return F.mse_loss(model_pred, target) + args.prior_loss_weight * F.mse_loss(model_pred_prior, target_prior)
+
+    training.log_run_start(args, len(dataset), len(train_dataloader),
+                           {"Trainable adapter parameters": count_adapter_parameters(accelerator.unwrap_model(unet))})
+    global_step, last_validation = training.train_loop(
+        accelerator, args, unet, optimizer, lr_scheduler, train_dataloader, sampler, compute_loss,
+        global_step=global_step, steps_per_epoch=steps_per_epoch, settings=settings, train_log=train_log,
+        adapter_metadata=adapter_metadata,
+        validate=(lambda step: validate(step, args.validation_prompt)) if args.validation_prompt else None)
+
+    # The adapter, a final grid and (optionally) a merged pipeline: the main process writes them, and a
+    # failure (a full disk) stops every process with its line.
+    def save_outputs():
+        adapter_file = Path(args.output_dir, ADAPTER_FILE)
+        with writing(adapter_file):
+            save_adapter(accelerator.unwrap_model(unet), adapter_file,
+                         extra_metadata={**adapter_metadata, "steps": global_step})
+        final = training.save_final_grid(
+            args.output_dir, global_step, last_validation,
+            lambda step, **kw: validate(step, args.validation_prompt or [args.instance_prompt], **kw))
+        written = export.finish_run(args.output_dir, adapter_file, args.export_lora, final)
+        accelerator.print(f"wrote {adapter_file}, {final} and {', '.join(map(str, written))}")
+        if args.export_merged:
+            with writing(args.export_merged):
+                export.export_merged(adapter_file, args.export_merged)
+            accelerator.print(f"wrote a merged diffusers pipeline to {args.export_merged}")
+
+    training.finish_run(accelerator, args, save_outputs)
+
+
+if __name__ == "__main__":
+    run_cli(main)
