@@ -207,12 +207,13 @@ def test_each_method_gets_its_settings_and_their_defaults():
         assert cfg.method == argv[1] and {k: getattr(cfg, k) for k in want} == want
 
 
-@pytest.mark.parametrize("script, prog", [("train_dreambooth.py", "DreamBooth"),
-                                          ("train_controlnet_s2i.py", "Semantic map")])
-def test_the_entry_point_scripts_run_their_trainer(script, prog):
-    """The scripts at the repository root are what `accelerate launch` runs: thin, but they must work."""
+def test_the_s2i_entry_point_script_runs_its_trainer():
+    """The scripts at the repository root are what `accelerate launch` runs: thin, but they must work
+    (train_dreambooth.py's: test_train_dreambooth.py's demo launch)."""
     import subprocess
     import sys
 
-    proc = subprocess.run([sys.executable, script, "--help"], cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0 and proc.stdout.startswith(f"usage: {script}") and prog in proc.stdout
+    proc = subprocess.run([sys.executable, "train_controlnet_s2i.py", "--help"], cwd=REPO, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.startswith("usage: train_controlnet_s2i.py")
+    assert "Semantic map" in proc.stdout

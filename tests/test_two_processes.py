@@ -22,11 +22,11 @@ from ether_diffusion import checkpoints
 from ether_diffusion.toy import world
 
 
-def dreambooth_args(subject, *extra):
+def dreambooth_args(subject, *extra, method=("--method", "ether+", "--n_blocks", 2)):
     return ["--pretrained_model_name_or_path", TINY, "--instance_data_dir", subject, "--instance_prompt",
             "a photo of qwe toy", "--resolution", 32, "--train_batch_size", 1, "--max_train_steps", 5,
             "--checkpointing_steps", 3, "--learning_rate", "1e-2", "--lr_scheduler", "linear", "--lr_warmup_steps", 1,
-            "--seed", 3, "--method", "ether+", "--n_blocks", 2, "--report_to", "none", *extra]
+            "--seed", 3, *method, "--report_to", "none", *extra]
 
 
 def same_tensors(a, b) -> bool:
@@ -73,9 +73,9 @@ def test_a_two_process_checkpoint_is_not_resumed_on_one_process(dreambooth_runs,
 @pytest.mark.user_error("a learning rate so high that training diverges (LoRA at 1e4)", tool="train_dreambooth.py")
 def test_a_diverged_step_stops_both_processes_and_keeps_what_came_before(subject, tmp_path):
     out = tmp_path / "o"
-    proc = torchrun("train_dreambooth.py", *dreambooth_args(subject, "--output_dir", out, "--method", "lora",
-                                                            "--learning_rate", "1e4", "--checkpointing_steps", 1,
-                                                            "--max_train_steps", 8), check=False)
+    proc = torchrun("train_dreambooth.py", *dreambooth_args(subject, "--output_dir", out, "--learning_rate", "1e4",
+                                                            "--checkpointing_steps", 1, "--max_train_steps", 8,
+                                                            method=("--method", "lora")), check=False)
     assert proc.returncode != 0
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error: training diverged at step ")]
     assert errors and len(set(errors)) == 1, proc.stderr[-3000:]  # each process that printed, the same line
