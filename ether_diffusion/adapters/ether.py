@@ -235,15 +235,22 @@ def reflect_plus(x: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> torch.Ten
 
 
 @torch.no_grad()
-def _side_transform(x, vectors):
-    # The forward's input side on its own (for merging): the same layout and kernels.
+def side_matrices(vectors, dtype) -> tuple[_Blocks, torch.Tensor, torch.Tensor, float]:
+    """One side without autograd: (layout, C, A, alpha) with `x H = x + alpha (C x^T)^T A` per block, C and A
+    in the layout's matrices. For merging and for per-sample adapters in one batch (`adapter_batch`)."""
     n, k = vectors[0].shape
     side = _Blocks(n, k, len(vectors))
-    a, _, _ = side.unit_rows(vectors, x.dtype)
-    c = a if len(vectors) == 1 else side.matrices(a * torch.tensor([[-1.0], [1.0]], dtype=x.dtype, device=x.device))
-    a = side.matrices(a)
-    x2 = x.reshape(-1, n * k)
-    return side.reflect(x2, side.mm(c, side.view(x2).mT), a, -2.0 if len(vectors) == 1 else 1.0).view(x.shape)
+    a, _, _ = side.unit_rows(vectors, dtype)
+    c = a if len(vectors) == 1 else side.matrices(a * torch.tensor([[-1.0], [1.0]], dtype=dtype, device=a.device))
+    return side, c, side.matrices(a), -2.0 if len(vectors) == 1 else 1.0
+
+
+@torch.no_grad()
+def _side_transform(x, vectors):
+    # The forward's input side on its own (for merging): the same layout and kernels.
+    side, c, a, alpha = side_matrices(vectors, x.dtype)
+    x2 = x.reshape(-1, side.n * side.k)
+    return side.reflect(x2, side.mm(c, side.view(x2).mT), a, alpha).view(x.shape)
 
 
 def dense_blocks(u: torch.Tensor, v: torch.Tensor | None = None, dtype=torch.float64) -> torch.Tensor:

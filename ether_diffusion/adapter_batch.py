@@ -1,0 +1,287 @@
+"""Several adapters in one pipeline, one per sample: many subjects (or users) in one batch.
+
+    pipe = load_pipeline("builtin:toy-sd", adapters={"dog": "dog/adapter.safetensors", "cat": "cat/adapter.safetensors"})
+    images = generate(pipe, ["a qwe dog", "a qwe cat"], ["dog", "cat"], seeds=[0, 0], num_images_per_prompt=4).images
+
+Every adapted Linear becomes a `MixedAdapterLinear`: the frozen base Linear, shared by the whole batch, and
+the K adapters' tensors stacked. A call picks, per sample, which of the K runs on it: ETHER and ETHER+ reflect
+each sample's activations with its own vectors (batched matmuls over the samples, O(d) per token), OFT and
+Naive multiply them by its own blocks, LoRA adds its own low-rank term, HRA applies its own reflections;
+the GEMM with the frozen weight runs once for all. PEFT's `adapter_names=` does this for LoRA only, by a loop
+over sub-batches and an argument that diffusers' UNet does not pass down to its layers, so LoRA and HRA get
+their per-sample forward here too, computed from PEFT's own parameters.
+
+Which adapter runs on which sample: `AdapterBatch.route(names)` with one name per sample of the pipeline's
+batch (prompt-major: prompt i's `num_images_per_prompt` images in a row). Diffusers runs classifier-free
+guidance as one UNet batch [unconditional..., conditional...] of twice that size, so a UNet batch that is a
+multiple of the route repeats it: each sample's guidance twin goes through the same adapter.
+
+`generate` draws each prompt's initial noise from its own seed exactly as a one-adapter call
+`pipe(prompt, num_images_per_prompt=m, generator=torch.Generator("cpu").manual_seed(seed))` draws it, so a
+batch gives, sample by sample, the images of one-adapter-at-a-time runs (up to float rounding; for the
+deterministic samplers the pipelines use: PNDM, DDIM, DPM-Solver++; a sampler that draws noise in its steps
+draws it for the whole batch).
+"""
+import contextlib
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .adapter_file import config_difference, config_from_metadata, is_adapter_file, load_adapter, read_adapter_metadata
+from .adapter_file import read_safetensors_metadata
+from .adapters import adapter_config_of, base_layer_of, remove_adapters
+from .adapters.ether import side_matrices
+from .errors import UserError
+
+
+class AdapterBatch:
+    """The adapters of one UNet by name, and which of them runs on which sample during a call."""
+
+    def __init__(self, names, config):
+        self.names = list(names)
+        self.config = config  # what every adapter here shares: method, n_blocks or rank, target layers
+        self._route = None
+        self._index = {}  # (batch size, device) -> per-sample adapter index, built once per call
+
+    @contextlib.contextmanager
+    def route(self, names):
+        """Run sample i of every UNet call inside the block through adapter `names[i]`."""
+        unknown = [name for name in names if name not in self.names]
+        if unknown:
+            raise UserError(f"no adapter named {unknown[0]!r} is loaded (loaded: {', '.join(self.names)})")
+        self._route = torch.tensor([self.names.index(name) for name in names])
+        self._index = {}
+        try:
+            yield
+        finally:
+            self._route, self._index = None, {}
+
+    def index_for(self, batch_size: int, device) -> torch.Tensor:
+        if self._route is None:
+            raise RuntimeError("a UNet with several adapters runs inside AdapterBatch.route (adapter_batch.generate)")
+        key = (batch_size, str(device))
+        if key not in self._index:
+            n = len(self._route)
+            if batch_size % n:
+                raise RuntimeError(f"a batch of {batch_size} samples, but the route names {n}")
+            # Classifier-free guidance: [unconditional..., conditional...], each half in the route's order.
+            self._index[key] = self._route.repeat(batch_size // n).to(device)
+        return self._index[key]
+
+
+# ---------------------------------------------------------------------------------------------- per-sample forwards
+# Each takes the batch as (samples, tokens, in), the base Linear and the per-sample adapter index, and computes
+# what each adapter's own layer computes on its samples. Tensors are stacked over the K adapters once, at load.
+
+def _reflect(x, c, a, alpha):
+    """`x H` per sample: `x + alpha (x C^T) A` per block, C and A (samples, groups, g r, g k) in ether's layout."""
+    c, a = c.to(x.dtype), a.to(x.dtype)
+    if c.shape[1] == 1:  # one block (or one group): two batched matmuls over the samples
+        return torch.baddbmm(x, torch.bmm(x, c[:, 0].mT), a[:, 0], alpha=alpha)
+    xb = x.unflatten(-1, (c.shape[1], -1))
+    p = torch.einsum("btgk,bgik->btgi", xb, c)
+    return torch.einsum("btgi,bgik->btgk", p, a).mul_(alpha).add_(xb).flatten(-2)
+
+
+def _stacked_sides(vectors_per_adapter):
+    """(C, A, alpha) of one side for every adapter, stacked: (K, groups, g r, g k)."""
+    sides = [side_matrices(vectors, torch.float32) for vectors in vectors_per_adapter]
+
+    def as_groups(m):
+        return m[None] if m.dim() == 2 else m
+
+    return (torch.stack([as_groups(c) for _, c, _, _ in sides]), torch.stack([as_groups(a) for _, _, a, _ in sides]),
+            sides[0][3])
+
+
+class _Reflections(nn.Module):
+    """ETHER (input side) and ETHER+ (both sides): `y = ((x H) W^T) H~ + b` with each sample's H and H~."""
+
+    def __init__(self, layers):
+        super().__init__()
+        r = 2 if layers[0].plus else 1
+        self.plus = layers[0].plus
+        c, a, self.alpha = _stacked_sides([layer.vectors()[:r] for layer in layers])
+        self.register_buffer("c_in", c)
+        self.register_buffer("a_in", a)
+        if self.plus:
+            c, a, _ = _stacked_sides([layer.vectors()[r:] for layer in layers])
+            self.register_buffer("c_out", c)
+            self.register_buffer("a_out", a)
+
+    def forward(self, x, base, index):
+        x = _reflect(x, self.c_in[index], self.a_in[index], self.alpha)
+        if not self.plus:
+            return F.linear(x, base.weight, base.bias)
+        y = _reflect(F.linear(x, base.weight), self.c_out[index], self.a_out[index], self.alpha)
+        return y if base.bias is None else y.add_(base.bias)  # the output side does not see the bias
+
+
+class _BlockMatrices(nn.Module):
+    """OFT and Naive: `y = (x M^T) W^T + b` with each sample's block-diagonal M (as `BlockDiagonalLinear`)."""
+
+    def __init__(self, layers):
+        super().__init__()
+        self.register_buffer("blocks", torch.stack([layer.block_matrices().detach().float() for layer in layers]))
+
+    def forward(self, x, base, index):
+        m = self.blocks[index].to(x.dtype)
+        x = torch.einsum("btnj,bnij->btni", x.unflatten(-1, (m.shape[1], -1)), m).flatten(-2)
+        return F.linear(x, base.weight, base.bias)
+
+
+class _LowRank(nn.Module):
+    """LoRA (PEFT's layer, adapter "default"): `y = x W^T + b + s (x A^T) B^T` with each sample's A, B, s."""
+
+    def __init__(self, layers):
+        super().__init__()
+        self.register_buffer("down", torch.stack([layer.lora_A["default"].weight.detach().float() for layer in layers]))
+        self.register_buffer("up", torch.stack([layer.lora_B["default"].weight.detach().float() * layer.scaling["default"]
+                                                for layer in layers]))
+
+    def forward(self, x, base, index):
+        y = F.linear(x, base.weight, base.bias)
+        return torch.baddbmm(y, torch.bmm(x, self.down[index].to(x.dtype).mT), self.up[index].to(x.dtype).mT)
+
+
+class _Householder(nn.Module):
+    """HRA (PEFT's layer, adapter "default"): `W' = W R`, R = H_0 H_1 ... H_{r-1}, so `x R^T` reflects x by
+    H_{r-1} first. With Gram-Schmidt (`apply_GS`), R = I - 2 Q Q^T with orthonormal Q: one reflection of rank r."""
+
+    def __init__(self, layers):
+        super().__init__()
+        self.gram_schmidt = layers[0].hra_apply_GS["default"]
+        rows = []
+        for layer in layers:
+            u = layer.hra_u["default"].detach().float()  # (in, r)
+            # Q Q^T is the projection onto the vectors' span: any orthonormal basis of it gives the same R.
+            rows.append(torch.linalg.qr(u).Q.T if self.gram_schmidt else (u / u.norm(dim=0)).T)
+        self.register_buffer("rows", torch.stack(rows))  # (K, r, in)
+
+    def forward(self, x, base, index):
+        u = self.rows[index].to(x.dtype)
+        if self.gram_schmidt:
+            x = torch.baddbmm(x, torch.bmm(x, u.mT), u, alpha=-2)
+        else:
+            for i in reversed(range(u.shape[1])):
+                ui = u[:, i:i + 1]
+                x = torch.baddbmm(x, torch.bmm(x, ui.mT), ui, alpha=-2)
+        return F.linear(x, base.weight, base.bias)
+
+
+PER_SAMPLE = {"ether": _Reflections, "ether+": _Reflections, "oft": _BlockMatrices, "naive": _BlockMatrices,
+              "lora": _LowRank, "hra": _Householder}
+
+
+class MixedAdapterLinear(nn.Module):
+    """A frozen Linear with K adapters, one chosen per sample (`AdapterBatch.route`). Inference only."""
+
+    def __init__(self, base_layer: nn.Linear, adapters: nn.Module, batch: AdapterBatch):
+        super().__init__()
+        self.base_layer = base_layer
+        self.adapters = adapters
+        self.batch = batch  # a plain object: shared by every layer of the UNet, not a submodule
+
+    @property
+    def weight(self):
+        return self.base_layer.weight
+
+    @property
+    def bias(self):
+        return self.base_layer.bias
+
+    def forward(self, x):
+        index = self.batch.index_for(x.shape[0], x.device)
+        y = self.adapters(x.reshape(x.shape[0], -1, x.shape[-1]), self.base_layer, index)
+        return y.view(*x.shape[:-1], y.shape[-1])
+
+
+# ---------------------------------------------------------------------------------------------- loading
+def adapter_batch_of(unet: nn.Module) -> AdapterBatch | None:
+    return getattr(unet, "adapter_batch", None)
+
+
+def _checked_config(path: Path, first):
+    """The adapter file's settings, refused (naming it) when it cannot share a batch with the `first` one."""
+    meta = read_safetensors_metadata(path)
+    if not is_adapter_file(meta):
+        raise UserError(f"{path}: several adapters in one batch must be ether-diffusion adapter files, and this is "
+                        "not one (a LoRA file loads alone: adapter=, --adapter PATH)")
+    cfg = config_from_metadata(read_adapter_metadata(path), path)
+    if first is not None:
+        first_path, first_cfg = first
+        difference = config_difference(cfg, first_cfg)
+        if difference:
+            key, got, want = difference
+            raise UserError(f"{path}: adapter has {key}={got!r} but {first_path} has {key}={want!r}; adapters in one "
+                            "batch share the method, its setting and the target layers")
+    return cfg
+
+
+@torch.no_grad()
+def load_adapters(unet: nn.Module, adapters: dict) -> AdapterBatch:
+    """Load the adapter files `{name: path}` into `unet`, each usable per sample (`AdapterBatch.route`).
+    Called again, it replaces the adapters it loaded before. Every file is checked against the first (method,
+    n_blocks or rank, target layers) and against the model (its layers and their sizes) before it is used."""
+    if not adapters:
+        raise UserError("no adapters given")
+    unload_adapters(unet)
+    if adapter_config_of(unet) is not None or getattr(unet, "peft_config", None):
+        raise UserError("the UNet already holds an adapter; load several adapters into a fresh pipeline")
+    first, per_layer = None, {}
+    try:
+        for path in map(Path, adapters.values()):
+            cfg = _checked_config(path, first)
+            first = first or (path, cfg)
+            load_adapter(unet, path)  # injects this file's layers and checks every tensor against the model
+            for name, layer in remove_adapters(unet):
+                per_layer.setdefault(name, []).append(layer)
+    except UserError:
+        remove_adapters(unet)  # a refused file leaves the model as it was
+        raise
+    batch = AdapterBatch(adapters, first[1])
+    per_sample = PER_SAMPLE[first[1].method]
+    for name, layers in per_layer.items():
+        base = base_layer_of(layers[0])
+        unet.set_submodule(name, MixedAdapterLinear(base, per_sample(layers).to(base.weight.device), batch))
+    unet.adapter_batch = batch
+    return batch
+
+
+def unload_adapters(unet: nn.Module) -> None:
+    """Put the plain Linear layers back (no-op for a UNet without several adapters)."""
+    if adapter_batch_of(unet) is None:
+        return
+    for name, module in list(unet.named_modules()):
+        if isinstance(module, MixedAdapterLinear):
+            unet.set_submodule(name, module.base_layer)
+    del unet.adapter_batch
+
+
+# ---------------------------------------------------------------------------------------------- sampling
+def initial_noise(pipe, seed: int, num_images: int, height: int, width: int) -> torch.Tensor:
+    """The latents `pipe(..., num_images_per_prompt=num_images, generator=Generator("cpu").manual_seed(seed))`
+    starts from (before the scheduler's `init_noise_sigma`, which the pipeline applies to given latents too)."""
+    from diffusers.utils.torch_utils import randn_tensor
+
+    shape = (num_images, pipe.unet.config.in_channels, height // pipe.vae_scale_factor, width // pipe.vae_scale_factor)
+    return randn_tensor(shape, generator=torch.Generator("cpu").manual_seed(seed), device=pipe._execution_device,
+                        dtype=pipe.text_encoder.dtype)
+
+
+def generate(pipe, prompts, adapter_names, seeds, num_images_per_prompt: int = 1, height=None, width=None, **kwargs):
+    """One pipeline call: prompt i through adapter `adapter_names[i]`, its images from `seeds[i]`. Returns the
+    pipeline's output (images prompt-major), sample by sample what the adapter alone gives with that seed."""
+    batch = adapter_batch_of(pipe.unet)
+    if batch is None:
+        raise UserError("the pipeline holds no named adapters (load_pipeline(model, adapters={name: path}))")
+    if not len(prompts) == len(adapter_names) == len(seeds):
+        raise ValueError(f"{len(prompts)} prompts, {len(adapter_names)} adapter names and {len(seeds)} seeds")
+    default = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    height, width = height or default, width or default
+    latents = torch.cat([initial_noise(pipe, seed, num_images_per_prompt, height, width) for seed in seeds])
+    with batch.route([name for name in adapter_names for _ in range(num_images_per_prompt)]):
+        return pipe(list(prompts), num_images_per_prompt=num_images_per_prompt, height=height, width=width,
+                    latents=latents, **kwargs)
