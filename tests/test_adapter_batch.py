@@ -9,6 +9,7 @@ from ether_diffusion.adapter_batch import adapter_batch_of, generate, load_adapt
 from ether_diffusion.adapters import adapter_state_dict
 from ether_diffusion.errors import UserError
 from ether_diffusion.pipelines import apply_adapter, load_pipeline
+from user_errors import refused
 
 TINY = "builtin:tiny-sd"
 PROMPTS = ["a photo of qwe toy", "a qwe toy on the beach", "a red qwe toy"]
@@ -93,12 +94,14 @@ def test_reloading_replaces_the_adapters_and_the_layers_come_back(tiny_unet, tmp
     assert all(type(m).__name__ != "MixedAdapterLinear" for m in pipe.unet.modules())
 
 
+@pytest.mark.user_error("adapters that cannot share a batch: another method, n_blocks, target layers or base model, "
+                        "or a LoRA file", tool="Python API (load_pipeline(adapters=))")
 def test_adapters_that_cannot_share_a_batch_are_refused_naming_the_file(tiny_unet, tmp_path):
     dog = trained_adapter(tiny_unet, tmp_path / "dog.safetensors", 0, method="ether+")
     pipe = load_pipeline(TINY)
 
     def refused(other, message):
-        with pytest.raises(UserError) as e:
+        with refused() as e:
             load_adapters(pipe.unet, {"dog": dog, "other": other})
         assert str(e.value).startswith(f"{other}: ") and message in str(e.value)
         assert adapter_batch_of(pipe.unet) is None and not hasattr(pipe.unet, "ether_adapter_config")
