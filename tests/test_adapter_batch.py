@@ -100,29 +100,29 @@ def test_adapters_that_cannot_share_a_batch_are_refused_naming_the_file(tiny_une
     dog = trained_adapter(tiny_unet, tmp_path / "dog.safetensors", 0, method="ether+")
     pipe = load_pipeline(TINY)
 
-    def refused(other, message):
+    def refuses(other, message):
         with refused() as e:
             load_adapters(pipe.unet, {"dog": dog, "other": other})
         assert str(e.value).startswith(f"{other}: ") and message in str(e.value)
         assert adapter_batch_of(pipe.unet) is None and not hasattr(pipe.unet, "ether_adapter_config")
 
-    refused(trained_adapter(tiny_unet, tmp_path / "lora.safetensors", 1, method="lora"),
+    refuses(trained_adapter(tiny_unet, tmp_path / "lora.safetensors", 1, method="lora"),
             f"adapter has method='lora' but {dog} has method='ether+'")
-    refused(trained_adapter(tiny_unet, tmp_path / "n2.safetensors", 1, method="ether+", n_blocks=2),
+    refuses(trained_adapter(tiny_unet, tmp_path / "n2.safetensors", 1, method="ether+", n_blocks=2),
             "adapter has n_blocks=2")
-    refused(trained_adapter(tiny_unet, tmp_path / "q.safetensors", 1, method="ether+", target_modules=["to_q"]),
+    refuses(trained_adapter(tiny_unet, tmp_path / "q.safetensors", 1, method="ether+", target_modules=["to_q"]),
             "adapter has target_modules=['to_q']")
     # another base model: the same layers with other widths
     from diffusers import UNet2DConditionModel
 
     other_model = UNet2DConditionModel.from_config({**tiny_unet.config, "cross_attention_dim": 16})
-    refused(trained_adapter(other_model, tmp_path / "other-model.safetensors", 1, method="ether+"), "shape")
+    refuses(trained_adapter(other_model, tmp_path / "other-model.safetensors", 1, method="ether+"), "shape")
     # a LoRA file exported from an adapter loads alone (adapter=), not in a batch
     lora_file = tmp_path / "exported.safetensors"
     from safetensors.torch import save_file
 
     save_file({"unet.x.lora_A.weight": torch.zeros(1, 1)}, str(lora_file))
-    refused(lora_file, "must be ether-diffusion adapter files")
+    refuses(lora_file, "must be ether-diffusion adapter files")
     # the pipeline still works with good adapters afterwards
     load_adapters(pipe.unet, {"dog": dog})
     assert adapter_batch_of(pipe.unet).names == ["dog"]
