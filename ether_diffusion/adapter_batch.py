@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 from .adapter_file import config_difference, config_from_metadata, is_adapter_file, load_adapter, read_adapter_metadata
 from .adapter_file import read_safetensors_metadata
-from .adapters import adapter_config_of, base_layer_of, remove_adapters
+from .adapters import AdapterConfig, adapter_config_of, base_layer_of, remove_adapters
 from .adapters.ether import side_matrices
 from .errors import UserError
 
@@ -220,6 +220,15 @@ def _checked_config(path: Path, first):
     return cfg
 
 
+def check_batchable(paths) -> AdapterConfig:
+    """The shared settings of adapter files that can run in one batch; `UserError` names the first that cannot."""
+    first = None
+    for path in map(Path, paths):
+        config = _checked_config(path, first)
+        first = first or (path, config)
+    return first[1]
+
+
 @torch.no_grad()
 def load_adapters(unet: nn.Module, adapters: dict) -> AdapterBatch:
     """Load the adapter files `{name: path}` into `unet`, each usable per sample (`AdapterBatch.route`).
@@ -230,19 +239,17 @@ def load_adapters(unet: nn.Module, adapters: dict) -> AdapterBatch:
     unload_adapters(unet)
     if adapter_config_of(unet) is not None or getattr(unet, "peft_config", None):
         raise UserError("the UNet already holds an adapter; load several adapters into a fresh pipeline")
-    first, per_layer = None, {}
+    config, per_layer = check_batchable(adapters.values()), {}
     try:
-        for path in map(Path, adapters.values()):
-            cfg = _checked_config(path, first)
-            first = first or (path, cfg)
+        for path in adapters.values():
             load_adapter(unet, path)  # injects this file's layers and checks every tensor against the model
             for name, layer in remove_adapters(unet):
                 per_layer.setdefault(name, []).append(layer)
     except UserError:
         remove_adapters(unet)  # a refused file leaves the model as it was
         raise
-    batch = AdapterBatch(adapters, first[1])
-    per_sample = PER_SAMPLE[first[1].method]
+    batch = AdapterBatch(adapters, config)
+    per_sample = PER_SAMPLE[config.method]
     for name, layers in per_layer.items():
         base = base_layer_of(layers[0])
         unet.set_submodule(name, MixedAdapterLinear(base, per_sample(layers).to(base.weight.device), batch))

@@ -87,7 +87,7 @@ def test_the_adapter_changes_the_samples_and_a_seed_repeats_them(adapter, tmp_pa
 
 
 def pixels(path):
-    return torch.from_numpy(np.asarray(Image.open(path).convert("RGB"))).short()
+    return torch.from_numpy(np.array(Image.open(path).convert("RGB"))).short()
 
 
 def test_several_named_adapters_give_each_adapters_own_rows(adapter, other_adapter, tmp_path):
