@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from .adapter_file import config_difference, config_from_metadata, is_adapter_file, load_adapter, read_adapter_metadata
 from .adapter_file import read_safetensors_metadata
 from .adapters import AdapterConfig, adapter_config_of, base_layer_of, remove_adapters
-from .adapters.ether import side_matrices
+from .adapters.ether import block_rows
 from .errors import UserError
 
 
@@ -73,27 +73,12 @@ class AdapterBatch:
 
 # ---------------------------------------------------------------------------------------------- per-sample forwards
 # Each takes the batch as (samples, tokens, in), the base Linear and the per-sample adapter index, and computes
-# what each adapter's own layer computes on its samples. Tensors are stacked over the K adapters once, at load.
+# what each adapter's own layer computes on its samples. Tensors are stacked over the K adapters once, at load,
+# and gathered per sample in every call (a few KB for ETHER), so every step is one batched matmul over samples.
 
-def _reflect(x, c, a, alpha):
-    """`x H` per sample: `x + alpha (x C^T) A` per block, C and A (samples, groups, g r, g k) in ether's layout."""
-    c, a = c.to(x.dtype), a.to(x.dtype)
-    if c.shape[1] == 1:  # one block (or one group): two batched matmuls over the samples
-        return torch.baddbmm(x, torch.bmm(x, c[:, 0].mT), a[:, 0], alpha=alpha)
-    xb = x.unflatten(-1, (c.shape[1], -1))
-    p = torch.einsum("btgk,bgik->btgi", xb, c)
-    return torch.einsum("btgi,bgik->btgk", p, a).mul_(alpha).add_(xb).flatten(-2)
-
-
-def _stacked_sides(vectors_per_adapter):
-    """(C, A, alpha) of one side for every adapter, stacked: (K, groups, g r, g k)."""
-    sides = [side_matrices(vectors, torch.float32) for vectors in vectors_per_adapter]
-
-    def as_groups(m):
-        return m[None] if m.dim() == 2 else m
-
-    return (torch.stack([as_groups(c) for _, c, _, _ in sides]), torch.stack([as_groups(a) for _, _, a, _ in sides]),
-            sides[0][3])
+def _reflect(x, c, a, alpha, out=None):
+    """`x H` per sample, `x + alpha (x C^T) A`, C and A (samples, n r, in) block-diagonal (`ether.block_rows`)."""
+    return torch.baddbmm(x, torch.bmm(x, c.to(x.dtype).mT), a.to(x.dtype), alpha=alpha, out=out)
 
 
 class _Reflections(nn.Module):
@@ -101,22 +86,27 @@ class _Reflections(nn.Module):
 
     def __init__(self, layers):
         super().__init__()
-        r = 2 if layers[0].plus else 1
         self.plus = layers[0].plus
-        c, a, self.alpha = _stacked_sides([layer.vectors()[:r] for layer in layers])
-        self.register_buffer("c_in", c)
-        self.register_buffer("a_in", a)
-        if self.plus:
-            c, a, _ = _stacked_sides([layer.vectors()[r:] for layer in layers])
-            self.register_buffer("c_out", c)
-            self.register_buffer("a_out", a)
+        r = 2 if self.plus else 1
+        for side, vectors in (("in", lambda layer: layer.vectors()[:r]), ("out", lambda layer: layer.vectors()[r:])):
+            if side == "out" and not self.plus:
+                break
+            sides = [block_rows(vectors(layer)) for layer in layers]
+            self.alpha = sides[0][2]
+            self.register_buffer(f"c_{side}", torch.stack([c for c, _, _ in sides]))
+            self.register_buffer(f"a_{side}", torch.stack([a for _, a, _ in sides]))
 
     def forward(self, x, base, index):
         x = _reflect(x, self.c_in[index], self.a_in[index], self.alpha)
+        y = F.linear(x, base.weight, base.bias)
         if not self.plus:
-            return F.linear(x, base.weight, base.bias)
-        y = _reflect(F.linear(x, base.weight), self.c_out[index], self.a_out[index], self.alpha)
-        return y if base.bias is None else y.add_(base.bias)  # the output side does not see the bias
+            return y
+        # The output side must not see the bias: C~ (y - b)^T, with C~ b once per sample rather than y - b.
+        c = self.c_out[index].to(y.dtype)
+        p = torch.bmm(y, c.mT)
+        if base.bias is not None:
+            p.sub_((c @ base.bias)[:, None])
+        return torch.baddbmm(y, p, self.a_out[index].to(y.dtype), alpha=self.alpha, out=y)
 
 
 class _BlockMatrices(nn.Module):
@@ -147,27 +137,45 @@ class _LowRank(nn.Module):
 
 
 class _Householder(nn.Module):
-    """HRA (PEFT's layer, adapter "default"): `W' = W R`, R = H_0 H_1 ... H_{r-1}, so `x R^T` reflects x by
-    H_{r-1} first. With Gram-Schmidt (`apply_GS`), R = I - 2 Q Q^T with orthonormal Q: one reflection of rank r."""
+    """HRA (PEFT's layer, adapter "default", without Gram-Schmidt as `methods` configures it): `W' = W R` with
+    R = H_0 H_1 ... H_{r-1}, H_i = I - 2 u_i u_i^T (unit u_i), so the input is multiplied by R^T = H_{r-1} ... H_0
+    = I + U M U^T, U = [u_0 ... u_{r-1}] and M a small r x r matrix: `x R^T = x + ((x U) M) U^T`, two passes over
+    x whatever r is, instead of one per reflection. With more tokens than input features, each sample's
+    W R = W + ((W U) M^T) U^T is built instead (what PEFT's layer does, per adapter in the batch) and the GEMM
+    runs per sample: the same FLOPs as the shared one, and no pass over x (measured: benchmarks/adapter_batch.py)."""
 
     def __init__(self, layers):
         super().__init__()
-        self.gram_schmidt = layers[0].hra_apply_GS["default"]
-        rows = []
+        if any(layer.hra_apply_GS["default"] for layer in layers):
+            raise UserError("HRA adapters with Gram-Schmidt (apply_GS) are not supported in one batch")
+        rows, cores = [], []
         for layer in layers:
-            u = layer.hra_u["default"].detach().float()  # (in, r)
-            # Q Q^T is the projection onto the vectors' span: any orthonormal basis of it gives the same R.
-            rows.append(torch.linalg.qr(u).Q.T if self.gram_schmidt else (u / u.norm(dim=0)).T)
+            u = layer.hra_u["default"].detach().double()
+            u = u / u.norm(dim=0)  # (in, r), unit columns
+            rows.append(u.T.float())
+            cores.append(self._core(u).float())
         self.register_buffer("rows", torch.stack(rows))  # (K, r, in)
+        self.register_buffer("core", torch.stack(cores))  # (K, r, r)
+
+    @staticmethod
+    def _core(u):
+        """M, built from I (M = 0) by multiplying I + U M U^T by H_i on the right for i = r-1 down to 0:
+        (I + U M U^T)(I - 2 u_i u_i^T) = I + U (M - 2 (e_i + M G e_i) e_i^T) U^T, with G = U^T U."""
+        gram, r = u.T @ u, u.shape[1]
+        m, eye = torch.zeros(r, r, dtype=u.dtype), torch.eye(r, dtype=u.dtype)
+        for i in reversed(range(r)):
+            m = m - 2 * torch.outer(eye[i] + m @ gram[:, i], eye[i])
+        return m
 
     def forward(self, x, base, index):
+        if x.shape[1] >= base.in_features:
+            present, per_sample = index.unique(return_inverse=True)
+            u, w = self.rows[present].to(x.dtype), base.weight[None]
+            weights = torch.baddbmm(w, torch.bmm(w @ u.mT, self.core[present].to(x.dtype).mT), u)[per_sample]
+            y = torch.bmm(x, weights.mT)
+            return y if base.bias is None else y.add_(base.bias)
         u = self.rows[index].to(x.dtype)
-        if self.gram_schmidt:
-            x = torch.baddbmm(x, torch.bmm(x, u.mT), u, alpha=-2)
-        else:
-            for i in reversed(range(u.shape[1])):
-                ui = u[:, i:i + 1]
-                x = torch.baddbmm(x, torch.bmm(x, ui.mT), ui, alpha=-2)
+        x = torch.baddbmm(x, torch.bmm(torch.bmm(x, u.mT), self.core[index].to(x.dtype)), u)
         return F.linear(x, base.weight, base.bias)
 
 

@@ -235,22 +235,32 @@ def reflect_plus(x: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> torch.Ten
 
 
 @torch.no_grad()
-def side_matrices(vectors, dtype) -> tuple[_Blocks, torch.Tensor, torch.Tensor, float]:
-    """One side without autograd: (layout, C, A, alpha) with `x H = x + alpha (C x^T)^T A` per block, C and A
-    in the layout's matrices. For merging and for per-sample adapters in one batch (`adapter_batch`)."""
+def _side_transform(x, vectors):
+    # The forward's input side on its own (for merging): the same layout and kernels.
     n, k = vectors[0].shape
     side = _Blocks(n, k, len(vectors))
-    a, _, _ = side.unit_rows(vectors, dtype)
-    c = a if len(vectors) == 1 else side.matrices(a * torch.tensor([[-1.0], [1.0]], dtype=dtype, device=a.device))
-    return side, c, side.matrices(a), -2.0 if len(vectors) == 1 else 1.0
+    a, _, _ = side.unit_rows(vectors, x.dtype)
+    c = a if len(vectors) == 1 else side.matrices(a * torch.tensor([[-1.0], [1.0]], dtype=x.dtype, device=x.device))
+    a = side.matrices(a)
+    x2 = x.reshape(-1, n * k)
+    return side.reflect(x2, side.mm(c, side.view(x2).mT), a, -2.0 if len(vectors) == 1 else 1.0).view(x.shape)
 
 
 @torch.no_grad()
-def _side_transform(x, vectors):
-    # The forward's input side on its own (for merging): the same layout and kernels.
-    side, c, a, alpha = side_matrices(vectors, x.dtype)
-    x2 = x.reshape(-1, side.n * side.k)
-    return side.reflect(x2, side.mm(c, side.view(x2).mT), a, alpha).view(x.shape)
+def block_rows(vectors) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """One side as (C, A, alpha) with `x H = x + alpha (x C^T) A`: C and A are (n r, n k), row (i, j) holding
+    block i's j-th unit vector in block i's columns (zeros elsewhere), float32. For several adapters in one
+    batch (`adapter_batch`), where one batched matmul over these beats a loop over blocks (measured there)."""
+    n, k = vectors[0].shape
+    r = len(vectors)
+    unit = F.normalize(torch.stack(vectors, 1).float(), dim=-1, eps=_EPS)  # (n, r, k)
+    a = unit.new_zeros(n, r, n, k)
+    a.diagonal(dim1=0, dim2=2).copy_(unit.permute(1, 2, 0))
+    a = a.view(n * r, n * k)
+    if r == 1:
+        return a, a, -2.0
+    sign = torch.tensor([-1.0, 1.0], device=a.device).repeat(n)[:, None]  # ETHER+: C = [-u; v] per block
+    return a * sign, a, 1.0
 
 
 def dense_blocks(u: torch.Tensor, v: torch.Tensor | None = None, dtype=torch.float64) -> torch.Tensor:
