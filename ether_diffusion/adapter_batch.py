@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from .adapter_file import config_difference, config_from_metadata, is_adapter_file, load_adapter, read_adapter_metadata
 from .adapter_file import read_safetensors_metadata
 from .adapters import AdapterConfig, adapter_config_of, base_layer_of, remove_adapters
+from .adapters.base import StandsInForLinear
 from .adapters.ether import block_rows
 from .errors import UserError
 
@@ -183,7 +184,7 @@ PER_SAMPLE = {"ether": _Reflections, "ether+": _Reflections, "oft": _BlockMatric
               "lora": _LowRank, "hra": _Householder}
 
 
-class MixedAdapterLinear(nn.Module):
+class MixedAdapterLinear(StandsInForLinear):
     """A frozen Linear with K adapters, one chosen per sample (`AdapterBatch.route`). Inference only."""
 
     def __init__(self, base_layer: nn.Linear, adapters: nn.Module, batch: AdapterBatch):
@@ -191,14 +192,6 @@ class MixedAdapterLinear(nn.Module):
         self.base_layer = base_layer
         self.adapters = adapters
         self.batch = batch  # a plain object: shared by every layer of the UNet, not a submodule
-
-    @property
-    def weight(self):
-        return self.base_layer.weight
-
-    @property
-    def bias(self):
-        return self.base_layer.bias
 
     def forward(self, x):
         index = self.batch.index_for(x.shape[0], x.device)
@@ -254,7 +247,7 @@ def load_adapters(unet: nn.Module, adapters: dict) -> AdapterBatch:
             for name, layer in remove_adapters(unet):
                 per_layer.setdefault(name, []).append(layer)
     except UserError:
-        remove_adapters(unet)  # a refused file leaves the model as it was
+        remove_adapters(unet)  # a refused file leaves no adapter layer behind
         raise
     batch = AdapterBatch(adapters, config)
     per_sample = PER_SAMPLE[config.method]

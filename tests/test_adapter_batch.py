@@ -16,12 +16,7 @@ PROMPTS = ["a photo of qwe toy", "a qwe toy on the beach", "a red qwe toy"]
 SETTINGS = dict(num_inference_steps=2, output_type="latent")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def trained_adapter(unet, path, seed, **config):

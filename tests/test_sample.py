@@ -24,13 +24,7 @@ TINY = "builtin:tiny-sd"
 SAMPLE = "python -m ether_diffusion.sample"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # The tiny model is much faster on one thread, and on a busy 2-core machine two threads can be 50x slower.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
