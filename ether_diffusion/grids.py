@@ -45,6 +45,21 @@ def sample_grid(pipe, prompts, num_images: int, seed: int = 0, num_inference_ste
     return image_grid([im for row in rows for im in row], rows=len(rows), cols=num_images), rows
 
 
+def sample_subject_grid(pipe, adapter_names, prompts, num_images: int, seed: int = 0, **kwargs):
+    """`sample_grid` for several adapters of one pipeline (`adapter_batch`): a row per adapter and prompt
+    (adapter-major), each the row that adapter alone gives; one batch per prompt holds every adapter's images."""
+    from .adapter_batch import generate
+
+    rows = {}
+    for p, prompt in enumerate(prompts):
+        k = len(adapter_names)
+        images = generate(pipe, [prompt] * k, adapter_names, [seed] * k, num_images_per_prompt=num_images, **kwargs).images
+        for a in range(k):
+            rows[a, p] = images[a * num_images:(a + 1) * num_images]
+    rows = [rows[key] for key in sorted(rows)]
+    return image_grid([im for row in rows for im in row], rows=len(rows), cols=num_images), rows
+
+
 def control_grid(control_images, generated, images_per_map: int = 1) -> Image.Image:
     """One row per map: map | its generated image(s), maps resized (nearest) to the generated size."""
     size = generated[0].size

@@ -4,6 +4,7 @@ from pathlib import Path
 
 import torch
 
+from .adapter_batch import load_adapters
 from .adapter_file import is_adapter_file, load_adapter, read_safetensors_metadata
 from .adapters import adapter_config_of, merge_adapters
 from .builtin import resolve_model_path
@@ -20,19 +21,25 @@ def model_load_errors(name: str):
         raise UserError(f"cannot load the model {name!r}: {first_line(e)}") from None
 
 
-def load_pipeline(model: str, adapter=None, device="cpu", torch_dtype=torch.float32, merge: bool = False):
+def load_pipeline(model: str, adapter=None, device="cpu", torch_dtype=torch.float32, merge: bool = False,
+                  adapters: dict | None = None):
     """A stock diffusers `StableDiffusionPipeline` from a hub id, a folder or a `builtin:` model, with the
     adapter (an adapter file or a LoRA file exported from one, see `apply_adapter`) on its UNet. `merge=True`
     folds it into the weights (faster sampling, and the pipeline is then plain diffusers: `save_pretrained`
-    writes a normal folder)."""
+    writes a normal folder). Or `adapters={name: adapter file}`: several, one chosen per prompt in
+    `adapter_batch.generate`."""
     from diffusers import StableDiffusionPipeline  # diffusers imports in seconds: only when a model loads
 
+    if adapters is not None and (adapter is not None or merge):
+        raise UserError("adapters= loads several adapters, one per sample: not with adapter= or merge=True")
     path = resolve_model_path(model)
     with model_load_errors(model):
         pipe = StableDiffusionPipeline.from_pretrained(path, dtype=torch_dtype, safety_checker=None,
                                                        requires_safety_checker=False)
     if adapter is not None:
         apply_adapter(pipe, adapter, merge=merge)
+    if adapters is not None:
+        load_adapters(pipe.unet, adapters)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
 

@@ -8,6 +8,8 @@
 Jobs are the (subject, prompt) pairs of the protocol (30 x 25 = 750). They are split across processes;
 images land in `OUT/<subject>/<prompt_idx>/NN.png` and a rerun skips the jobs whose images all exist.
 Each job's seed depends only on the job, so splits and resumed runs draw the same images.
+`--subjects_per_batch K` denoises the jobs of K subjects in one batch, each sample through its own adapter
+(`ether_diffusion.adapter_batch`): the same images (up to float rounding), in fewer calls.
 Once every process is done, the main process scores all images (DINO, CLIP-I, CLIP-T, LPIPS real-vs-generated
 and LPIPS diversity within a prompt; all-black images are skipped and counted) and writes
 `metrics.json`, `per_subject.csv`, `per_prompt.csv`, `summary.md` and `grids/<subject>.png`.
@@ -17,13 +19,14 @@ Averaging follows the OFT evaluation code the paper reused: DINO, CLIP-I and LPI
 averages over the pairs of images generated for the same prompt.
 """
 import csv
+import itertools
 import json
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-from ether_diffusion import checks
+from ether_diffusion import adapter_batch, checks
 from ether_diffusion.adapter_file import is_adapter_file, read_adapter_metadata, read_safetensors_metadata
 from ether_diffusion.devices import TORCH_DTYPES
 from ether_diffusion.errors import ArgumentParser, UserError, run_cli
@@ -59,6 +62,10 @@ def parse_args(argv=None):
     parser.add_argument("--num_inference_steps", type=int, default=50)
     parser.add_argument("--guidance_scale", type=float, default=7.5)
     parser.add_argument("--resolution", type=int, default=None, help="default: the model's own (512 for SD-1.5)")
+    parser.add_argument("--subjects_per_batch", type=int, default=1,
+                        help="generate the jobs of this many adapters (subjects) in one batch, each sample through its "
+                             "own adapter (ether_diffusion.adapter_batch): the same images, fewer, larger batches; "
+                             "needs adapter files of one method and setting")
     parser.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default="no", help="dtype for generation")
     parser.add_argument("--subjects", default=None, help="comma-separated subset of subjects (default: all)")
     parser.add_argument("--prompts", default=None, help="comma-separated subset of prompt indices (default: all 25)")
@@ -73,7 +80,7 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
 
     harness.check_common_args(args)
-    checks.at_least(args, 1, "images_per_prompt")
+    checks.at_least(args, 1, "images_per_prompt", "subjects_per_batch")
     checks.at_least(args, 32, "lpips_resolution")  # the smallest input LPIPS' AlexNet trunk accepts
     if not args.skip_generation:
         if args.pretrained_model_name_or_path is None:
@@ -107,7 +114,8 @@ def is_done(output_dir: Path, job, count: int) -> bool:
 
 # ---------------------------------------------------------------------------------------------- generation
 def generate(args, jobs, adapters, accelerator):
-    """Generate the jobs not done yet, split across processes. Returns how many this process generated."""
+    """Generate the jobs not done yet, split across processes. Returns how many this process generated.
+    Batches hold the jobs of `--subjects_per_batch` adapters, one job of each."""
     output_dir = Path(args.output_dir)
     # Jobs sharing an adapter stay together, so each process loads each adapter once.
     jobs = sorted(jobs, key=lambda job: (str(adapters[(job.subject, job.prompt_index)]), job.subject, job.prompt_index))
@@ -118,25 +126,52 @@ def generate(args, jobs, adapters, accelerator):
     pipe = load_pipeline(args.pretrained_model_name_or_path, device=accelerator.device,
                          torch_dtype=TORCH_DTYPES[args.mixed_precision])
     size = args.resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
-    log_path = output_dir / GENERATION_LOG
+    settings = dict(num_images_per_prompt=args.images_per_prompt, height=size, width=size,
+                    num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale)
+    plan = [(group, batch) for group in adapter_groups(my_jobs, adapters, args.subjects_per_batch)
+            for batch in batches_of(group, my_jobs, adapters)]
     loaded = None
-    for job in tqdm(my_jobs, desc=f"jobs (process {accelerator.process_index})", disable=not accelerator.is_local_main_process):
-        adapter = adapters[(job.subject, job.prompt_index)]
-        if adapter != loaded:
-            # An adapter file of the same method and layers reuses the wrappers; a LoRA file replaces the last one.
-            apply_adapter(pipe, adapter)
-            loaded = adapter
-        seed = harness.item_seed(args.seed, job.key)
-        images = pipe(job.prompt(args.token), num_images_per_prompt=args.images_per_prompt, height=size, width=size,
-                      num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
-                      generator=torch.Generator("cpu").manual_seed(seed)).images
-        for image, path in zip(images, image_paths(output_dir, job, args.images_per_prompt)):
-            save_image(image, path)  # complete or absent: a partial PNG never counts as done
-        # One short line per job, appended (atomic for small writes): which process, seed and adapter made it.
-        with open(log_path, "a") as f:
-            f.write(json.dumps({"subject": job.subject, "prompt_index": job.prompt_index, "seed": seed,
-                                "adapter": str(adapter), "process": accelerator.process_index}) + "\n")
+    for group, batch in tqdm(plan, desc=f"batches (process {accelerator.process_index})",
+                             disable=not accelerator.is_local_main_process):
+        if group is not loaded:
+            if args.subjects_per_batch == 1:
+                # An adapter file of the same method and layers reuses the wrappers; a LoRA file replaces the last one.
+                apply_adapter(pipe, group[0])
+            else:
+                adapter_batch.load_adapters(pipe.unet, {str(adapter): adapter for adapter in group})
+            loaded = group
+        seeds = [harness.item_seed(args.seed, job.key) for job in batch]
+        if args.subjects_per_batch == 1:
+            images = pipe(batch[0].prompt(args.token), generator=torch.Generator("cpu").manual_seed(seeds[0]),
+                          **settings).images
+        else:
+            names = [str(adapters[(job.subject, job.prompt_index)]) for job in batch]
+            images = adapter_batch.generate(pipe, [job.prompt(args.token) for job in batch], names, seeds, **settings).images
+        for i, (job, seed) in enumerate(zip(batch, seeds)):
+            save_job(args, job, images[i * args.images_per_prompt:(i + 1) * args.images_per_prompt], seed,
+                     adapters[(job.subject, job.prompt_index)], accelerator.process_index)
     return len(my_jobs)
+
+
+def adapter_groups(jobs, adapters, size: int) -> list[list]:
+    """The jobs' adapters in order of first use, `size` at a time: the adapters loaded together."""
+    used = list(dict.fromkeys(adapters[(job.subject, job.prompt_index)] for job in jobs))
+    return [used[i:i + size] for i in range(0, len(used), size)]
+
+
+def batches_of(group, jobs, adapters) -> list[list]:
+    """The jobs of a group of adapters as batches of jobs with different adapters: the i-th job of each."""
+    per_adapter = [[job for job in jobs if adapters[(job.subject, job.prompt_index)] == adapter] for adapter in group]
+    return [[job for job in row if job is not None] for row in itertools.zip_longest(*per_adapter)]
+
+
+def save_job(args, job, images, seed, adapter, process):
+    for image, path in zip(images, image_paths(Path(args.output_dir), job, args.images_per_prompt)):
+        save_image(image, path)  # complete or absent: a partial PNG never counts as done
+    # One short line per job, appended (atomic for small writes): which process, seed and adapter made it.
+    with open(Path(args.output_dir) / GENERATION_LOG, "a") as f:
+        f.write(json.dumps({"subject": job.subject, "prompt_index": job.prompt_index, "seed": seed,
+                            "adapter": str(adapter), "process": process}) + "\n")
 
 
 # ---------------------------------------------------------------------------------------------- metrics
@@ -288,6 +323,8 @@ def main(argv=None):
     if not args.skip_generation:
         adapters = (adapters_from_manifest(args.manifest, jobs) if args.manifest
                     else adapters_from_dir(args.adapters, jobs, args.adapter_file))
+        if args.subjects_per_batch > 1:  # every file an adapter file of one method and setting
+            adapter_batch.check_batchable(dict.fromkeys(adapters.values()))
         for adapter in set(adapters.values()):  # headers only, before any generation (tensors: as each loads)
             if is_adapter_file(read_safetensors_metadata(adapter)):  # else a LoRA file: diffusers checks it
                 read_adapter_metadata(adapter)

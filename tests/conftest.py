@@ -49,6 +49,16 @@ def pytest_sessionfinish(session):
         user_errors.write_table(os.environ["USER_ERRORS_TABLE"])
 
 
+@pytest.fixture
+def one_thread():
+    """Torch on one thread for the test: the tiny models are much faster so, and on a busy 2-core machine two
+    threads can be 50x slower. Use with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def tiny_sd_path():
     return resolve_model_path("builtin:tiny-sd")

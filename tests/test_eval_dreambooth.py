@@ -254,3 +254,97 @@ def test_a_metric_without_pairs_is_null_and_the_rest_are_numbers(two_process_run
     assert report["metrics"]["lpips_diversity"] is None and report["metrics"]["dino"] is not None
     assert list(report["not_computed"]) == ["lpips_diversity"]
     assert _strict_json(output_dir / "metrics.json")["not_computed"]["lpips_diversity"].startswith("no prompt has two")
+
+
+# ---------------------------------------------------------------------------------------------- --subjects_per_batch
+@pytest.fixture(scope="module")
+def distinct_adapters(setup, _tiny_unet):
+    """An ETHER+ adapter per subject, moved away from the identity differently for each (as training would)."""
+    import copy
+
+    from ether_diffusion.adapters import adapter_state_dict
+
+    root = setup["root"] / "distinct"
+    for seed, subject in enumerate(SUBJECTS):
+        unet = copy.deepcopy(_tiny_unet)
+        inject_adapters(unet, AdapterConfig(method="ether+", n_blocks=4))
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for p in adapter_state_dict(unet).values():
+                p.add_(torch.randn(p.shape, generator=g))
+        save_adapter(unet, root / subject / "adapter.safetensors")
+    return root
+
+
+@pytest.fixture(scope="module")
+def one_at_a_time(setup, distinct_adapters):
+    output_dir = setup["root"] / "one-at-a-time"
+    return output_dir, dreambooth.main(_args(setup, output_dir, extra=["--adapters", str(distinct_adapters)]))
+
+
+def _pixels(path):
+    import numpy as np
+
+    return torch.from_numpy(np.array(Image.open(path).convert("RGB"))).short()
+
+
+def _same_images(output_dir, reference_dir):
+    """Every generated image as in the reference run, up to float rounding (at most one level of 255)."""
+    images = sorted(p.relative_to(reference_dir) for p in reference_dir.glob("*/*/*.png"))
+    assert len(images) == len(SUBJECTS) * len(PROMPTS) * PER_PROMPT
+    assert sorted(p.relative_to(output_dir) for p in output_dir.glob("*/*/*.png")) == images
+    for image in images:
+        assert (_pixels(output_dir / image) - _pixels(reference_dir / image)).abs().max() <= 1, image
+
+
+def test_subjects_in_one_batch_give_the_one_at_a_time_images_and_metrics(setup, distinct_adapters, one_at_a_time, tmp_path):
+    reference_dir, reference = one_at_a_time
+    output_dir = tmp_path / "batched"
+    report = dreambooth.main(_args(setup, output_dir, extra=["--adapters", str(distinct_adapters),
+                                                             "--subjects_per_batch", "2"]))
+    _same_images(output_dir, reference_dir)
+    assert report["metrics"] == pytest.approx(reference["metrics"], rel=1e-3, abs=1e-4)
+    assert sorted((e["subject"], e["prompt_index"], e["seed"]) for e in _log(output_dir)) == sorted(
+        (e["subject"], e["prompt_index"], e["seed"]) for e in _log(reference_dir))
+    # the subjects do differ: the same prompt and seed through the other subject's adapter
+    assert (_pixels(output_dir / "dog/0/00.png") - _pixels(output_dir / "cat/0/00.png")).abs().max() > 10
+
+    # resumed: only the missing job is generated, into the same images
+    for image in (output_dir / "dog" / "1").iterdir():
+        image.unlink()
+    dreambooth.main(_args(setup, output_dir, extra=["--adapters", str(distinct_adapters), "--subjects_per_batch", "2",
+                                                    "--skip_metrics"]))
+    log = _log(output_dir)
+    assert len(log) == len(SUBJECTS) * len(PROMPTS) + 1 and (log[-1]["subject"], log[-1]["prompt_index"]) == ("dog", 1)
+    _same_images(output_dir, reference_dir)
+
+
+def test_subjects_in_one_batch_still_shard_over_processes(setup, distinct_adapters, one_at_a_time):
+    output_dir = setup["root"] / "batched-two-processes"
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               str(REPO / "evaluate" / "dreambooth.py"),
+               *_args(setup, output_dir, extra=["--adapters", str(distinct_adapters), "--subjects_per_batch", "2",
+                                                "--skip_metrics"])]
+    result = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    log = _log(output_dir)
+    assert sorted((e["subject"], e["prompt_index"]) for e in log) == sorted((s, p) for s in SUBJECTS for p in PROMPTS)
+    assert {e["process"] for e in log} == {0, 1}
+    _same_images(output_dir, one_at_a_time[0])
+
+
+@pytest.mark.user_error("--subjects_per_batch with adapters of different methods", tool=TOOL)
+def test_subjects_per_batch_refuses_adapters_that_cannot_share_a_batch(setup, distinct_adapters, tmp_path, capsys):
+    adapters = tmp_path / "adapters"
+    shutil.copytree(distinct_adapters / "dog", adapters / "dog")
+    cat = adapters / "cat" / "adapter.safetensors"  # a LoRA adapter file: another method than dog's ETHER+
+    layer = torch.nn.Module()
+    layer.to_q = torch.nn.Linear(4, 4)
+    inject_adapters(layer, AdapterConfig(method="lora", target_modules=["to_q"]))
+    save_adapter(layer, cat)
+    argv = _args(setup, tmp_path / "out", extra=["--adapters", str(adapters), "--subjects_per_batch", "2"])
+    assert _run_cli(argv) == 2
+    line = _line(capsys)
+    assert line.startswith(f"error: {cat}: adapter has method='lora' but ") and "share the method" in line
+    assert not (tmp_path / "out" / "dog").exists()

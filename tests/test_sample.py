@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -23,13 +24,7 @@ TINY = "builtin:tiny-sd"
 SAMPLE = "python -m ether_diffusion.sample"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # The tiny model is much faster on one thread, and on a busy 2-core machine two threads can be 50x slower.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -45,6 +40,18 @@ def adapter(tmp_path_factory):
             if name.endswith("ether_v") or name.endswith("ether_v_out"):
                 p.add_(torch.randn_like(p))
     return save_adapter(unet, tmp_path_factory.mktemp("adapter") / "adapter.safetensors")
+
+
+@pytest.fixture(scope="module")
+def other_adapter(adapter, tmp_path_factory):
+    """A second ETHER+ adapter: the first one's vectors, moved again."""
+    with safe_open(str(adapter), framework="pt") as f:
+        header, state = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    g = torch.Generator().manual_seed(1)
+    state = {k: v + torch.randn(v.shape, generator=g) for k, v in state.items()}
+    path = tmp_path_factory.mktemp("other") / "adapter.safetensors"
+    save_file(state, str(path), metadata=header)
+    return path
 
 
 def args(grid, *extra):
@@ -71,6 +78,28 @@ def test_the_adapter_changes_the_samples_and_a_seed_repeats_them(adapter, tmp_pa
     main(args(tmp_path / "other-seed.png", "--adapter", adapter, "--seed", 8))
     a, b, base, other = (Image.open(tmp_path / n).tobytes() for n in ("a.png", "b.png", "base.png", "other-seed.png"))
     assert a == b and a != base and a != other
+
+
+def pixels(path):
+    return torch.from_numpy(np.array(Image.open(path).convert("RGB"))).short()
+
+
+def test_several_named_adapters_give_each_adapters_own_rows(adapter, other_adapter, tmp_path):
+    main(args(tmp_path / "both.png", "--adapter", f"dog={adapter}", "--adapter", f"cat={other_adapter}", "--seed", 7,
+              "--out_dir", tmp_path / "both"))
+    for name, path in (("dog", adapter), ("cat", other_adapter)):
+        main(args(tmp_path / f"{name}.png", "--adapter", path, "--seed", 7, "--out_dir", tmp_path / name))
+    assert Image.open(tmp_path / "both.png").size == (3 * 32, 4 * 32)  # rows: dog's two prompts, then cat's
+    files = [f"{r:02d}-{c:02d}.png" for r in range(2) for c in range(3)]
+    assert sorted(p.name for p in (tmp_path / "both").iterdir()) == sorted(
+        f"{r:02d}-{c:02d}.png" for r in range(4) for c in range(3))
+    for first_row, name in ((0, "dog"), (2, "cat")):
+        for file in files:
+            r, c = int(file[:2]), file[3:]
+            together = pixels(tmp_path / "both" / f"{first_row + r:02d}-{c}")
+            # alone, the adapter is merged into the weights: the same numbers up to rounding, at most one level
+            assert (together - pixels(tmp_path / name / file)).abs().max() <= 1, (name, file)
+    assert (pixels(tmp_path / "dog" / "00-00.png") - pixels(tmp_path / "cat" / "00-00.png")).abs().max() > 10
 
 
 def fails(argv, capsys) -> str:
@@ -100,6 +129,11 @@ bad = functools.partial(case, tool=SAMPLE)
     bad(["--grid", "{tmp}"], "--grid {tmp} is a folder; give an image file name such as {tmp}/grid.png",
         "--grid naming a folder"),
     bad(["--out_dir", "{tmp}/g.png"], "--out_dir {tmp}/g.png is a file, not a folder", "--out_dir naming a file"),
+    bad(["--adapter", "dog={tmp}/g.png", "--adapter", "{tmp}/g.png"],
+        "--adapter {tmp}/g.png: with several adapters, give each as NAME=FILE (dog=dog.safetensors)",
+        "several --adapter values, one without a name"),
+    bad(["--adapter", "dog={tmp}/g.png", "--adapter", "dog={tmp}/g.png"],
+        "--adapter dog={tmp}/g.png: the name 'dog' is given twice", "two adapters with one name"),
 ])
 def test_bad_input_is_one_line(tmp_path, capsys, extra, message):
     (tmp_path / "g.png").write_bytes(b"an old grid")

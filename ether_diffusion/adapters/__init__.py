@@ -154,20 +154,25 @@ def merge_adapters(model: nn.Module) -> list[str]:
     Afterwards the model is a stock diffusers model again: `save_pretrained` writes the usual keys and
     plain diffusers loads it.
     """
-    merged = []
     for name, module in adapter_modules(model):
         if isinstance(module, AdapterLinear):
             base = module.base_layer
             base.weight.copy_(module.merged_weight().to(base.weight.dtype))
         else:
             module.merge()
-            base = module.get_base_layer()
-        _set_submodule(model, name, base)
-        merged.append(name)
+    return [name for name, _ in remove_adapters(model)]
+
+
+def remove_adapters(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Put every adapter layer's base Linear back in its place (as it is: merged or not) and forget the
+    adapter config. Returns the removed (name, adapter layer) pairs, which still hold their tensors."""
+    removed = adapter_modules(model)
+    for name, module in removed:
+        _set_submodule(model, name, base_layer_of(module))
     for attr in ("ether_adapter_config", "peft_config"):
         if hasattr(model, attr):
             delattr(model, attr)
-    return merged
+    return removed
 
 
 def count_adapter_parameters(model: nn.Module) -> int:

@@ -5,7 +5,19 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
-class AdapterLinear(nn.Module):
+class StandsInForLinear(nn.Module):
+    """A module in a Linear's place that keeps it as `base_layer`: code that reads `.weight`/`.bias` keeps working."""
+
+    @property
+    def weight(self):
+        return self.base_layer.weight
+
+    @property
+    def bias(self):
+        return self.base_layer.bias
+
+
+class AdapterLinear(StandsInForLinear):
     """A frozen `nn.Linear` plus a transform with `n_blocks` blocks.
 
     Subclasses set `method` (their name in `adapters.methods.METHODS`) and implement `forward`,
@@ -18,15 +30,6 @@ class AdapterLinear(nn.Module):
         self.base_layer = base_layer
         self.n_blocks = n_blocks
         base_layer.requires_grad_(False)
-
-    # The wrapper stands in for the Linear: code that reads `.weight`/`.bias` keeps working.
-    @property
-    def weight(self):
-        return self.base_layer.weight
-
-    @property
-    def bias(self):
-        return self.base_layer.bias
 
     def merged_weight(self) -> torch.Tensor:
         raise NotImplementedError

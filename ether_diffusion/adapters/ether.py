@@ -246,6 +246,23 @@ def _side_transform(x, vectors):
     return side.reflect(x2, side.mm(c, side.view(x2).mT), a, -2.0 if len(vectors) == 1 else 1.0).view(x.shape)
 
 
+@torch.no_grad()
+def block_rows(vectors) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """One side as (C, A, alpha) with `x H = x + alpha (x C^T) A`: C and A are (n r, n k), row (i, j) holding
+    block i's j-th unit vector in block i's columns (zeros elsewhere), float32. For several adapters in one
+    batch (`adapter_batch`), where one batched matmul over these beats a loop over blocks (measured there)."""
+    n, k = vectors[0].shape
+    r = len(vectors)
+    unit = F.normalize(torch.stack(vectors, 1).float(), dim=-1, eps=_EPS)  # (n, r, k)
+    a = unit.new_zeros(n, r, n, k)
+    a.diagonal(dim1=0, dim2=2).copy_(unit.permute(1, 2, 0))
+    a = a.view(n * r, n * k)
+    if r == 1:
+        return a, a, -2.0
+    sign = torch.tensor([-1.0, 1.0], device=a.device).repeat(n)[:, None]  # ETHER+: C = [-u; v] per block
+    return a * sign, a, 1.0
+
+
 def dense_blocks(u: torch.Tensor, v: torch.Tensor | None = None, dtype=torch.float64) -> torch.Tensor:
     """The (n, k, k) blocks of H (ETHER) or, with v, H+ (ETHER+) as dense matrices, differentiable. For
     checks, analysis and the paper's dense-H reference (`analysis.DenseETHERLinear`), never for our training
