@@ -27,13 +27,12 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from .adapter_file import config_difference, config_from_metadata, is_adapter_file, load_adapter, read_adapter_metadata
 from .adapter_file import read_safetensors_metadata
 from .adapters import AdapterConfig, adapter_config_of, base_layer_of, remove_adapters
 from .adapters.base import StandsInForLinear
-from .adapters.ether import block_rows
+from .adapters.methods import METHODS
 from .errors import UserError
 
 
@@ -72,116 +71,11 @@ class AdapterBatch:
         return self._index[key]
 
 
-# ---------------------------------------------------------------------------------------------- per-sample forwards
-# Each takes the batch as (samples, tokens, in), the base Linear and the per-sample adapter index, and computes
-# what each adapter's own layer computes on its samples. Tensors are stacked over the K adapters once, at load,
-# and gathered per sample in every call (a few KB for ETHER), so every step is one batched matmul over samples.
+# Each method's per-sample forward is its entry's `per_sample` (`adapters.methods`): it takes the batch as
+# (samples, tokens, in), the base Linear and the per-sample adapter index, and computes what each adapter's own
+# layer computes on its samples. Tensors are stacked over the K adapters once, at load, and gathered per sample
+# in every call (a few KB for ETHER), so every step is one batched matmul over samples.
 
-def _reflect(x, c, a, alpha, out=None):
-    """`x H` per sample, `x + alpha (x C^T) A`, C and A (samples, n r, in) block-diagonal (`ether.block_rows`)."""
-    return torch.baddbmm(x, torch.bmm(x, c.to(x.dtype).mT), a.to(x.dtype), alpha=alpha, out=out)
-
-
-class _Reflections(nn.Module):
-    """ETHER (input side) and ETHER+ (both sides): `y = ((x H) W^T) H~ + b` with each sample's H and H~."""
-
-    def __init__(self, layers):
-        super().__init__()
-        self.plus = layers[0].plus
-        r = 2 if self.plus else 1
-        for side, vectors in (("in", lambda layer: layer.vectors()[:r]), ("out", lambda layer: layer.vectors()[r:])):
-            if side == "out" and not self.plus:
-                break
-            sides = [block_rows(vectors(layer)) for layer in layers]
-            self.alpha = sides[0][2]
-            self.register_buffer(f"c_{side}", torch.stack([c for c, _, _ in sides]))
-            self.register_buffer(f"a_{side}", torch.stack([a for _, a, _ in sides]))
-
-    def forward(self, x, base, index):
-        x = _reflect(x, self.c_in[index], self.a_in[index], self.alpha)
-        y = F.linear(x, base.weight, base.bias)
-        if not self.plus:
-            return y
-        # The output side must not see the bias: C~ (y - b)^T, with C~ b once per sample rather than y - b.
-        c = self.c_out[index].to(y.dtype)
-        p = torch.bmm(y, c.mT)
-        if base.bias is not None:
-            p.sub_((c @ base.bias)[:, None])
-        return torch.baddbmm(y, p, self.a_out[index].to(y.dtype), alpha=self.alpha, out=y)
-
-
-class _BlockMatrices(nn.Module):
-    """OFT and Naive: `y = (x M^T) W^T + b` with each sample's block-diagonal M (as `BlockDiagonalLinear`)."""
-
-    def __init__(self, layers):
-        super().__init__()
-        self.register_buffer("blocks", torch.stack([layer.block_matrices().detach().float() for layer in layers]))
-
-    def forward(self, x, base, index):
-        m = self.blocks[index].to(x.dtype)
-        x = torch.einsum("btnj,bnij->btni", x.unflatten(-1, (m.shape[1], -1)), m).flatten(-2)
-        return F.linear(x, base.weight, base.bias)
-
-
-class _LowRank(nn.Module):
-    """LoRA (PEFT's layer, adapter "default"): `y = x W^T + b + s (x A^T) B^T` with each sample's A, B, s."""
-
-    def __init__(self, layers):
-        super().__init__()
-        self.register_buffer("down", torch.stack([layer.lora_A["default"].weight.detach().float() for layer in layers]))
-        self.register_buffer("up", torch.stack([layer.lora_B["default"].weight.detach().float() * layer.scaling["default"]
-                                                for layer in layers]))
-
-    def forward(self, x, base, index):
-        y = F.linear(x, base.weight, base.bias)
-        return torch.baddbmm(y, torch.bmm(x, self.down[index].to(x.dtype).mT), self.up[index].to(x.dtype).mT)
-
-
-class _Householder(nn.Module):
-    """HRA (PEFT's layer, adapter "default", without Gram-Schmidt as `methods` configures it): `W' = W R` with
-    R = H_0 H_1 ... H_{r-1}, H_i = I - 2 u_i u_i^T (unit u_i), so the input is multiplied by R^T = H_{r-1} ... H_0
-    = I + U M U^T, U = [u_0 ... u_{r-1}] and M a small r x r matrix: `x R^T = x + ((x U) M) U^T`, two passes over
-    x whatever r is, instead of one per reflection. With more tokens than input features, each sample's
-    W R = W + ((W U) M^T) U^T is built instead (what PEFT's layer does, per adapter in the batch) and the GEMM
-    runs per sample: the same FLOPs as the shared one, and no pass over x (measured: benchmarks/adapter_batch.py)."""
-
-    def __init__(self, layers):
-        super().__init__()
-        if any(layer.hra_apply_GS["default"] for layer in layers):
-            raise UserError("HRA adapters with Gram-Schmidt (apply_GS) are not supported in one batch")
-        rows, cores = [], []
-        for layer in layers:
-            u = layer.hra_u["default"].detach().double()
-            u = u / u.norm(dim=0)  # (in, r), unit columns
-            rows.append(u.T.float())
-            cores.append(self._core(u).float())
-        self.register_buffer("rows", torch.stack(rows))  # (K, r, in)
-        self.register_buffer("core", torch.stack(cores))  # (K, r, r)
-
-    @staticmethod
-    def _core(u):
-        """M, built from I (M = 0) by multiplying I + U M U^T by H_i on the right for i = r-1 down to 0:
-        (I + U M U^T)(I - 2 u_i u_i^T) = I + U (M - 2 (e_i + M G e_i) e_i^T) U^T, with G = U^T U."""
-        gram, r = u.T @ u, u.shape[1]
-        m, eye = torch.zeros(r, r, dtype=u.dtype), torch.eye(r, dtype=u.dtype)
-        for i in reversed(range(r)):
-            m = m - 2 * torch.outer(eye[i] + m @ gram[:, i], eye[i])
-        return m
-
-    def forward(self, x, base, index):
-        if x.shape[1] >= base.in_features:
-            present, per_sample = index.unique(return_inverse=True)
-            u, w = self.rows[present].to(x.dtype), base.weight[None]
-            weights = torch.baddbmm(w, torch.bmm(w @ u.mT, self.core[present].to(x.dtype).mT), u)[per_sample]
-            y = torch.bmm(x, weights.mT)
-            return y if base.bias is None else y.add_(base.bias)
-        u = self.rows[index].to(x.dtype)
-        x = torch.baddbmm(x, torch.bmm(torch.bmm(x, u.mT), self.core[index].to(x.dtype)), u)
-        return F.linear(x, base.weight, base.bias)
-
-
-PER_SAMPLE = {"ether": _Reflections, "ether+": _Reflections, "oft": _BlockMatrices, "naive": _BlockMatrices,
-              "lora": _LowRank, "hra": _Householder}
 
 
 class MixedAdapterLinear(StandsInForLinear):
@@ -250,7 +144,7 @@ def load_adapters(unet: nn.Module, adapters: dict) -> AdapterBatch:
         remove_adapters(unet)  # a refused file leaves no adapter layer behind
         raise
     batch = AdapterBatch(adapters, config)
-    per_sample = PER_SAMPLE[config.method]
+    per_sample = METHODS[config.method].per_sample
     for name, layers in per_layer.items():
         base = base_layer_of(layers[0])
         unet.set_submodule(name, MixedAdapterLinear(base, per_sample(layers).to(base.weight.device), batch))

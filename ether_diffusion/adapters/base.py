@@ -70,3 +70,17 @@ class BlockDiagonalLinear(AdapterLinear):
 
     def extra_repr(self):
         return f"n_blocks={self.n_blocks}"
+
+
+class PerSampleBlocks(nn.Module):
+    """Several OFT or Naive adapters of one layer, one per sample of a batch (`adapter_batch`):
+    `y = (x M^T) W^T + b` with each sample's block-diagonal M (as `BlockDiagonalLinear`)."""
+
+    def __init__(self, layers):
+        super().__init__()
+        self.register_buffer("blocks", torch.stack([layer.block_matrices().detach().float() for layer in layers]))
+
+    def forward(self, x, base, index):
+        m = self.blocks[index].to(x.dtype)
+        x = torch.einsum("btnj,bnij->btni", x.unflatten(-1, (m.shape[1], -1)), m).flatten(-2)
+        return F.linear(x, base.weight, base.bias)

@@ -395,3 +395,37 @@ def set_low_memory(model: nn.Module, enabled: bool = True) -> int:
     for m in layers:
         m.low_memory = enabled
     return len(layers)
+
+
+def _reflect_per_sample(x, c, a, alpha, out=None):
+    """`x H` per sample, `x + alpha (x C^T) A`, C and A (samples, n r, in) block-diagonal (`ether.block_rows`)."""
+    return torch.baddbmm(x, torch.bmm(x, c.to(x.dtype).mT), a.to(x.dtype), alpha=alpha, out=out)
+
+
+class PerSampleReflections(nn.Module):
+    """Several ETHER (input side) or ETHER+ (both sides) adapters of one layer, one per sample of a batch
+    (`adapter_batch`): `y = ((x H) W^T) H~ + b` with each sample's H and H~."""
+
+    def __init__(self, layers):
+        super().__init__()
+        self.plus = layers[0].plus
+        r = 2 if self.plus else 1
+        for side, vectors in (("in", lambda layer: layer.vectors()[:r]), ("out", lambda layer: layer.vectors()[r:])):
+            if side == "out" and not self.plus:
+                break
+            sides = [block_rows(vectors(layer)) for layer in layers]
+            self.alpha = sides[0][2]
+            self.register_buffer(f"c_{side}", torch.stack([c for c, _, _ in sides]))
+            self.register_buffer(f"a_{side}", torch.stack([a for _, a, _ in sides]))
+
+    def forward(self, x, base, index):
+        x = _reflect_per_sample(x, self.c_in[index], self.a_in[index], self.alpha)
+        y = F.linear(x, base.weight, base.bias)
+        if not self.plus:
+            return y
+        # The output side must not see the bias: C~ (y - b)^T, with C~ b once per sample rather than y - b.
+        c = self.c_out[index].to(y.dtype)
+        p = torch.bmm(y, c.mT)
+        if base.bias is not None:
+            p.sub_((c @ base.bias)[:, None])
+        return torch.baddbmm(y, p, self.a_out[index].to(y.dtype), alpha=self.alpha, out=y)

@@ -19,7 +19,8 @@ import torch
 import torch.nn as nn
 
 from . import hra, lora
-from .ether import ETHERLinear
+from .base import PerSampleBlocks
+from .ether import ETHERLinear, PerSampleReflections
 from .naive import NaiveLinear
 from .oft import OFTLinear
 
@@ -43,6 +44,8 @@ class Method:
     weight_decay: bool
     dreambooth_lr: float
     s2i_lr: float
+    # Several adapters of one layer, one per sample of a batch (`adapter_batch`): per_sample(layers) -> module
+    per_sample: Callable
     wrap: Callable | None = None  # ours: wrap(layer, config) -> module
     peft: ModuleType | None = None  # PEFT's: the method's module (`lora`, `hra`)
     output_blocks: bool = False  # the output side is block-diagonal too (its width must divide by n)
@@ -76,17 +79,19 @@ def _ether(plus: bool):
 
 METHODS: dict[str, Method] = {m.name: m for m in (
     Method("ether", "ETHER", BLOCKS, lambda cfg: cfg.n_blocks, weight_decay=False, dreambooth_lr=6e-3, s2i_lr=1e-3,
-           wrap=_ether(plus=False)),
+           per_sample=PerSampleReflections, wrap=_ether(plus=False)),
     # 2n reflection vectors on each side: W' - W has rank <= 4n (`ether.low_rank_delta`)
     Method("ether+", "ETHER+", BLOCKS, lambda cfg: 4 * cfg.n_blocks, weight_decay=False, dreambooth_lr=6e-3,
-           s2i_lr=1e-3, wrap=_ether(plus=True), output_blocks=True),
+           s2i_lr=1e-3, per_sample=PerSampleReflections, wrap=_ether(plus=True), output_blocks=True),
     Method("oft", "OFT", BLOCKS, None, weight_decay=True, dreambooth_lr=6e-5, s2i_lr=1e-5,
-           wrap=lambda layer, cfg: OFTLinear(layer, cfg.n_blocks)),
+           per_sample=PerSampleBlocks, wrap=lambda layer, cfg: OFTLinear(layer, cfg.n_blocks)),
     Method("naive", "Naive", BLOCKS, None, weight_decay=True, dreambooth_lr=6e-5, s2i_lr=1e-5,
-           wrap=lambda layer, cfg: NaiveLinear(layer, cfg.n_blocks)),
-    Method("lora", "LoRA", RANK, lambda cfg: cfg.rank, weight_decay=True, dreambooth_lr=6e-4, s2i_lr=1e-4, peft=lora),
+           per_sample=PerSampleBlocks, wrap=lambda layer, cfg: NaiveLinear(layer, cfg.n_blocks)),
+    Method("lora", "LoRA", RANK, lambda cfg: cfg.rank, weight_decay=True, dreambooth_lr=6e-4, s2i_lr=1e-4,
+           per_sample=lora.PerSample, peft=lora),
     # r reflections span at most r directions: W' - W has rank <= r (`hra.exact_factors`)
-    Method("hra", "HRA", RANK, lambda cfg: cfg.rank, weight_decay=True, dreambooth_lr=6e-4, s2i_lr=1e-4, peft=hra),
+    Method("hra", "HRA", RANK, lambda cfg: cfg.rank, weight_decay=True, dreambooth_lr=6e-4, s2i_lr=1e-4,
+           per_sample=hra.PerSample, peft=hra),
 )}
 
 
