@@ -10,7 +10,7 @@ from .errors import UserError, first_line
 from .run_folder import LOCK_FILE
 
 # Not uploaded: resumable training state and the class images are the run's working files, not the model.
-IGNORED = ["checkpoint-*", "checkpoint-*/*", "class-images/*", LOCK_FILE, "*.tmp"]
+IGNORED = ["checkpoint-*", "class-images/*", LOCK_FILE, "*.tmp"]
 
 
 def add_hub_args(group):

@@ -229,7 +229,7 @@ def test_train_dreambooth_py_loss_and_optimizer_flags_are_used(tmp_path, monkeyp
     train(dreambooth, *[a for a in PRIOR_COMMAND if a != "--push_to_hub"], "--class_data_dir", tmp_path / "class",
           "--output_dir", out, "--snr_gamma", 5.0, "--offset_noise", "--set_grads_to_none", "--tokenizer_name", tokenizer,
           "--pre_compute_text_embeddings", "--report_to", "none", "--num_validation_images", 1,
-          "--validation_inference_steps", 1)
+          "--validation_inference_steps", 1, "--validation_scheduler", "DDPMScheduler")
     assert zero_grads == [True, True]
     assert all(json.loads(line)["loss"] > 0 for line in (out / "train_log.jsonl").read_text().splitlines())
 
