@@ -10,9 +10,10 @@ import difflib
 from accelerate.tracking import get_available_trackers
 from accelerate.utils import LoggerType
 
-from . import checks
+from . import checks, hub, packages
 from .adapters import ATTENTION_TARGETS, AdapterConfig
 from .adapters.methods import BLOCKS, METHODS, SETTING_FLAGS, learning_rate_help
+from .diffusers_flags import Refused
 from .errors import ArgumentParser, UserError, number_problem
 from .files import check_output_folder, read_yaml_mapping
 
@@ -48,6 +49,9 @@ def add_model_args(parser, output_dir: str, resolution: int = 512):
                         "(a tiny random SD built offline).")
     g.add_argument("--revision", type=str, default=None, help="Revision of the hub model.")
     g.add_argument("--variant", type=str, default=None, help="Variant of the model files, e.g. fp16.")
+    g.add_argument("--tokenizer_name", type=str, default=None,
+                   help="A tokenizer (hub id or folder) other than the model's own `tokenizer/`.")
+    g.add_argument("--cache_dir", type=str, default=None, help="Where models downloaded from the hub are stored.")
     g.add_argument("--output_dir", type=str, default=output_dir,
                    help="Where the adapter, checkpoints, samples and logs are written; one run per folder (a second "
                         "trainer on it stops; a folder with another run's checkpoints or adapter needs "
@@ -56,6 +60,10 @@ def add_model_args(parser, output_dir: str, resolution: int = 512):
                    help="Start a new run in an --output_dir that holds another: its checkpoints, adapter, train log, "
                         "samples and TensorBoard logs are deleted first (class images and built-in data are kept).")
     g.add_argument("--seed", type=int, default=None, help="A seed for reproducible training.")
+    hub.add_hub_args(g)
+    g.add_argument("--local_rank", type=int, default=-1,
+                   help="Accepted from launchers that pass it; as in diffusers, the process's rank is read from the "
+                        "environment (LOCAL_RANK).")
     g.add_argument("--resolution", type=int, default=resolution,
                    help="Training images are resized and cropped to this size (a multiple of 8).")
 
@@ -108,6 +116,16 @@ def add_training_args(parser, task: str, train_batch_size: int = 4):
                         "(the paper uses 0).")
     g.add_argument("--adam_epsilon", type=float, default=1e-08)
     g.add_argument("--max_grad_norm", type=float, default=1.0, help="Gradient clipping norm.")
+    g.add_argument("--snr_gamma", type=float, default=None,
+                   help="Min-SNR loss weighting (Hang et al. 2023) with this gamma, as diffusers' examples do; 5.0 is "
+                        "the recommended value. Default: plain MSE.")
+    g.add_argument("--noise_offset", type=float, default=0.0,
+                   help="Offset noise of this scale (a per-channel constant added to the noise), as diffusers' "
+                        "train_text_to_image.py does.")
+    g.add_argument("--offset_noise", action="store_true",
+                   help="diffusers train_dreambooth.py's offset noise: --noise_offset 0.1.")
+    g.add_argument("--set_grads_to_none", action="store_true",
+                   help="Set gradients to None instead of zero after each step (saves memory).")
     g.add_argument("--prediction_type", type=str, default=None, choices=["epsilon", "v_prediction"],
                    help="Training target; default: the model scheduler's prediction_type.")
     g.add_argument("--dataloader_num_workers", type=int, default=0)
@@ -145,6 +163,8 @@ def add_validation_args(parser, validation_steps: int = 100):
     g.add_argument("--validation_steps", type=int, default=validation_steps,
                    help="Sample a validation grid every X updates.")
     g.add_argument("--validation_inference_steps", type=int, default=25, help="Denoising steps of validation.")
+    g.add_argument("--validation_scheduler", type=str, default="DPMSolverMultistepScheduler",
+                   choices=["DPMSolverMultistepScheduler", "DDPMScheduler"], help="The sampler of validation grids.")
     return g
 
 
@@ -183,6 +203,8 @@ def load_config(parser: argparse.ArgumentParser, path) -> dict:
 
 
 def _config_value(action, where: str, value):
+    if isinstance(action, Refused):
+        action.refuse()
     if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
         if not isinstance(value, bool):
             raise UserError(f"{where} must be true or false, got {value!r}")
@@ -236,13 +258,20 @@ def check_common_args(args, required=("pretrained_model_name_or_path",)):
     checks.at_least(args, 1, *[n for n in ("validation_steps", "num_validation_images", "validation_inference_steps")
                                if hasattr(args, n)])
     checks.seed(args, "seed")
-    checks.positive(args, "learning_rate", "adam_epsilon", "max_grad_norm", "lr_power", "lora_alpha")
+    checks.positive(args, "learning_rate", "adam_epsilon", "max_grad_norm", "lr_power", "lora_alpha", "snr_gamma")
     checks.fraction_below_one(args, "adam_beta1", "adam_beta2")
-    checks.not_negative(args, "adam_weight_decay", "lr_warmup_steps", "dataloader_num_workers", "distance_logging_steps")
+    checks.not_negative(args, "adam_weight_decay", "lr_warmup_steps", "dataloader_num_workers", "distance_logging_steps",
+                        "noise_offset")
+    if args.offset_noise:
+        if args.noise_offset:
+            raise UserError("--offset_noise is --noise_offset 0.1: give one of them")
+        args.noise_offset = 0.1
     if not args.target_modules:
         raise UserError("--target_modules is empty")
     check_method_settings(args)
     check_report_to(args.report_to)
+    packages.check_packages(args)
+    hub.check_hub_args(args)
     check_output_folder(args.output_dir, "--output_dir")
 
 

@@ -24,11 +24,13 @@ from pathlib import Path
 import diffusers
 import numpy as np
 import torch
+import torch.nn.functional as F
 import transformers
 from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration, set_seed
-from diffusers import AutoencoderKL, DDPMScheduler, DPMSolverMultistepScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from diffusers.optimization import get_scheduler
+from diffusers.training_utils import compute_snr
 from tqdm.auto import tqdm
 from transformers import CLIPTextModel, CLIPTokenizer
 
@@ -52,9 +54,13 @@ logger = logging.getLogger(__name__)
 def load_models(args, model_path, adapter_config: AdapterConfig | None):
     """Tokenizer, text encoder, VAE, UNet (frozen, on CPU, float32) and the training noise scheduler, with its
     training target set (`--prediction_type`); the adapter (if any) is checked to fit the UNet (not injected yet)."""
-    kw = dict(revision=args.revision)
+    kw = dict(revision=args.revision, cache_dir=args.cache_dir)
+    with model_load_errors(args.tokenizer_name or args.pretrained_model_name_or_path):
+        if args.tokenizer_name:  # diffusers' --tokenizer_name: a tokenizer of its own (hub id or folder)
+            tokenizer = CLIPTokenizer.from_pretrained(args.tokenizer_name, **kw)
+        else:
+            tokenizer = CLIPTokenizer.from_pretrained(model_path, subfolder="tokenizer", **kw)
     with model_load_errors(args.pretrained_model_name_or_path):
-        tokenizer = CLIPTokenizer.from_pretrained(model_path, subfolder="tokenizer", **kw)
         text_encoder = CLIPTextModel.from_pretrained(model_path, subfolder="text_encoder", variant=args.variant, **kw)
         vae = AutoencoderKL.from_pretrained(model_path, subfolder="vae", variant=args.variant, **kw)
         unet = UNet2DConditionModel.from_pretrained(model_path, subfolder="unet", variant=args.variant, **kw)
@@ -94,11 +100,13 @@ def encode_prompt(tokenizer, text_encoder, prompt, device) -> torch.Tensor:
     return text_encoder(ids.to(device))[0]
 
 
-def validation_pipeline(accelerator, tokenizer, text_encoder, vae, unet, noise_scheduler):
-    """A pipeline around the in-memory modules: nothing is reloaded and nothing is cast."""
+def validation_pipeline(accelerator, tokenizer, text_encoder, vae, unet, noise_scheduler,
+                        scheduler: str = "DPMSolverMultistepScheduler"):
+    """A pipeline around the in-memory modules: nothing is reloaded and nothing is cast. `scheduler`: the
+    sampler's class name in diffusers (`--validation_scheduler`)."""
     pipe = StableDiffusionPipeline(
         vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=accelerator.unwrap_model(unet),
-        scheduler=DPMSolverMultistepScheduler.from_config(noise_scheduler.config), safety_checker=None,
+        scheduler=getattr(diffusers, scheduler).from_config(noise_scheduler.config), safety_checker=None,
         feature_extractor=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     return pipe
@@ -243,13 +251,30 @@ def diffusion_target(noise_scheduler, latents, noise, timesteps):
     return noise
 
 
-def noisy_latents_and_target(noise_scheduler, latents):
-    """Forward diffusion at uniformly drawn timesteps; returns (noisy latents, timesteps, target)."""
+def noisy_latents_and_target(noise_scheduler, latents, noise_offset: float = 0.0):
+    """Forward diffusion at uniformly drawn timesteps; returns (noisy latents, timesteps, target).
+    `noise_offset` (`--noise_offset`): a per-image, per-channel constant of that scale added to the noise, as
+    diffusers' examples do (https://www.crosslabs.org/blog/diffusion-with-offset-noise)."""
     noise = torch.randn_like(latents)
+    if noise_offset:
+        noise += noise_offset * torch.randn(latents.shape[0], latents.shape[1], 1, 1, device=latents.device)
     timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],),
                               device=latents.device).long()
     noisy = noise_scheduler.add_noise(latents, noise, timesteps)
     return noisy, timesteps, diffusion_target(noise_scheduler, latents, noise, timesteps)
+
+
+def diffusion_loss(noise_scheduler, model_pred, target, timesteps, snr_gamma: float | None = None) -> torch.Tensor:
+    """MSE of the prediction; with `snr_gamma` (`--snr_gamma`) each example weighted by Min-SNR
+    (min(SNR, gamma) / SNR, +1 for v-prediction), as diffusers' examples do (arXiv 2303.09556, section 3.4)."""
+    if snr_gamma is None:
+        return F.mse_loss(model_pred.float(), target.float())
+    snr = compute_snr(noise_scheduler, timesteps)
+    weights = snr.clamp(max=snr_gamma) / snr
+    if noise_scheduler.config.prediction_type == "v_prediction":
+        weights = weights + 1
+    loss = F.mse_loss(model_pred.float(), target.float(), reduction="none")
+    return (loss.mean(dim=list(range(1, loss.ndim))) * weights).mean()
 
 
 # ============================================================================================ logs and images
@@ -299,7 +324,7 @@ def validation_grid(accelerator, args, models, draw, step: int, tag: str = "vali
     `models` = (tokenizer, text_encoder, vae, unet, noise_scheduler); `draw(pipe) -> PIL grid` samples from a
     `validation_pipeline` around them, in `evaluation_mode` (no grad, autocast, nothing cast)."""
     tokenizer, text_encoder, vae, unet, noise_scheduler = models
-    pipe = validation_pipeline(accelerator, tokenizer, text_encoder, vae, unet, noise_scheduler)
+    pipe = validation_pipeline(accelerator, tokenizer, text_encoder, vae, unet, noise_scheduler, args.validation_scheduler)
     with evaluation_mode(accelerator, unet):
         grid = draw(pipe)
     return save_samples(accelerator, grid, args.output_dir, step, tag=tag, name=name)
@@ -341,12 +366,19 @@ def start_run(accelerator, args, project: str, resume_from, model, optimizer, lr
     return global_step, train_log
 
 
+def log_method(args):
+    """The run's first log line: what trains, how big, where and how fast (the trainable count follows in
+    `log_run_start`, once the model is loaded)."""
+    cfg = adapter_config_from_args(args)
+    shape = METHODS[cfg.method].shape(cfg) if cfg else "no adapter"
+    logger.info(f"  Method = {args.method} ({shape}), targets = {','.join(args.target_modules)}, "
+                f"learning rate = {args.learning_rate:g}")
+
+
 def log_run_start(args, num_examples: int, batches_per_epoch: int, parameter_counts: dict[str, int]):
     logger.info("***** Running training *****")
     logger.info(f"  Num examples = {num_examples}, batches per epoch = {batches_per_epoch}")
-    cfg = adapter_config_from_args(args)
-    shape = METHODS[cfg.method].shape(cfg) if cfg else "no adapter"
-    logger.info(f"  Method = {args.method} ({shape}), targets = {','.join(args.target_modules)}")
+    log_method(args)
     for what, count in parameter_counts.items():
         logger.info(f"  {what} = {count:,}")
     logger.info(f"  Batch size per device = {args.train_batch_size}, accumulation = {args.gradient_accumulation_steps}")
@@ -371,7 +403,7 @@ def write_step_logs(accelerator, args, model, train_log, step: int, logs: dict):
 
 def train_loop(accelerator, args, model, optimizer, lr_scheduler, dataloader, sampler, compute_loss, *,
                global_step: int, steps_per_epoch: int, settings: dict, train_log=None, adapter_metadata=None,
-               save_extra=None, validate=None):
+               save_extra=None, validate=None, validation_epochs: int | None = None):
     """The optimizer-step loop both trainers share; returns (global_step, last_validation).
 
     `compute_loss(batch)` returns the loss of one micro-batch (called inside `accelerator.accumulate`).
@@ -380,6 +412,9 @@ def train_loop(accelerator, args, model, optimizer, lr_scheduler, dataloader, sa
     `--checkpointing_steps` a checkpoint is saved (with `save_extra`, and `settings`, the run's
     `checkpoints.run_settings`, which a resumed run must match); every `--validation_steps` the main process
     calls `validate(step) -> Path`, and `last_validation` is (step, path) of the last such grid, or None.
+    With `validation_epochs` (DreamBooth's `--validation_epochs`) it is also called at the end of every epoch
+    whose 0-based index divides by it, as diffusers' train_dreambooth_lora.py does (after the first epoch, then
+    every N), unless that step already has its grid.
     """
     progress_bar = tqdm(range(args.max_train_steps), initial=global_step, desc="Steps",
                         disable=not accelerator.is_local_main_process)
@@ -404,7 +439,7 @@ def train_loop(accelerator, args, model, optimizer, lr_scheduler, dataloader, sa
                         grad_norm = accelerator.clip_grad_norm_(trainable, args.max_grad_norm)
                     optimizer.step()
                     lr_scheduler.step()
-                    optimizer.zero_grad()
+                    optimizer.zero_grad(set_to_none=args.set_grads_to_none)
                 step_loss += accelerator.gather(loss.detach()).mean().item() / args.gradient_accumulation_steps
 
                 if not accelerator.sync_gradients:
@@ -428,6 +463,9 @@ def train_loop(accelerator, args, model, optimizer, lr_scheduler, dataloader, sa
                     last_validation = (global_step, processes.on_main(accelerator, lambda: validate(global_step)))
                 if global_step >= args.max_train_steps:
                     break
+            if (validate is not None and validation_epochs and epoch % validation_epochs == 0
+                    and (last_validation is None or last_validation[0] != global_step)):
+                last_validation = (global_step, processes.on_main(accelerator, lambda: validate(global_step)))
     return global_step, last_validation
 
 

@@ -20,7 +20,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .. import arguments, checkpoints, checks, dreambooth_data, export, run_folder, training
+from .. import (arguments, checkpoints, checks, diffusers_flags, dreambooth_data, export, hub, processes, run_folder,
+               training)
 from ..adapter_file import ADAPTER_FILE, save_adapter
 from ..adapters import count_adapter_parameters
 from ..builtin import resolve_instance_dir, resolve_model_path
@@ -33,7 +34,7 @@ from ..pipelines import load_pipeline
 logger = logging.getLogger(__name__)
 
 
-def parse_args(argv=None):
+def make_parser():
     parser = arguments.trainer_parser("train_dreambooth.py", output_dir="dreambooth-adapter",
                                       description="DreamBooth with ETHER / ETHER+ and the paper's baselines.")
     g = parser.add_argument_group("dreambooth")
@@ -51,8 +52,11 @@ def parse_args(argv=None):
                    help="Minimal class images for prior preservation; missing ones are sampled with class_prompt.")
     g.add_argument("--sample_batch_size", type=int, default=4, help="Batch size for generating class images.")
     g.add_argument("--class_inference_steps", type=int, default=50, help="Denoising steps per class image.")
-    g.add_argument("--prior_generation_precision", type=str, default=None, choices=["fp32", "fp16", "bf16"],
-                   help="Precision of class-image generation (default: fp16 on GPU, fp32 on CPU).")
+    g.add_argument("--prior_generation_precision", type=str, default=None, choices=["no", "fp32", "fp16", "bf16"],
+                   help="Precision of class-image generation (default, or `no`: fp16 on GPU, fp32 on CPU).")
+    g.add_argument("--pre_compute_text_embeddings", action="store_true",
+                   help="Accepted for diffusers' commands: the instance and class prompts are always encoded once, "
+                        "before training (the text encoder is not trained).")
     g.add_argument("--center_crop", action="store_true",
                    help="Center crop to the resolution (default: random crop) after resizing the shorter side.")
     g.add_argument("--export_merged", type=str, default=None, metavar="DIR",
@@ -61,11 +65,20 @@ def parse_args(argv=None):
     arguments.add_adapter_args(parser)
     arguments.add_training_args(parser, task="dreambooth")
     arguments.add_checkpoint_args(parser)
-    arguments.add_validation_args(parser)
+    g = arguments.add_validation_args(parser)
+    g.add_argument("--validation_epochs", type=int, default=50,
+                   help="Also sample a validation grid at the end of every X-th epoch, counted as diffusers' "
+                        "train_dreambooth_lora.py does: after the first epoch, then every X.")
     arguments.add_logging_args(parser)
-    args = arguments.parse_args(parser, argv)
+    diffusers_flags.add_refused_args(parser, diffusers_flags.DREAMBOOTH_REFUSED)
+    return parser
+
+
+def parse_args(argv=None):
+    args = arguments.parse_args(make_parser(), argv)
 
     arguments.check_common_args(args, required=("pretrained_model_name_or_path", "instance_data_dir", "instance_prompt"))
+    checks.at_least(args, 1, "validation_epochs")
     arguments.finish_learning_rate(args, task="dreambooth")
     export.check_export_args(args)
     if args.with_prior_preservation:
@@ -82,7 +95,7 @@ def parse_args(argv=None):
 
 def prepare_class_images(args, accelerator, model_path) -> list[Path]:
     """Generate the missing class images with the base model (a separate pipeline, freed afterwards)."""
-    if args.prior_generation_precision:
+    if args.prior_generation_precision not in (None, "no"):
         dtype = TORCH_DTYPES[args.prior_generation_precision]
     else:
         dtype = torch.float16 if accelerator.device.type == "cuda" else torch.float32
@@ -104,6 +117,7 @@ def prepare_class_images(args, accelerator, model_path) -> list[Path]:
 def main(argv=None):
     args = parse_args(argv)
     training.setup_logging()
+    training.log_method(args)
 
     # Everything that can be wrong with the input fails here, before a model is loaded.
     instance_dir = resolve_instance_dir(args.instance_data_dir, args.output_dir)
@@ -115,6 +129,7 @@ def main(argv=None):
     # The output folder is this run's alone (locked), and a checkpoint in it is resumed only if it is this run's.
     settings = checkpoints.run_settings(accelerator, args, dataset_size=len(instance_images))
     resume_from = run_folder.claim(accelerator, args, adapter_config, settings)
+    repo_id = processes.on_main(accelerator, lambda: hub.create_hub_repo(args)) if args.push_to_hub else None
     # Models: frozen; the adapter must fit the UNet before class images are generated.
     model_path = resolve_model_path(args.pretrained_model_name_or_path)
     tokenizer, text_encoder, vae, unet, noise_scheduler = training.load_models(args, model_path, adapter_config)
@@ -159,14 +174,16 @@ def main(argv=None):
         embeds = instance_embeds.expand(n, -1, -1)
         if args.with_prior_preservation:
             embeds = torch.cat([embeds, class_embeds.expand(n, -1, -1)])
-        noisy_latents, timesteps, target = training.noisy_latents_and_target(noise_scheduler, latents)
+        noisy_latents, timesteps, target = training.noisy_latents_and_target(noise_scheduler, latents, args.noise_offset)
         model_pred = unet(noisy_latents, timesteps, embeds).sample
         if not args.with_prior_preservation:
-            return F.mse_loss(model_pred.float(), target.float())
-        # instances first, class images second (see dreambooth_data.collate_fn)
-        model_pred, model_pred_prior = model_pred.float().chunk(2)
-        target, target_prior = target.float().chunk(2)
-        return F.mse_loss(model_pred, target) + args.prior_loss_weight * F.mse_loss(model_pred_prior, target_prior)
+            return training.diffusion_loss(noise_scheduler, model_pred, target, timesteps, args.snr_gamma)
+        # instances first, class images second (see dreambooth_data.collate_fn); as in diffusers, Min-SNR weights
+        # the instance loss only
+        model_pred, model_pred_prior = model_pred.chunk(2)
+        target, target_prior = target.chunk(2)
+        loss = training.diffusion_loss(noise_scheduler, model_pred, target, timesteps[:n], args.snr_gamma)
+        return loss + args.prior_loss_weight * F.mse_loss(model_pred_prior.float(), target_prior.float())
 
     training.log_run_start(args, len(dataset), len(train_dataloader),
                            {"Trainable adapter parameters": count_adapter_parameters(accelerator.unwrap_model(unet))})
@@ -174,7 +191,8 @@ def main(argv=None):
         accelerator, args, unet, optimizer, lr_scheduler, train_dataloader, sampler, compute_loss,
         global_step=global_step, steps_per_epoch=steps_per_epoch, settings=settings, train_log=train_log,
         adapter_metadata=adapter_metadata,
-        validate=(lambda step: validate(step, args.validation_prompt)) if args.validation_prompt else None)
+        validate=(lambda step: validate(step, args.validation_prompt)) if args.validation_prompt else None,
+        validation_epochs=args.validation_epochs)
 
     # The adapter, a final grid and (optionally) a merged pipeline: the main process writes them, and a
     # failure (a full disk) stops every process with its line.
@@ -192,6 +210,8 @@ def main(argv=None):
             with writing(args.export_merged):
                 export.export_merged(adapter_file, args.export_merged)
             accelerator.print(f"wrote a merged diffusers pipeline to {args.export_merged}")
+        if repo_id is not None:
+            accelerator.print(f"pushed {args.output_dir} to {hub.push_output(args, repo_id)}")
 
     training.finish_run(accelerator, args, save_outputs)
 

@@ -29,9 +29,7 @@ clamped, so a config file always says what a run used.
 import logging
 from pathlib import Path
 
-import torch.nn.functional as F
-
-from .. import arguments, checkpoints, checks, export, run_folder, training
+from .. import arguments, checkpoints, checks, diffusers_flags, export, hub, processes, run_folder, training
 from ..adapter_file import ADAPTER_FILE, save_adapter
 from ..adapters import CONTROL_TARGETS, count_adapter_parameters
 from ..ade20k import ADE20KDataset, load_control_map
@@ -48,7 +46,7 @@ ENCODER_LR_CAP = 1e-4
 DEFAULT_VALIDATION_MAPS = 4  # training maps shown when no --validation_maps are given
 
 
-def parse_args(argv=None):
+def make_parser():
     parser = arguments.trainer_parser(
         "train_controlnet_s2i.py", output_dir="s2i-adapter",
         description="Semantic map -> image (ADE20K) with ETHER / ETHER+ and a signal encoder.")
@@ -77,7 +75,12 @@ def parse_args(argv=None):
                         "default: the first four training maps. --validation_prompt: one for all maps or one per map; "
                         "default: each map's caption (caption file by name, else its class names).")
     arguments.add_logging_args(parser)
-    args = arguments.parse_args(parser, argv)
+    diffusers_flags.add_refused_args(parser, diffusers_flags.CONTROLNET_REFUSED)
+    return parser
+
+
+def parse_args(argv=None):
+    args = arguments.parse_args(make_parser(), argv)
 
     arguments.check_common_args(args, required=("pretrained_model_name_or_path", "train_data_dir"))
     checks.at_least(args, 1, "max_train_samples")
@@ -134,6 +137,7 @@ def load_encoder_into(encoder, folder):
 def main(argv=None):
     args = parse_args(argv)
     training.setup_logging()
+    training.log_method(args)
 
     # Everything that can be wrong with the input fails here, before a model is loaded or a file written:
     # the layout and caption file when the dataset is built, then every map (labels, colours, sizes).
@@ -149,6 +153,7 @@ def main(argv=None):
     # The output folder is this run's alone (locked), and a checkpoint in it is resumed only if it is this run's.
     settings = checkpoints.run_settings(accelerator, args, dataset_size=len(dataset))
     resume_from = run_folder.claim(accelerator, args, adapter_config, settings, outputs=(ENCODER_WEIGHTS, ENCODER_CONFIG))
+    repo_id = processes.on_main(accelerator, lambda: hub.create_hub_repo(args)) if args.push_to_hub else None
     if resume_from is not None:
         load_control_encoder(resume_from)  # present and readable, before the model is loaded
     model_path = resolve_model_path(args.pretrained_model_name_or_path)
@@ -185,10 +190,10 @@ def main(argv=None):
     def compute_loss(batch):
         latents = training.encode_latents(vae, batch["pixel_values"], weight_dtype)
         embeds = training.encode_prompt(tokenizer, text_encoder, batch["caption"], accelerator.device)
-        noisy_latents, timesteps, target = training.noisy_latents_and_target(noise_scheduler, latents)
+        noisy_latents, timesteps, target = training.noisy_latents_and_target(noise_scheduler, latents, args.noise_offset)
         with use_control(unet, batch["conditioning_pixel_values"]):
             model_pred = unet(noisy_latents, timesteps, embeds).sample
-        return F.mse_loss(model_pred.float(), target.float())
+        return training.diffusion_loss(noise_scheduler, model_pred, target, timesteps, args.snr_gamma)
 
     logger.info(f"  Captions: {dataset.caption_source}")
     logger.info(f"  Encoder learning rate = {args.encoder_learning_rate:g}")
@@ -216,6 +221,8 @@ def main(argv=None):
             with writing(f"the LoRA export and model card in {args.output_dir}"):
                 written += [adapter_file, *export.finish_run(args.output_dir, adapter_file, args.export_lora, final)]
         accelerator.print(f"wrote {', '.join(map(str, [*written, final]))}")
+        if repo_id is not None:
+            accelerator.print(f"pushed {args.output_dir} to {hub.push_output(args, repo_id)}")
 
     training.finish_run(accelerator, args, save_outputs)
 
