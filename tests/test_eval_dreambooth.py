@@ -323,7 +323,7 @@ def test_subjects_in_one_batch_still_shard_over_processes(setup, distinct_adapte
     output_dir = setup["root"] / "batched-two-processes"
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               str(REPO / "evaluate" / "dreambooth.py"),
+               "-m", "evaluate.dreambooth",
                *_args(setup, output_dir, extra=["--adapters", str(distinct_adapters), "--subjects_per_batch", "2",
                                                 "--skip_metrics"])]
     result = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=600)

@@ -76,8 +76,13 @@ def test_the_adapter_changes_the_samples_and_a_seed_repeats_them(adapter, tmp_pa
     main(args(tmp_path / "b.png", "--adapter", adapter, "--seed", 7))
     main(args(tmp_path / "base.png", "--seed", 7))
     main(args(tmp_path / "other-seed.png", "--adapter", adapter, "--seed", 8))
-    a, b, base, other = (Image.open(tmp_path / n).tobytes() for n in ("a.png", "b.png", "base.png", "other-seed.png"))
-    assert a == b and a != base and a != other
+    a, b, base, other = (pixels(tmp_path / n) for n in ("a.png", "b.png", "base.png", "other-seed.png"))
+    # The same seed gives the same picture up to one level of 255: CPU kernels (MKL, oneDNN) do not promise
+    # bit-identical sums from one call to the next (the vector path can depend on memory alignment), and a
+    # float on a rounding edge flips one level. Byte equality here failed once in a whole-suite run.
+    assert (a - b).abs().max() <= 1
+    # measured: 7.2 levels on average from the base model, 54 from another seed
+    assert (a - base).abs().float().mean() > 3 and (a - other).abs().float().mean() > 20
 
 
 def pixels(path):
