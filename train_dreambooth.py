@@ -116,7 +116,8 @@ def main(argv=None):
     accelerator = training.setup_accelerator(args)
     # The output folder is this run's alone (locked), and a checkpoint in it is resumed only if it is this run's.
     settings = checkpoints.run_settings(accelerator, args, dataset_size=len(instance_images))
-    resume_from = run_folder.claim(accelerator, args, adapter_config, settings)
+    resume_from = run_folder.claim(accelerator, args, adapter_config, settings,
+                                 inputs=(instance_dir, args.class_data_dir))
     # Models: frozen; the adapter must fit the UNet before class images are generated.
     model_path = resolve_model_path(args.pretrained_model_name_or_path)
     tokenizer, text_encoder, vae, unet, noise_scheduler = training.load_models(args, model_path, adapter_config)

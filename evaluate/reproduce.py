@@ -65,7 +65,7 @@ from ether_diffusion.arguments import NO_ADAPTER  # noqa: E402
 from ether_diffusion.control import ENCODER_WEIGHTS  # noqa: E402
 from ether_diffusion.errors import ArgumentParser, UserError, first_line, run_cli  # noqa: E402
 from ether_diffusion.files import read_json, write_text  # noqa: E402
-from ether_diffusion.run_folder import RunLock, describe_holder, holder_of, read_holder  # noqa: E402
+from ether_diffusion.run_folder import RunLock, describe_holder, holder_of, keep, read_holder  # noqa: E402
 from evaluate import dreambooth as dreambooth_eval  # noqa: E402
 from evaluate import reproduce_report, s2i as s2i_eval, selection, shards  # noqa: E402
 from evaluate.harness import write_json  # noqa: E402
@@ -303,6 +303,8 @@ def check_settings(args, runs: list[Run]):
                 "select_images": getattr(args, "select_images", None), "select_maps": getattr(args, "select_maps", None)}
     _same_or_new(Path(args.output_dir, SETTINGS), settings, "this --output_dir holds a reproduction made with")
     for run in runs:
+        # what this driver writes in the trainer's folder is ours: the trainer must not take it for a user's
+        keep(run.folder, RUN, TRAINED, DONE, FAILED, "train.log", "select.log", selection.SCORES_DIR, selection.SELECTION)
         identity = {"argv": run.argv, "config_text": run.variant.config.read_text()}
         _same_or_new(run.folder / RUN, identity, f"run {run.name} was made with")
 

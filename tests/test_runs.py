@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 from trainer_helpers import REPO, TINY, fails, import_script
 
 import user_errors
-from ether_diffusion import checkpoints, divergence, dreambooth_data, training
+from ether_diffusion import checkpoints, divergence, dreambooth_data, run_folder, training
 from ether_diffusion.errors import UserError, is_disk_full, run_cli, writing
 from ether_diffusion.toy import world
 
@@ -58,12 +58,15 @@ def finished(script, subject, tmp_path_factory):
 
 
 def copy_of(run, tmp_path, *only) -> pathlib.Path:
-    """A copy of `run` (or of only the named entries of it) in a fresh output folder."""
+    """A copy of `run` (or of only the named entries of it, with the run's record of its files) in a fresh
+    output folder."""
     out = tmp_path / "o"
     if not only:
         shutil.copytree(run, out)
     for name in only:
         shutil.copytree(run / name, out / name)
+    if only:
+        shutil.copy(run / run_folder.RECORD_FILE, out)
     return out
 
 
@@ -204,17 +207,76 @@ def test_overwrite_deletes_the_previous_runs_outputs_first(script, subject, fini
         "checkpoint-2", "checkpoint-4", "checkpoint-6.tmp", "adapter.safetensors", "train_log.jsonl", "samples",
         "README.md")}
     assert sorted(p.name for p in out.iterdir()) == ["README.md", "adapter.safetensors", "checkpoint-3", "notes.txt",
-                                                      "samples", "train_log.jsonl"]
+                                                      "run_files.json", "samples", "train_log.jsonl"]
+    assert (out / "notes.txt").read_text() == "mine"
     assert log_steps(out) == [1, 2, 3] and sorted(p.name for p in (out / "samples").iterdir()) == ["final.png"]
 
 
-def test_a_run_that_stopped_before_its_first_checkpoint_is_replaced(script, subject, tmp_path):
-    out = tmp_path / "o"
-    (out / "samples").mkdir(parents=True)
+def test_a_run_that_stopped_before_its_first_checkpoint_is_replaced(script, subject, finished, tmp_path):
+    out = copy_of(finished, tmp_path, "samples")  # with the run's record of its files
     (out / "samples" / "step-000100.png").write_bytes(b"a grid of the earlier run")
     (out / "train_log.jsonl").write_text('{"step": 1, "loss": 1.0}\n')
     train(script, subject, out, steps=2)  # nothing to resume and nothing finished: no flag needed
     assert log_steps(out) == [1, 2] and not (out / "samples" / "step-000100.png").exists()
+
+
+def users_folder(tmp_path) -> pathlib.Path:
+    """A folder no run of ours made: the user's README and notes (issue 25, case 1)."""
+    out = tmp_path / "o"
+    (out / "logs").mkdir(parents=True)
+    (out / "README.md").write_text("mine")
+    (out / "logs" / "notes.txt").write_text("x")
+    return out
+
+
+@pytest.mark.user_error("an --output_dir that holds the user's own files (README.md, logs/)", tool=TOOL)
+def test_a_folder_with_files_no_run_wrote_is_refused_naming_them(script, subject, tmp_path, capsys):
+    out = users_folder(tmp_path)
+    before = snapshot(out)
+    line = fails(script.main, argv(subject, out), capsys)
+    assert (f"{out} holds files that no run of ether-diffusion wrote (README.md, logs): use a new or empty "
+            "--output_dir, or pass --overwrite_output_dir to write beside them") in line
+    assert snapshot(out) == before and not (out / "run.lock").exists()
+
+
+@pytest.mark.user_error("--overwrite_output_dir in a folder with a file of the user where a run writes (README.md)",
+                        tool=TOOL)
+def test_overwrite_never_writes_over_a_file_no_run_wrote(script, subject, tmp_path, capsys):
+    out = users_folder(tmp_path)
+    before = snapshot(out)
+    line = fails(script.main, argv(subject, out, "--overwrite_output_dir"), capsys)
+    assert (f"{out / 'README.md'} was not written by a run of ether-diffusion (no run_files.json names it), and this "
+            "run would write there: move it away or use another --output_dir") in line
+    assert snapshot(out) == before
+
+
+@pytest.mark.user_error("--output_dir . in a clone of the repository (with and without --overwrite_output_dir)",
+                        tool=TOOL)
+def test_a_clone_of_the_repository_is_never_a_run_folder(script, subject, tmp_path, capsys, monkeypatch):
+    clone = tmp_path / "clone"
+    for name in (".git", "ether_diffusion", "logs", "tests"):
+        (clone / name).mkdir(parents=True)
+    for name in ("README.md", "Makefile", "pyproject.toml", "train_dreambooth.py"):
+        (clone / name).write_text(f"the repository's {name}")
+    before = snapshot(clone)
+    monkeypatch.chdir(clone)
+    line = fails(script.main, argv(subject, ".", "--report_to", "tensorboard"), capsys)
+    assert "holds files that no run of ether-diffusion wrote (.git, Makefile, README.md, ether_diffusion, logs, " \
+           "pyproject.toml and 2 more)" in line
+    line = fails(script.main, argv(subject, ".", "--report_to", "tensorboard", "--overwrite_output_dir"), capsys)
+    assert "README.md was not written by a run of ether-diffusion" in line
+    assert snapshot(clone) == before
+
+
+def test_overwrite_writes_beside_the_users_files_and_deletes_only_recorded_ones(script, subject, finished, tmp_path):
+    out = copy_of(finished, tmp_path)
+    (out / "logs").mkdir()
+    (out / "logs" / "notes.txt").write_text("x")  # not a run's (no tensorboard in these runs): kept
+    (out / "samples" / "mine.png").write_bytes(b"inside a run's folder: that run's, as the record says")
+    train(script, subject, out, "--overwrite_output_dir", steps=2)
+    assert (out / "logs" / "notes.txt").read_text() == "x" and not (out / "samples" / "mine.png").exists()
+    record = json.loads((out / "run_files.json").read_text())
+    assert "logs" not in record["outputs"] and {"adapter.safetensors", "samples", "README.md"} <= set(record["outputs"])
 
 
 # ------------------------------------------------------------------------------------------ resume checks
