@@ -89,6 +89,18 @@ def check_output_folder(path, flag: str | None = None):
         raise UserError(f"{what}: {blocker} is a file, not a folder")
 
 
+def check_not_an_input(out, what: str, inputs: dict):
+    """No output overwrites an input of the same command: refuse `out` (described as `what`) when it is one of
+    `inputs` ({description: path or None}) or a folder holding one (a folder output is replaced whole)."""
+    out = Path(out).resolve()
+    for described, path in inputs.items():
+        if path is None or not Path(path).exists():
+            continue
+        if Path(path).resolve() == out or Path(path).resolve().is_relative_to(out):
+            where = "is" if Path(path).resolve() == out else "holds"
+            raise UserError(f"{what} {out} {where} {described} {path}, which this command reads: write to another path")
+
+
 def check_image_output(path, flag: str):
     """`path` (the value of `flag`) can be written as an image: not a folder, an extension PIL writes, and no
     file where its folder should be."""
