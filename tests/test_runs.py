@@ -344,6 +344,34 @@ def test_the_finished_adapter_is_never_replaced_by_an_older_state(script, subjec
     assert snapshot(out) == before
 
 
+# ------------------------------------------------------------------------------------------ class images
+PRIOR_RUN = ["--with_prior_preservation", "--class_prompt", "a photo of a toy", "--num_class_images", 3,
+             "--sample_batch_size", 3, "--class_inference_steps", 1]
+
+
+@pytest.mark.user_error("--class_data_dir equal to --instance_data_dir", tool=TOOL)
+def test_class_images_are_never_generated_among_the_subjects_photos(script, subject, tmp_path, capsys):
+    photos = shutil.copytree(subject, tmp_path / "photos")
+    before = snapshot(photos)
+    line = fails(script.main, argv(photos, tmp_path / "o", *PRIOR_RUN, "--class_data_dir", photos), capsys)
+    assert line == (f"error: --class_data_dir {photos} is the --instance_data_dir: class images are generated into it "
+                    "and would be read as photos of the subject; use a folder of its own for the class images")
+    assert snapshot(photos) == before
+
+
+@pytest.mark.user_error("a class image deleted between a kill and --resume_from_checkpoint latest", tool=TOOL)
+def test_a_class_image_lost_before_resuming_is_made_again_and_the_result_is_exact(script, subject, tmp_path):
+    full = tmp_path / "full"
+    train(script, subject, full, *PRIOR_RUN)
+    out = copy_of(full, tmp_path, "checkpoint-2", "class-images")
+    lost = sorted((out / "class-images").iterdir())[1]  # a gap: 2 of 3 left, the last one still there
+    lost.unlink()
+    train(script, subject, out, *PRIOR_RUN, "--resume_from_checkpoint", "latest")
+    assert lost.read_bytes() == (full / "class-images" / lost.name).read_bytes()
+    a, b = tensors(full / "adapter.safetensors"), tensors(out / "adapter.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 # ------------------------------------------------------------------------------------------ damaged checkpoints
 @pytest.mark.user_error("the newest checkpoint damaged (optimizer.pt truncated), --resume_from_checkpoint latest",
                         tool=TOOL)
