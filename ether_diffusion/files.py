@@ -114,6 +114,27 @@ def check_image_output(path, flag: str):
         raise UserError(f"{flag} {path}: {blocker} is a file, not a folder")
 
 
+def umask() -> int:
+    """This process's umask (read without changing it where Linux tells it: setting it to read it back would
+    open a moment in which another thread's files are created without it)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def temporary_folder(target: Path) -> Path:
+    """A new temporary folder beside `target`, with the mode a plain `mkdir` gives (mkdtemp's is 0700)."""
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".tmp-{target.name}-"))
+    os.chmod(tmp, 0o777 & ~umask())
+    return tmp
+
+
 @contextlib.contextmanager
 def atomic_path(path):
     """Yield a temporary file name in `path`'s folder (same suffix, so writers that go by the suffix work);
@@ -125,6 +146,9 @@ def atomic_path(path):
     os.close(fd)
     try:
         yield Path(tmp)
+        # the mode a plain open() gives: mkstemp's 0600 (which some writers keep or set: safetensors) would
+        # keep the file from everyone else on a shared disk
+        os.chmod(tmp, 0o666 & ~umask())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -172,7 +196,7 @@ def write_folder(target, build) -> Path:
     (replacing an older `target`): a failed or interrupted build leaves `target` as it was."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".tmp-{target.name}-"))
+    tmp = temporary_folder(target)
     try:
         build(tmp)
         replace_folder(tmp, target)
@@ -189,7 +213,7 @@ def build_folder_once(target, build) -> Path:
     if target.is_dir():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".tmp-{target.name}-"))
+    tmp = temporary_folder(target)
     try:
         build(tmp)
         os.rename(tmp, target)
