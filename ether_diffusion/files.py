@@ -1,6 +1,7 @@
 """Files, read and written one way everywhere: an unreadable image is a `UserError` naming it, and whatever
 we write (an image, a built-in folder) appears complete or not at all."""
 import contextlib
+import glob
 import json
 import os
 import shutil
@@ -12,6 +13,7 @@ from PIL import Image, ImageOps
 
 from .errors import UserError
 
+TEMPORARY_PREFIX = ".tmp-"  # what `atomic_path` and the folder builders name their temporaries
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
 
@@ -130,7 +132,7 @@ def umask() -> int:
 
 def temporary_folder(target: Path) -> Path:
     """A new temporary folder beside `target`, with the mode a plain `mkdir` gives (mkdtemp's is 0700)."""
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".tmp-{target.name}-"))
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f"{TEMPORARY_PREFIX}{target.name}-"))
     os.chmod(tmp, 0o777 & ~umask())
     return tmp
 
@@ -142,7 +144,7 @@ def atomic_path(path):
     leaves a partial file that a rerun would take as done, and a concurrent reader never sees one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=path.suffix)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=TEMPORARY_PREFIX, suffix=path.suffix)
     os.close(fd)
     try:
         yield Path(tmp)
@@ -181,9 +183,9 @@ def replace_folder(src, dst):
     """Rename the finished folder `src` to `dst`; an older `dst` is swapped out first and then deleted, so
     `dst` is always either the old folder or the new one, complete."""
     src, dst = Path(src), Path(dst)
+    old = dst.with_name(dst.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)  # also the one a swap that was killed halfway left
     if dst.exists():
-        old = dst.with_name(dst.name + ".old")
-        shutil.rmtree(old, ignore_errors=True)
         os.replace(dst, old)
         os.replace(src, dst)
         shutil.rmtree(old, ignore_errors=True)
@@ -196,6 +198,10 @@ def write_folder(target, build) -> Path:
     (replacing an older `target`): a failed or interrupted build leaves `target` as it was."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
+    # A killed build's copy (a whole model's size, for a merged export) goes at the next build of `target`.
+    # (Two builds of one target at once are not a use: the later rename would replace the other anyway.)
+    for stale in target.parent.glob(f"{TEMPORARY_PREFIX}{glob.escape(target.name)}-{'?' * 8}"):  # mkdtemp's 8
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = temporary_folder(target)
     try:
         build(tmp)

@@ -26,16 +26,17 @@ import json
 import logging
 import os
 import re
+import shlex
 import shutil
 import socket
 import sys
 from pathlib import Path
 
-from . import checkpoints, processes
+from . import checkpoints, errors, processes
 from .adapter_file import ADAPTER_FILE, read_adapter_metadata
 from .errors import UserError, writing
 from .export import EXPORT_FILE_NAMES, MODEL_CARD
-from .files import read_json, write_text
+from .files import TEMPORARY_PREFIX, read_json, write_text
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +47,6 @@ SAMPLES_DIR = "samples"
 # A checkpoint folder, a save that did not finish and the older copy a save swaps out (`files.replace_folder`):
 # the record names them by this pattern, as the steps a run will save are not known when it starts.
 CHECKPOINT_ENTRY_RE = re.compile(r"^checkpoint-\d+(\.tmp|\.old)?$")
-TEMPORARY_PREFIX = ".tmp-"  # `files.atomic_path` and `files.write_folder`'s temporaries
 
 _held: dict[Path, "RunLock"] = {}  # this process's locks by folder, released at exit (a kill releases them too)
 
@@ -153,6 +153,7 @@ def lock_output_dir(output_dir) -> RunLock:
     if folder in _held:
         _held.pop(folder).release()
     _held[folder] = RunLock(folder).acquire()
+    errors.describe_interrupt = lambda: describe_stop(output_dir)  # Ctrl-C / SIGTERM from here on: say where
     return _held[folder]
 
 
@@ -160,6 +161,30 @@ def release_output_dir(output_dir):
     lock = _held.pop(Path(output_dir).resolve(), None)
     if lock is not None:
         lock.release()
+        errors.describe_interrupt = None
+
+
+def describe_stop(output_dir) -> str:
+    """Where a run in `output_dir` stopped (the last step in its train log, its last whole checkpoint) and the
+    command that continues it: the words after "interrupted" (`errors.interrupted_line`)."""
+    lines = Path(output_dir, TRAIN_LOG).read_text().splitlines() if Path(output_dir, TRAIN_LOG).is_file() else []
+    try:
+        step = f"at step {json.loads(lines[-1])['step']}" if lines else "before the first step"
+    except (ValueError, KeyError, TypeError):  # a line cut short by the interrupt
+        step = f"at step {len(lines)}"
+    whole = checkpoints.list_checkpoints(output_dir)
+    if not whole:
+        return f"{step}, before the first checkpoint: nothing to resume, run the same command again"
+    argv, skip = [], False
+    for arg in sys.argv:  # this command, continuing the run instead of starting or replacing one
+        if skip or arg == "--overwrite_output_dir" or arg.startswith("--resume_from_checkpoint="):
+            skip = False
+            continue
+        skip = arg == "--resume_from_checkpoint"
+        if not skip:
+            argv.append(arg)
+    return (f"{step}; {whole[-1][1]} is the last checkpoint: resume with "
+            f"`python {shlex.join([*argv, '--resume_from_checkpoint', 'latest'])}`")
 
 
 @atexit.register
@@ -197,6 +222,7 @@ def claim(accelerator, args, adapter_config, settings: dict, outputs=(), inputs=
         resume_from = checkpoints.find_resume_checkpoint(output_dir, args.resume_from_checkpoint)
         if resume_from is not None:
             checkpoints.check_resume(resume_from, adapter_config, settings)
+            remove_leftovers(output_dir, checkpoints.read_state(resume_from)["global_step"])
             write_record(output_dir, planned, kept)
             return str(resume_from)
         found = previous_run(output_dir, outputs)
@@ -319,6 +345,25 @@ def remove_outputs(output_dir: Path):
         else:
             path.unlink()
         logger.info("removed %s (a previous run's)", path)
+
+
+def remove_leftovers(output_dir: Path, step: int):
+    """Before a run resumes at `step`: what an interrupted run of ours left that no run will use (temporary
+    files, a checkpoint save that did not finish or the older copy it swapped out, validation grids of the
+    steps after `step`, which the resumed run makes again), logged."""
+    record = read_record(output_dir)
+    leftovers = [p for p in output_dir.iterdir() if p.name.startswith(TEMPORARY_PREFIX) or
+                 (CHECKPOINT_ENTRY_RE.match(p.name) and p.suffix in (".tmp", ".old"))]
+    leftovers += [p for p in sorted(Path(output_dir, SAMPLES_DIR).glob("step-*.png"))
+                  if (m := re.fullmatch(r"step-(\d+)\.png", p.name)) and int(m[1]) > step]
+    for path in leftovers:
+        if record is None and path.parent == output_dir and path.name.startswith(TEMPORARY_PREFIX):
+            continue  # a folder without our record: a hidden file there may be anyone's
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+        logger.info("removed %s (left by the interrupted run)", path)
 
 
 def check_final_step(output_dir, max_train_steps: int, resume_from: Path | None = None):

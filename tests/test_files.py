@@ -189,3 +189,15 @@ def test_files_and_folders_follow_the_umask(tmp_path, umask):
                build_folder_once(tmp_path / "tiny-sd", lambda f: (f / "unet").mkdir())]
     assert [oct(stat.S_IMODE(p.stat().st_mode)) for p in written] == [oct(0o666 & ~umask)] * 3
     assert [oct(stat.S_IMODE(p.stat().st_mode)) for p in folders] == [oct(0o777 & ~umask)] * 2
+
+
+@pytest.mark.user_error("a merged export killed halfway (its temporary folder, or the older copy of a swap)",
+                        tool="python -m ether_diffusion.export")
+def test_a_killed_folder_build_leaves_nothing_after_the_next_build(tmp_path):
+    killed = tmp_path / ".tmp-merged-k2j4h1x9"  # what a killed `write_folder(tmp_path / "merged", ...)` left
+    (killed / "unet").mkdir(parents=True)
+    other = tmp_path / ".tmp-merged-v2-k2j4h1x9"  # another target's: not this build's to remove
+    other.mkdir()
+    (tmp_path / "merged.old").mkdir()  # a swap killed between its two renames
+    write_folder(tmp_path / "merged", lambda f: (f / "model_index.json").write_text("{}"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".tmp-merged-v2-k2j4h1x9", "merged"]

@@ -7,10 +7,13 @@ import logging
 import os
 import pathlib
 import re
+import shlex
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -400,6 +403,52 @@ def test_no_whole_checkpoint_is_an_error_naming_the_damaged_files(script, subjec
     line = fails(script.main, argv(subject, out, "--resume_from_checkpoint", "latest"), capsys)
     assert (f"no usable checkpoint in {out}: checkpoint-4 is damaged: rng-0.pt is missing; checkpoint-2 is damaged: "
             "state.json is damaged (JSONDecodeError)") in line
+
+
+# ------------------------------------------------------------------------------------------ interrupts
+@pytest.mark.parametrize("signum", [
+    pytest.param(signal.SIGINT, id="SIGINT", marks=pytest.mark.user_error("Ctrl-C (SIGINT) during training", tool=TOOL)),
+    pytest.param(signal.SIGTERM, id="SIGTERM", marks=pytest.mark.user_error("SIGTERM during training", tool=TOOL))])
+def test_an_interrupt_is_one_line_with_the_step_and_the_command_that_resumes(subject, tmp_path, signum):
+    out = tmp_path / "o"
+    command = [sys.executable, "train_dreambooth.py", *argv(subject, out, steps=40, every=2)]
+    proc = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"})
+    while not checkpoints.list_checkpoints(out) and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signum)
+    err = proc.communicate(timeout=120)[1]
+    assert proc.returncode == 128 + signum and "Traceback" not in err, err[-3000:]
+    line = user_errors.record(err.strip().splitlines()[-1])
+    found = re.fullmatch(rf"interrupted \({signal.Signals(signum).name}\) at step (\d+); (\S+) is the last checkpoint: "
+                         r"resume with `python (.*)`", line)
+    assert found, line
+    step, last = int(found[1]), pathlib.Path(found[2])
+    assert last == checkpoints.list_checkpoints(out)[-1][1] and int(last.name.split("-")[1]) <= step < 40
+    assert not (out / "run.lock").exists() and not list(out.glob("checkpoint-*.tmp"))
+    if signum == signal.SIGTERM:  # the command it gives continues the run to its end
+        resumed = subprocess.run([sys.executable, *shlex.split(found[3])], cwd=REPO, capture_output=True, text=True,
+                                 env={**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}, timeout=600)
+        assert resumed.returncode == 0, resumed.stderr[-3000:]
+        assert log_steps(out) == list(range(1, 41)) and (out / "adapter.safetensors").is_file()
+
+
+@pytest.mark.user_error("leftovers of a killed run (a temporary file, checkpoint-N.old/.tmp, the grid of a step after "
+                        "the checkpoint)", tool=TOOL)
+def test_leftovers_of_an_interrupted_run_are_removed_when_it_resumes(script, subject, finished, tmp_path, caplog):
+    out = copy_of(finished, tmp_path, "checkpoint-2", "samples")
+    (out / ".tmp-k2j4h1.safetensors").write_bytes(b"half an adapter")
+    (out / "checkpoint-4.tmp").mkdir()
+    shutil.copytree(out / "checkpoint-2", out / "checkpoint-2.old")
+    (out / "samples" / "step-000003.png").write_bytes(b"the grid of a step after the checkpoint")
+    with caplog.at_level(logging.INFO, logger="ether_diffusion.run_folder"):
+        train(script, subject, out, "--resume_from_checkpoint", "latest")
+    removed = {r.getMessage() for r in caplog.records if "left by the interrupted run" in r.getMessage()}
+    assert removed == {f"removed {out / name} (left by the interrupted run)" for name in (
+        ".tmp-k2j4h1.safetensors", "checkpoint-4.tmp", "checkpoint-2.old", "samples/step-000003.png")}
+    assert not list(out.glob(".tmp-*")) and not (out / "checkpoint-2.old").exists()
+    a, b = tensors(finished / "adapter.safetensors"), tensors(out / "adapter.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 # ------------------------------------------------------------------------------------------ full disks
