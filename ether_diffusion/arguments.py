@@ -240,6 +240,8 @@ def check_common_args(args, required=("pretrained_model_name_or_path",)):
     for name in required:
         if getattr(args, name) in (None, ""):
             raise UserError(f"--{name} is required (on the command line or in --config)")
+        if not str(getattr(args, name)).strip():
+            raise UserError(f"--{name} {getattr(args, name)!r} is blank")
     checks.resolution(args, "resolution")
     checks.at_least(args, 1, "train_batch_size", "num_train_epochs", "gradient_accumulation_steps",
                     "checkpointing_steps", "n_blocks", "rank", "max_train_steps", "checkpoints_total_limit",

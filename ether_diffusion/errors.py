@@ -25,6 +25,8 @@ class UserError(Exception):
 # the chain of the RuntimeError of torch.save to a file object ("unexpected pos ..."; to a path it loses the
 # OSError, so we never save to a path), or safetensors' text "(os error 28)".
 _DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+# A file or folder the user may not write (or read): read-only folders and file systems, another user's.
+_NOT_ALLOWED_ERRNOS = (errno.EACCES, errno.EPERM, errno.EROFS)
 _DISK_FULL_TEXTS = ("No space left on device", "Disk quota exceeded", "os error 28", "os error 122")
 
 
@@ -115,7 +117,8 @@ def interrupted_line(signum: int) -> str:
 
 
 def run_cli(main, argv=None):
-    """Call `main(argv)`; turn a `UserError` into `error: <message>` on stderr and exit code 2, and Ctrl-C or
+    """Call `main(argv)`; turn a `UserError`, a full disk or a file it may not write into `error: <message>`
+    on stderr and exit code 2, and Ctrl-C or
     SIGTERM into one line (`interrupted_line`; on the first process only) and exit code 128 + the signal."""
     previous = signal.getsignal(signal.SIGTERM)
     try:
@@ -134,6 +137,9 @@ def run_cli(main, argv=None):
             print(interrupted_line(signum), file=sys.stderr)
         sys.exit(128 + signum)
     except Exception as e:  # a full disk where no `writing` names the file: still one line
+        if isinstance(e, OSError) and e.errno in _NOT_ALLOWED_ERRNOS and e.filename:
+            print(f"error: {e.filename}: {e.strerror} (a read-only folder, or another user's?)", file=sys.stderr)
+            sys.exit(2)
         if not is_disk_full(e):
             raise
         where = f" while writing {e.filename}" if getattr(e, "filename", None) else ""

@@ -19,9 +19,11 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".
 
 def image_files(folder) -> tuple[list[Path], list[Path]]:
     """(image files, other files) directly in `folder`, sorted; hidden files (our temporary ones among them)
-    and sub-folders are ignored."""
+    and sub-folders are ignored, a link to nothing is an error."""
     images, others = [], []
     for p in sorted(Path(folder).iterdir()):
+        if p.is_symlink() and not p.exists():  # skipped, it would leave the set smaller without a word
+            raise UserError(f"{p} is a symbolic link to {os.readlink(p)}, which does not exist")
         if p.name.startswith(".") or not p.is_file():
             continue
         (images if p.suffix.lower() in IMAGE_EXTENSIONS else others).append(p)

@@ -570,3 +570,16 @@ def test_run_cli_turns_any_full_disk_into_one_line(capsys):
     err = capsys.readouterr().err
     assert e.value.code == 2 and "Traceback" not in err
     assert user_errors.record(err.strip()) == "error: no space left on device while writing /data/out/events.out.tfevents"
+
+
+@pytest.mark.user_error("a read-only --output_dir (or any file the command may not write)", tool="every command")
+def test_run_cli_turns_a_file_it_may_not_write_into_one_line(capsys):
+    def main(argv):
+        raise PermissionError(errno.EACCES, "Permission denied", "/data/out/run.lock")
+
+    with pytest.raises(SystemExit) as e:
+        run_cli(main, [])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "Traceback" not in err
+    assert user_errors.record(err.strip()) == ("error: /data/out/run.lock: Permission denied (a read-only folder, or "
+                                               "another user's?)")

@@ -163,6 +163,20 @@ def test_missing_and_empty_instance_folders(script, tmp_path, capsys):
     assert not (tmp_path / "o").exists()  # nothing written for a run that cannot start
 
 
+@pytest.mark.user_error("a dangling symbolic link in the instance folder", tool="train_dreambooth.py")
+def test_a_link_to_a_missing_photo_is_named(script, subject, tmp_path, capsys):
+    photos = shutil.copytree(subject, tmp_path / "photos")
+    (photos / "05.jpg").symlink_to(tmp_path / "moved" / "05.jpg")
+    line = fails(script, base_args(photos, tmp_path / "o"), capsys)
+    assert line == f"error: {photos / '05.jpg'} is a symbolic link to {tmp_path / 'moved' / '05.jpg'}, which does not exist"
+
+
+@pytest.mark.user_error("a blank --instance_prompt", tool="train_dreambooth.py")
+def test_a_blank_instance_prompt_is_refused(script, subject, tmp_path, capsys):
+    line = fails(script, [*base_args(subject, tmp_path / "o"), "--instance_prompt", "   "], capsys)
+    assert line == "error: --instance_prompt '   ' is blank"
+
+
 @pytest.mark.user_error("a corrupt or truncated instance photo", tool="train_dreambooth.py")
 def test_corrupt_and_truncated_images_are_named(script, subject, tmp_path, capsys):
     (subject / "broken.png").write_bytes(b"\x89PNG not really")
