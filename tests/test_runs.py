@@ -560,26 +560,20 @@ def test_is_disk_full_reads_the_ways_libraries_report_it(tmp_path):
             torch.save({"x": torch.zeros(1000)}, FullFile())
 
 
-@pytest.mark.user_error("disk full where no file is named (the command line's last resort)", tool="every command")
-def test_run_cli_turns_any_full_disk_into_one_line(capsys):
+@pytest.mark.parametrize("error, line", [
+    user_errors.case(OSError(errno.ENOSPC, "No space left on device", "/data/out/events.out.tfevents"),
+                     "error: no space left on device while writing /data/out/events.out.tfevents",
+                     "disk full where no file is named (the command line's last resort)", tool="every command"),
+    user_errors.case(PermissionError(errno.EACCES, "Permission denied", "/data/out/run.lock"),
+                     "error: /data/out/run.lock: Permission denied (a read-only folder, or another user's?)",
+                     "a read-only --output_dir (or any file the command may not write)", tool="every command"),
+])
+def test_run_cli_turns_an_os_error_the_user_can_fix_into_one_line(capsys, error, line):
     def main(argv):
-        raise OSError(errno.ENOSPC, "No space left on device", "/data/out/events.out.tfevents")
+        raise error
 
     with pytest.raises(SystemExit) as e:
         run_cli(main, [])
     err = capsys.readouterr().err
     assert e.value.code == 2 and "Traceback" not in err
-    assert user_errors.record(err.strip()) == "error: no space left on device while writing /data/out/events.out.tfevents"
-
-
-@pytest.mark.user_error("a read-only --output_dir (or any file the command may not write)", tool="every command")
-def test_run_cli_turns_a_file_it_may_not_write_into_one_line(capsys):
-    def main(argv):
-        raise PermissionError(errno.EACCES, "Permission denied", "/data/out/run.lock")
-
-    with pytest.raises(SystemExit) as e:
-        run_cli(main, [])
-    err = capsys.readouterr().err
-    assert e.value.code == 2 and "Traceback" not in err
-    assert user_errors.record(err.strip()) == ("error: /data/out/run.lock: Permission denied (a read-only folder, or "
-                                               "another user's?)")
+    assert user_errors.record(err.strip()) == line
