@@ -48,7 +48,8 @@ def add_model_args(parser, output_dir: str, resolution: int = 512):
                         "--resume_from_checkpoint or --overwrite_output_dir).")
     g.add_argument("--overwrite_output_dir", action="store_true",
                    help="Start a new run in an --output_dir that holds another: its checkpoints, adapter, train log, "
-                        "samples and TensorBoard logs are deleted first (class images and built-in data are kept).")
+                        "samples and TensorBoard logs are deleted first (class images and built-in data are kept), "
+                        "only what runs recorded in run_files.json; other files stay, and are never written over.")
     g.add_argument("--seed", type=int, default=None, help="A seed for reproducible training.")
     g.add_argument("--resolution", type=int, default=resolution,
                    help="Training images are resized and cropped to this size (a multiple of 8).")
