@@ -274,6 +274,9 @@ def finish_run(output_dir, adapter_file, lora_format: str | None = None, grid=No
     exports = {}
     if lora_format:
         exports[lora_format] = export_lora(adapter_file, lora_format, Path(output_dir, EXPORT_FILE_NAMES[lora_format]))
+    for fmt, name in EXPORT_FILE_NAMES.items():  # an export of an older state (a run resumed without it): the
+        if fmt != lora_format:                     # folder is this run's (run_folder.claim), so the file is ours
+            Path(output_dir, name).unlink(missing_ok=True)
     return [*exports.values(), write_model_card(output_dir, adapter_file, exports, grid)]
 
 

@@ -330,6 +330,20 @@ def test_resuming_may_change_what_does_not_change_the_result(script, subject, fi
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.user_error("resuming with the model folder written another way (absolute, trailing /) or without "
+                        "--export_lora", tool=TOOL)
+def test_resuming_accepts_the_same_model_written_otherwise_and_another_export(script, subject, tiny_sd_path, tmp_path,
+                                                                              monkeypatch):
+    model = shutil.copytree(tiny_sd_path, tmp_path / "model")
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "o"
+    train(script, subject, out, "--pretrained_model_name_or_path", "model", "--export_lora", "kohya", steps=2)
+    assert (out / "lora_kohya.safetensors").is_file()
+    train(script, subject, out, "--pretrained_model_name_or_path", f"{model}/", "--resume_from_checkpoint", "latest")
+    assert log_steps(out) == [1, 2, 3, 4]
+    assert not (out / "lora_kohya.safetensors").exists()  # of step 2: not left beside the adapter of step 4
+
+
 @pytest.mark.user_error("--max_train_steps below the step of the checkpoint resumed", tool=TOOL)
 def test_resuming_past_max_train_steps_is_refused(script, subject, finished, tmp_path, capsys):
     out = copy_of(finished, tmp_path, "checkpoint-4")
