@@ -71,6 +71,13 @@ def is_adapter_file(meta: dict) -> bool:
     return meta.get("format") == FORMAT
 
 
+def check_adapter_or_lora(path):
+    """`path` is an adapter file of ours (its header checked now, before a model loads) or another safetensors
+    file, such as a LoRA exported from one, which diffusers checks as it loads it."""
+    if is_adapter_file(read_safetensors_metadata(path)):
+        read_adapter_metadata(path)
+
+
 def read_adapter_metadata(path) -> dict:
     """The header of an adapter file, checked to be ours and complete (every setting and the tensor shapes
     readable); `UserError` names the file otherwise."""

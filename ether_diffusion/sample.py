@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from . import checks
-from .adapter_file import read_adapter_metadata
+from .adapter_file import check_adapter_or_lora
 from .devices import TORCH_DTYPES, check_device, default_device
 from .errors import ArgumentParser, run_cli
 from .files import check_image_output, check_output_folder, save_image
@@ -52,7 +52,7 @@ def parse_args(argv=None):
     check_image_output(args.grid, "--grid")
     check_output_folder(args.out_dir, "--out_dir")
     if args.adapter is not None:
-        read_adapter_metadata(args.adapter)  # a missing or damaged file fails before the model loads
+        check_adapter_or_lora(args.adapter)  # a missing or damaged file fails before the model loads
     args.device = check_device(args.device) if args.device else default_device()
     return args
 

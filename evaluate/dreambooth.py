@@ -28,7 +28,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ether_diffusion import checks
-from ether_diffusion.adapter_file import is_adapter_file, read_adapter_metadata, read_safetensors_metadata
+from ether_diffusion.adapter_file import check_adapter_or_lora
 from ether_diffusion.devices import TORCH_DTYPES
 from ether_diffusion.errors import ArgumentParser, UserError, run_cli
 from ether_diffusion.export import file_sha256
@@ -313,8 +313,7 @@ def main(argv=None):
         adapters = (adapters_from_manifest(args.manifest, jobs) if args.manifest
                     else adapters_from_dir(args.adapters, jobs, args.adapter_file))
         for adapter in set(adapters.values()):  # headers only, before any generation (tensors: as each loads)
-            if is_adapter_file(read_safetensors_metadata(adapter)):  # else a LoRA file: diffusers checks it
-                read_adapter_metadata(adapter)
+            check_adapter_or_lora(adapter)
 
     def report(device):
         tallies = score(args, protocol, jobs, real_images, device)

@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -71,6 +72,18 @@ def test_the_adapter_changes_the_samples_and_a_seed_repeats_them(adapter, tmp_pa
     main(args(tmp_path / "other-seed.png", "--adapter", adapter, "--seed", 8))
     a, b, base, other = (Image.open(tmp_path / n).tobytes() for n in ("a.png", "b.png", "base.png", "other-seed.png"))
     assert a == b and a != base and a != other
+
+
+@pytest.mark.user_error("--adapter lora_kohya.safetensors (a LoRA exported from an adapter)", tool=SAMPLE)
+def test_a_lora_exported_from_the_adapter_samples_what_the_adapter_samples(adapter, tmp_path):
+    from ether_diffusion.export import export_lora
+
+    lora = export_lora(adapter, "kohya", tmp_path / "lora_kohya.safetensors", model=TINY, dtype=torch.float32)
+    main(args(tmp_path / "adapter.png", "--adapter", adapter, "--seed", 7))
+    main(args(tmp_path / "lora.png", "--adapter", lora, "--seed", 7))
+    main(args(tmp_path / "base.png", "--seed", 7))
+    ours, theirs, base = (np.asarray(Image.open(tmp_path / n), dtype=float) for n in ("adapter.png", "lora.png", "base.png"))
+    assert np.abs(ours - theirs).max() <= 2 < np.abs(ours - base).max()  # the same update, up to rounding
 
 
 def fails(argv, capsys) -> str:
