@@ -131,11 +131,14 @@ def header_shapes(meta: dict, path=None) -> dict[str, list[int]]:
 
 def config_difference(have: AdapterConfig, want: AdapterConfig) -> tuple[str, object, object] | None:
     """The first setting in which two adapters differ, as (key, have, want), or None. n_blocks only shapes
-    the block-diagonal methods and rank only PEFT's, so each method is compared on what it uses."""
+    the block-diagonal methods and rank only PEFT's, so each method is compared on what it uses; the target
+    layers as a set (the order they are named in selects the same layers)."""
     shape_key = METHODS[have.method].shape_key
-    for key in ("method", shape_key, "target_modules"):
+    for key in ("method", shape_key):
         if getattr(have, key) != getattr(want, key):
             return key, getattr(have, key), getattr(want, key)
+    if set(have.target_modules) != set(want.target_modules):  # which layers, in whatever order they are named
+        return "target_modules", have.target_modules, want.target_modules
     return None
 
 
