@@ -283,6 +283,7 @@ def plan_runs(args, protocol) -> list[Run]:
     unknown = [s for s in subjects if s not in protocol.subjects]
     if unknown:
         raise UserError(f"--subjects: {unknown[0]!r} is not in {Path(args.dataset, 'prompts_and_classes.txt')}")
+    protocol.check_photos(subjects)
     runs = []
     for j, subject in enumerate(subjects):
         for k in range(len(variant_list)):
