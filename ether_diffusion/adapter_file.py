@@ -71,6 +71,13 @@ def is_adapter_file(meta: dict) -> bool:
     return meta.get("format") == FORMAT
 
 
+def check_adapter_or_lora(path):
+    """`path` is an adapter file of ours (its header checked now, before a model loads) or another safetensors
+    file, such as a LoRA exported from one, which diffusers checks as it loads it."""
+    if is_adapter_file(read_safetensors_metadata(path)):
+        read_adapter_metadata(path)
+
+
 def read_adapter_metadata(path) -> dict:
     """The header of an adapter file, checked to be ours and complete (every setting and the tensor shapes
     readable); `UserError` names the file otherwise."""
@@ -124,11 +131,14 @@ def header_shapes(meta: dict, path=None) -> dict[str, list[int]]:
 
 def config_difference(have: AdapterConfig, want: AdapterConfig) -> tuple[str, object, object] | None:
     """The first setting in which two adapters differ, as (key, have, want), or None. n_blocks only shapes
-    the block-diagonal methods and rank only PEFT's, so each method is compared on what it uses."""
+    the block-diagonal methods and rank only PEFT's, so each method is compared on what it uses; the target
+    layers as a set (the order they are named in selects the same layers)."""
     shape_key = METHODS[have.method].settings[0]
-    for key in ("method", shape_key, "target_modules"):
+    for key in ("method", shape_key):
         if getattr(have, key) != getattr(want, key):
             return key, getattr(have, key), getattr(want, key)
+    if set(have.target_modules) != set(want.target_modules):  # which layers, in whatever order they are named
+        return "target_modules", have.target_modules, want.target_modules
     return None
 
 

@@ -58,7 +58,8 @@ def add_model_args(parser, output_dir: str, resolution: int = 512):
                         "--resume_from_checkpoint or --overwrite_output_dir).")
     g.add_argument("--overwrite_output_dir", action="store_true",
                    help="Start a new run in an --output_dir that holds another: its checkpoints, adapter, train log, "
-                        "samples and TensorBoard logs are deleted first (class images and built-in data are kept).")
+                        "samples and TensorBoard logs are deleted first (class images and built-in data are kept), "
+                        "only what runs recorded in run_files.json; other files stay, and are never written over.")
     g.add_argument("--seed", type=int, default=None, help="A seed for reproducible training.")
     hub.add_hub_args(g)
     g.add_argument("--local_rank", type=int, default=-1,
@@ -251,6 +252,8 @@ def check_common_args(args, required=("pretrained_model_name_or_path",)):
     for name in required:
         if getattr(args, name) in (None, ""):
             raise UserError(f"--{name} is required (on the command line or in --config)")
+        if not str(getattr(args, name)).strip():
+            raise UserError(f"--{name} {getattr(args, name)!r} is blank")
     checks.resolution(args, "resolution")
     checks.at_least(args, 1, "train_batch_size", "num_train_epochs", "gradient_accumulation_steps",
                     "checkpointing_steps", "n_blocks", "rank", "max_train_steps", "checkpoints_total_limit",

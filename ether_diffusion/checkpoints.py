@@ -50,7 +50,10 @@ NOT_IN_THE_RESULT = frozenset({
     "class_inference_steps", "prior_generation_precision", "seed", "max_train_steps", "num_train_epochs",
     "gradient_checkpointing", "enable_xformers_memory_efficient_attention", "allow_tf32", "dataloader_num_workers",
     "mixed_precision",  # compared as the precision accelerate actually uses (`run_settings`)
+    "export_lora",  # written from the finished adapter: another format (or none) trains the same
 })
+# Paths compared as the folders they name: `model/`, `./model` and `/abs/model` are one model.
+PATH_SETTINGS = ("pretrained_model_name_or_path",)
 
 
 # ------------------------------------------------------------------------------------------- RNG state
@@ -212,6 +215,13 @@ def run_settings(accelerator, args, dataset_size: int) -> dict:
     return json.loads(json.dumps(settings, default=str))  # as state.json will hold them (lists, not tuples)
 
 
+def same_folder(a, b) -> bool:
+    """Whether two path settings name one existing folder (however each was written)."""
+    if not (isinstance(a, str) and isinstance(b, str) and Path(a).is_dir() and Path(b).is_dir()):
+        return False
+    return Path(a).resolve() == Path(b).resolve()
+
+
 def check_resume_settings(checkpoint: Path, settings: dict):
     """Refuse to resume `checkpoint` with other settings than it was trained with, naming the first one."""
     saved = read_state(checkpoint).get("settings")
@@ -221,7 +231,7 @@ def check_resume_settings(checkpoint: Path, settings: dict):
         return
     for key, have in saved.items():
         want = settings.get(key, have)  # a setting this version no longer has cannot be compared
-        if want == have:
+        if want == have or (key in PATH_SETTINGS and same_folder(have, want)):
             continue
         if key == "num_processes":
             raise UserError(f"{checkpoint} was saved by {have} processes but this run has {want}: resume with {have} "

@@ -5,7 +5,9 @@ PIL cannot decode is an error naming the file; other files are skipped with a wa
 go through `files.py`.
 """
 import hashlib
+import itertools
 import logging
+import re
 from functools import partial
 from pathlib import Path
 
@@ -20,6 +22,9 @@ from .errors import UserError, writing
 from .files import IMAGE_EXTENSIONS, image_files, load_rgb, save_image
 
 logger = logging.getLogger(__name__)
+
+# A generated class image: `<index>-<hash of its pixels>.jpg`, made from seed + index (`generate_class_images`).
+CLASS_IMAGE_RE = re.compile(r"^(\d{5})-[0-9a-f]{12}\.jpg$")
 
 
 def list_images(folder, what: str = "instance") -> list[Path]:
@@ -38,6 +43,24 @@ def list_images(folder, what: str = "instance") -> list[Path]:
 def check_images(paths):
     for p in paths:
         load_rgb(p)
+
+
+def check_class_dir(class_dir, instance_dir):
+    """Generated class images must not land among the subject's photos: they would count as the subject's, and
+    every later run would train on them. (Only a folder's own files are read, so nested folders do not mix.)"""
+    if Path(class_dir).resolve() == Path(instance_dir).resolve():
+        raise UserError(f"--class_data_dir {class_dir} is the --instance_data_dir: class images are generated into it "
+                        "and would be read as photos of the subject; use a folder of its own for the class images")
+
+
+def class_images(class_dir, num_class_images: int) -> list[Path]:
+    """The `num_class_images` class images training uses (in name order: generated ones by index), all of
+    them: a folder with fewer (a generation that did not finish) is an error, never a run on fewer."""
+    images = list_images(class_dir, what="class")[:num_class_images]
+    if len(images) < num_class_images:
+        raise UserError(f"class image folder {class_dir} has {len(images)} images, fewer than --num_class_images "
+                        f"{num_class_images}")
+    return images
 
 
 class SubjectDataset(torch.utils.data.Dataset):
@@ -90,22 +113,23 @@ def generate_class_images(load_pipe, class_dir, class_prompt: str, num_class_ima
     """Fill `class_dir` up to `num_class_images` images of `class_prompt`; returns how many were made.
 
     `load_pipe()` is only called when images are missing, so a second run reuses the saved images without
-    loading anything. Image i is seeded with `seed + i` (the set does not depend on the batch size); with
-    several processes each makes every num_processes-th image. Files are written under a temporary name
-    and renamed, so an interrupted run leaves no half-written image behind.
+    loading anything. Image i is seeded with `seed + i` (the set does not depend on the batch size), and a
+    lost one is made again under its own index (`missing_class_indices`): a resumed run trains on the same
+    images as the run it continues. With several processes each makes every num_processes-th image. Files
+    are written under a temporary name and renamed, so an interrupted run leaves no half-written image behind.
     """
     class_dir = Path(class_dir)
     class_dir.mkdir(parents=True, exist_ok=True)
     if accelerator is not None:
         accelerator.wait_for_everyone()
-    existing, _ = image_files(class_dir)
+    todo_all = missing_class_indices(class_dir, num_class_images)
     if accelerator is not None:
         accelerator.wait_for_everyone()  # every process has counted before any writes
-    if len(existing) >= num_class_images:
+    if not todo_all:
         return 0
     rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
-    todo = list(range(len(existing), num_class_images))[rank::world]
-    logger.info("generating %d class images of %r in %s", num_class_images - len(existing), class_prompt, class_dir)
+    todo = todo_all[rank::world]
+    logger.info("generating %d class images of %r in %s", len(todo_all), class_prompt, class_dir)
 
     def generate():
         pipe = load_pipe()
@@ -128,3 +152,15 @@ def generate_class_images(load_pipe, class_dir, class_prompt: str, num_class_ima
     else:  # every process makes its share; a failure on one (a full disk) stops them all
         processes.everywhere(accelerator, generate)
     return len(todo)
+
+
+def missing_class_indices(class_dir: Path, num_class_images: int) -> list[int]:
+    """The indices of the generated class images `class_dir` needs to hold `num_class_images`. The user's own
+    images count first and ours are numbered from after them; a lost one of ours (a gap) is made again under
+    its own index, so the set is the one an uninterrupted run had."""
+    images, _ = image_files(class_dir)
+    ours = {int(m[1]) for p in images if (m := CLASS_IMAGE_RE.match(p.name))}
+    users = len(images) - len(ours)
+    needed = num_class_images - len(images)
+    free = (i for i in itertools.count(min([users, *ours])) if i not in ours)
+    return list(itertools.islice(free, max(needed, 0)))

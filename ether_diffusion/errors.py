@@ -10,6 +10,8 @@ import argparse
 import contextlib
 import errno
 import math
+import os
+import signal
 import sys
 
 INT64_MAX = 2**63 - 1
@@ -23,6 +25,8 @@ class UserError(Exception):
 # the chain of the RuntimeError of torch.save to a file object ("unexpected pos ..."; to a path it loses the
 # OSError, so we never save to a path), or safetensors' text "(os error 28)".
 _DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+# A file or folder the user may not write (or read): read-only folders and file systems, another user's.
+_NOT_ALLOWED_ERRNOS = (errno.EACCES, errno.EPERM, errno.EROFS)
 _DISK_FULL_TEXTS = ("No space left on device", "Disk quota exceeded", "os error 28", "os error 122")
 
 
@@ -89,16 +93,58 @@ def first_line(error) -> str:
     return lines[0] if lines else type(error).__name__
 
 
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM, raised where the program is (as Ctrl-C raises KeyboardInterrupt), so the same clean-up runs:
+    temporary files are removed, locks released, and one line says where the command stopped."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _raise_interrupted(signum, frame):
+    raise Interrupted(signum)
+
+
+# Says where an interrupted command stopped and how to continue ("at step 40; ...: resume with ..."), or
+# None: set by what knows (a trainer's run folder, `run_folder.lock_output_dir`).
+describe_interrupt = None
+
+
+def interrupted_line(signum: int) -> str:
+    where = describe_interrupt() if describe_interrupt is not None else None
+    return f"interrupted ({signal.Signals(signum).name})" + (f" {where}" if where else "")
+
+
 def run_cli(main, argv=None):
-    """Call `main(argv)`; turn a `UserError` into `error: <message>` on stderr and exit code 2."""
+    """Call `main(argv)`; turn a `UserError`, a full disk or a file it may not write into `error: <message>`
+    on stderr and exit code 2, and Ctrl-C or
+    SIGTERM into one line (`interrupted_line`; on the first process only) and exit code 128 + the signal."""
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        if previous == signal.SIG_DFL:
+            signal.signal(signal.SIGTERM, _raise_interrupted)
+    except ValueError:  # not the main thread: nothing to install
+        previous = None
     try:
         return main(argv)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt as e:
+        signum = e.signum if isinstance(e, Interrupted) else signal.SIGINT
+        if os.environ.get("RANK", "0") == "0":
+            print(interrupted_line(signum), file=sys.stderr)
+        sys.exit(128 + signum)
     except Exception as e:  # a full disk where no `writing` names the file: still one line
+        if isinstance(e, OSError) and e.errno in _NOT_ALLOWED_ERRNOS and e.filename:
+            print(f"error: {e.filename}: {e.strerror} (a read-only folder, or another user's?)", file=sys.stderr)
+            sys.exit(2)
         if not is_disk_full(e):
             raise
         where = f" while writing {e.filename}" if getattr(e, "filename", None) else ""
         print(f"error: no space left on device{where}", file=sys.stderr)
         sys.exit(2)
+    finally:
+        if previous == signal.SIG_DFL:
+            signal.signal(signal.SIGTERM, previous)

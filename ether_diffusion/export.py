@@ -44,7 +44,7 @@ from .adapters.methods import METHODS, method_of
 from .builtin import resolve_model_path
 from .devices import TORCH_DTYPES
 from .errors import ArgumentParser, UserError, run_cli
-from .files import atomic_path, check_output_folder, write_folder, write_text
+from .files import atomic_path, check_not_an_input, check_output_folder, write_folder, write_text
 from .pipelines import load_pipeline, model_load_errors
 
 FORMATS = ("kohya", "diffusers", "merged")
@@ -133,9 +133,16 @@ def load_unet(model: str):
 
 
 def lora_file_path(out, fmt: str) -> Path:
-    """`out`, or `out/<the format's file name>` when `out` is a folder."""
+    """`out`, or `out/<the format's file name>` when `out` is a folder (or written as one, `new/`: created)."""
+    as_folder = str(out).endswith(("/", os.sep))
     out = Path(out)
-    return out / EXPORT_FILE_NAMES[fmt] if out.is_dir() else out
+    return out / EXPORT_FILE_NAMES[fmt] if out.is_dir() or as_folder else out
+
+
+def check_export_target(out, adapter, model: str | None):
+    """The export `out` is neither the adapter file it reads nor the local base model folder (nor holds them)."""
+    check_not_an_input(out, "the export", {"the adapter": adapter,
+                                           "the base model": model if model and Path(model).is_dir() else None})
 
 
 def export_lora(adapter, fmt: str, out, model: str | None = None, dtype: torch.dtype = torch.float16) -> Path:
@@ -148,6 +155,8 @@ def export_lora(adapter, fmt: str, out, model: str | None = None, dtype: torch.d
     check_low_rank(cfg.method, what=f"{adapter}: --format {fmt}")  # before any model is loaded
     rank = lora_rank(cfg)
     model = base_model_of(meta, model, adapter)
+    path = lora_file_path(out, fmt)
+    check_export_target(path, adapter, model)
     unet = load_unet(model)
     load_adapter(unet, adapter)
     state = peft_state_dict(lora_factors(unet, rank), dtype)
@@ -170,7 +179,6 @@ def export_lora(adapter, fmt: str, out, model: str | None = None, dtype: torch.d
                       ss_base_model_version="sd_v1", ss_sd_model_name=model)
     else:
         header.update(diffusers_lora_metadata(sorted(name for name, _ in adapter_modules(unet)), rank))
-    path = lora_file_path(out, fmt)
     with atomic_path(path) as tmp:
         save_file(state, str(tmp), metadata=header)
     return path
@@ -192,7 +200,9 @@ def export_merged(adapter, out, model: str | None = None, dtype: torch.dtype = t
     An older export at `out` is replaced; any other existing folder is refused."""
     check_merged_target(out)
     meta = read_adapter_metadata(adapter)
-    pipe = load_pipeline(base_model_of(meta, model, adapter), adapter=adapter, merge=True)
+    model = base_model_of(meta, model, adapter)
+    check_export_target(out, adapter, model)
+    pipe = load_pipeline(model, adapter=adapter, merge=True)
     pipe.to(dtype=dtype)
     return write_folder(out, lambda folder: pipe.save_pretrained(folder, safe_serialization=True))
 
@@ -227,6 +237,9 @@ def check_export_args(args):
         check_low_rank(args.method, what=f"--export_lora {args.export_lora}")
     if getattr(args, "export_merged", None):
         check_merged_target(args.export_merged, "--export_merged")
+        if Path(args.output_dir).resolve().is_relative_to(Path(args.export_merged).resolve()):  # replaced whole
+            raise UserError(f"--export_merged {args.export_merged} would replace the run's --output_dir "
+                            f"{args.output_dir}: choose another folder for the merged model")
 
 
 def finish_run(output_dir, adapter_file, lora_format: str | None = None, grid=None) -> list[Path]:
@@ -235,6 +248,9 @@ def finish_run(output_dir, adapter_file, lora_format: str | None = None, grid=No
     exports = {}
     if lora_format:
         exports[lora_format] = export_lora(adapter_file, lora_format, Path(output_dir, EXPORT_FILE_NAMES[lora_format]))
+    for fmt, name in EXPORT_FILE_NAMES.items():  # an export of an older state (a run resumed without it): the
+        if fmt != lora_format:                     # folder is this run's (run_folder.claim), so the file is ours
+            Path(output_dir, name).unlink(missing_ok=True)
     return [*exports.values(), write_model_card(output_dir, adapter_file, exports, grid)]
 
 

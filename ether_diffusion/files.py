@@ -1,6 +1,7 @@
 """Files, read and written one way everywhere: an unreadable image is a `UserError` naming it, and whatever
 we write (an image, a built-in folder) appears complete or not at all."""
 import contextlib
+import glob
 import json
 import os
 import shutil
@@ -13,14 +14,17 @@ from PIL import Image, ImageOps
 
 from .errors import UserError, first_line
 
+TEMPORARY_PREFIX = ".tmp-"  # what `atomic_path` and the folder builders name their temporaries
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
 
 def image_files(folder) -> tuple[list[Path], list[Path]]:
     """(image files, other files) directly in `folder`, sorted; hidden files (our temporary ones among them)
-    and sub-folders are ignored."""
+    and sub-folders are ignored, a link to nothing is an error."""
     images, others = [], []
     for p in sorted(Path(folder).iterdir()):
+        if p.is_symlink() and not p.exists():  # skipped, it would leave the set smaller without a word
+            raise UserError(f"{p} is a symbolic link to {os.readlink(p)}, which does not exist")
         if p.name.startswith(".") or not p.is_file():
             continue
         (images if p.suffix.lower() in IMAGE_EXTENSIONS else others).append(p)
@@ -90,6 +94,18 @@ def check_output_folder(path, flag: str | None = None):
         raise UserError(f"{what}: {blocker} is a file, not a folder")
 
 
+def check_not_an_input(out, what: str, inputs: dict):
+    """No output overwrites an input of the same command: refuse `out` (described as `what`) when it is one of
+    `inputs` ({description: path or None}) or a folder holding one (a folder output is replaced whole)."""
+    out = Path(out).resolve()
+    for described, path in inputs.items():
+        if path is None or not Path(path).exists():
+            continue
+        if Path(path).resolve() == out or Path(path).resolve().is_relative_to(out):
+            where = "is" if Path(path).resolve() == out else "holds"
+            raise UserError(f"{what} {out} {where} {described} {path}, which this command reads: write to another path")
+
+
 def check_image_output(path, flag: str):
     """`path` (the value of `flag`) can be written as an image: not a folder, an extension PIL writes, and no
     file where its folder should be."""
@@ -103,6 +119,27 @@ def check_image_output(path, flag: str):
         raise UserError(f"{flag} {path}: {blocker} is a file, not a folder")
 
 
+def umask() -> int:
+    """This process's umask (read without changing it where Linux tells it: setting it to read it back would
+    open a moment in which another thread's files are created without it)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def temporary_folder(target: Path) -> Path:
+    """A new temporary folder beside `target`, with the mode a plain `mkdir` gives (mkdtemp's is 0700)."""
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f"{TEMPORARY_PREFIX}{target.name}-"))
+    os.chmod(tmp, 0o777 & ~umask())
+    return tmp
+
+
 @contextlib.contextmanager
 def atomic_path(path):
     """Yield a temporary file name in `path`'s folder (same suffix, so writers that go by the suffix work);
@@ -110,10 +147,13 @@ def atomic_path(path):
     leaves a partial file that a rerun would take as done, and a concurrent reader never sees one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=path.suffix)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=TEMPORARY_PREFIX, suffix=path.suffix)
     os.close(fd)
     try:
         yield Path(tmp)
+        # the mode a plain open() gives: mkstemp's 0600 (which some writers keep or set: safetensors) would
+        # keep the file from everyone else on a shared disk
+        os.chmod(tmp, 0o666 & ~umask())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -164,9 +204,9 @@ def replace_folder(src, dst):
     """Rename the finished folder `src` to `dst`; an older `dst` is swapped out first and then deleted, so
     `dst` is always either the old folder or the new one, complete."""
     src, dst = Path(src), Path(dst)
+    old = dst.with_name(dst.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)  # also the one a swap that was killed halfway left
     if dst.exists():
-        old = dst.with_name(dst.name + ".old")
-        shutil.rmtree(old, ignore_errors=True)
         os.replace(dst, old)
         os.replace(src, dst)
         shutil.rmtree(old, ignore_errors=True)
@@ -179,7 +219,11 @@ def write_folder(target, build) -> Path:
     (replacing an older `target`): a failed or interrupted build leaves `target` as it was."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".tmp-{target.name}-"))
+    # A killed build's copy (a whole model's size, for a merged export) goes at the next build of `target`.
+    # (Two builds of one target at once are not a use: the later rename would replace the other anyway.)
+    for stale in target.parent.glob(f"{TEMPORARY_PREFIX}{glob.escape(target.name)}-{'?' * 8}"):  # mkdtemp's 8
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = temporary_folder(target)
     try:
         build(tmp)
         replace_folder(tmp, target)
@@ -196,7 +240,7 @@ def build_folder_once(target, build) -> Path:
     if target.is_dir():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".tmp-{target.name}-"))
+    tmp = temporary_folder(target)
     try:
         build(tmp)
         os.rename(tmp, target)

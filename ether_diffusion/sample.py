@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from . import checks
-from .adapter_file import read_adapter_metadata
+from .adapter_file import check_adapter_or_lora, read_adapter_metadata
 from .devices import TORCH_DTYPES, check_device, default_device
 from .errors import ArgumentParser, UserError, run_cli
 from .files import check_image_output, check_output_folder, save_image
@@ -57,8 +57,11 @@ def parse_args(argv=None):
     check_image_output(args.grid, "--grid")
     check_output_folder(args.out_dir, "--out_dir")
     args.adapter, args.adapters = named_adapters(args.adapter or [])
-    for path in [args.adapter] if args.adapter else (args.adapters or {}).values():
-        read_adapter_metadata(path)  # a missing or damaged file fails before the model loads
+    # a missing or damaged file fails before the model loads
+    if args.adapter is not None:
+        check_adapter_or_lora(args.adapter)
+    for path in (args.adapters or {}).values():
+        read_adapter_metadata(path)  # several in one batch: adapter files only
     args.device = check_device(args.device) if args.device else default_device()
     return args
 

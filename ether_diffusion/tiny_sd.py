@@ -110,8 +110,9 @@ def build_tiny_sd(path, seed: int = 0):
 
 
 def cache_root() -> Path:
-    """Where built-in models are built: `$ETHER_DIFFUSION_CACHE` or ~/.cache/ether_diffusion."""
-    return Path(os.environ.get("ETHER_DIFFUSION_CACHE", Path.home() / ".cache" / "ether_diffusion"))
+    """Where built-in models are built: `$ETHER_DIFFUSION_CACHE` or ~/.cache/ether_diffusion (also when the
+    variable is set but empty, as `ETHER_DIFFUSION_CACHE= cmd` does: not the working directory)."""
+    return Path(os.environ.get("ETHER_DIFFUSION_CACHE") or Path.home() / ".cache" / "ether_diffusion")
 
 
 def tiny_sd_cache_dir() -> Path:

@@ -27,9 +27,10 @@ import torch
 from tqdm.auto import tqdm
 
 from ether_diffusion import adapter_batch, checks
-from ether_diffusion.adapter_file import is_adapter_file, read_adapter_metadata, read_safetensors_metadata
+from ether_diffusion.adapter_file import check_adapter_or_lora
 from ether_diffusion.devices import TORCH_DTYPES
 from ether_diffusion.errors import ArgumentParser, UserError, run_cli
+from ether_diffusion.export import file_sha256
 from ether_diffusion.files import load_rgb, save_image, write_text
 from ether_diffusion.grids import image_grid, save_grid
 from ether_diffusion.pipelines import apply_adapter, load_pipeline
@@ -112,11 +113,28 @@ def is_done(output_dir: Path, job, count: int) -> bool:
     return all(p.is_file() for p in image_paths(output_dir, job, count))
 
 
+def generation_settings(args) -> dict:
+    """What makes every job's images, besides its adapter and prompt (`harness.start_generation`)."""
+    return {"model": harness.same_path(args.pretrained_model_name_or_path), "images_per_prompt": args.images_per_prompt,
+            "seed": args.seed, "num_inference_steps": args.num_inference_steps, "guidance_scale": args.guidance_scale,
+            "resolution": args.resolution, "mixed_precision": args.mixed_precision}
+
+
+def fingerprints(args, jobs, adapters) -> dict:
+    """{job key: the hash of its adapter file and its prompt}: what makes one job's images its own."""
+    hashes = {adapter: file_sha256(adapter) for adapter in set(adapters.values())}
+    return {job.key: {"adapter_sha256": hashes[adapters[(job.subject, job.prompt_index)]], "prompt": job.prompt(args.token)}
+            for job in jobs}
+
+
 # ---------------------------------------------------------------------------------------------- generation
 def generate(args, jobs, adapters, accelerator):
     """Generate the jobs not done yet, split across processes. Returns how many this process generated.
     Batches hold the jobs of `--subjects_per_batch` adapters, one job of each."""
     output_dir = Path(args.output_dir)
+    by_key = {job.key: job for job in jobs}
+    harness.start_generation(accelerator, output_dir, generation_settings(args), lambda: fingerprints(args, jobs, adapters),
+                             lambda key: image_paths(output_dir, by_key[key], args.images_per_prompt))
     # Jobs sharing an adapter stay together, so each process loads each adapter once.
     jobs = sorted(jobs, key=lambda job: (str(adapters[(job.subject, job.prompt_index)]), job.subject, job.prompt_index))
     my_jobs = harness.my_share(accelerator, jobs, lambda job: is_done(output_dir, job, args.images_per_prompt), "jobs")
@@ -320,14 +338,15 @@ def main(argv=None):
     # Read the real photos first: a corrupt one stops the run before hours of generation.
     real_images = {name: [load_rgb(p) for p in protocol.subjects[name].images] for name in dict.fromkeys(j.subject for j in jobs)}
     adapters = None
-    if not args.skip_generation:
+    if args.skip_generation:  # scoring the first images_per_prompt of more is fine: the report counts what it scored
+        harness.check_generated(args.output_dir, {**generation_settings(args), "images_per_prompt": None})
+    else:
         adapters = (adapters_from_manifest(args.manifest, jobs) if args.manifest
                     else adapters_from_dir(args.adapters, jobs, args.adapter_file))
         if args.subjects_per_batch > 1:  # every file an adapter file of one method and setting
             adapter_batch.check_batchable(dict.fromkeys(adapters.values()))
         for adapter in set(adapters.values()):  # headers only, before any generation (tensors: as each loads)
-            if is_adapter_file(read_safetensors_metadata(adapter)):  # else a LoRA file: diffusers checks it
-                read_adapter_metadata(adapter)
+            check_adapter_or_lora(adapter)
 
     def report(device):
         tallies = score(args, protocol, jobs, real_images, device)

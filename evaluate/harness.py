@@ -1,5 +1,6 @@
 """What both evaluators share, each keeping its own protocol: the generate-then-score skeleton, the split
-of pending work over processes, per-item seeds, number formatting and the paper's rows in the reports."""
+of pending work over processes, per-item seeds, the record of what made the images, number formatting and
+the paper's rows in the reports."""
 import json
 import math
 import zlib
@@ -9,7 +10,14 @@ from accelerate import Accelerator
 
 from ether_diffusion import checks
 from ether_diffusion.devices import share_cpu_cores
-from ether_diffusion.files import check_output_folder, write_text
+from ether_diffusion.errors import UserError
+from ether_diffusion.export import file_sha256
+from ether_diffusion.files import check_output_folder, read_json, write_text
+
+# What made the images in an output folder: the settings of the generation (model, seed, guidance, steps,
+# ...) and one fingerprint per item (the adapter file's hash, the prompt). Images are reused only under the
+# same record; a rerun with other settings or adapters makes them again.
+GENERATION_RECORD = "generation.json"
 
 
 def fmt(value, scale=1.0, digits=4) -> str:
@@ -47,6 +55,53 @@ def item_seed(base_seed: int, key: str) -> int:
     """A seed that depends only on the item (a job, a map name), so any split or resumed run draws the same
     images."""
     return (base_seed + zlib.crc32(key.encode())) % 2**31
+
+
+def same_path(value: str | None) -> str | None:
+    """A model or dataset as the record names it: an existing local path absolute (however it was written),
+    anything else (a hub id, `builtin:tiny-sd`) as given."""
+    return str(Path(value).resolve()) if value and Path(value).exists() else value
+
+
+def files_sha256(paths) -> dict[str, str]:
+    """{file name: SHA-256} of the files among `paths` that exist: what an item's images were made from."""
+    return {Path(p).name: file_sha256(p) for p in paths if Path(p).is_file()}
+
+
+def start_generation(accelerator, output_dir, settings: dict, fingerprints, paths_of):
+    """Before any process lists its pending items: on the main process, compare the folder's record
+    (`GENERATION_RECORD`) with this run's `settings` and `fingerprints()` ({item key: what made it}), delete
+    the images (`paths_of(key)`) of every item made otherwise (every item, when the settings differ), and
+    write the new record. Images without a record (an older version's) are made again too."""
+    if accelerator.is_main_process:
+        path = Path(output_dir, GENERATION_RECORD)
+        record = read_json(path) or {}
+        items = fingerprints()
+        kept = record.get("items", {}) if record.get("settings") == settings else {}
+        stale = [key for key, made_by in items.items() if kept.get(key) != made_by]
+        for key in stale:
+            for image in paths_of(key):
+                Path(image).unlink(missing_ok=True)
+        if stale and kept:
+            print(f"{len(stale)} item(s) were made by another adapter or prompt: generating them again")
+        elif stale and record:
+            print(f"the images in {output_dir} were made with other settings: generating them again")
+        write_json(path, {"settings": settings, "items": {**kept, **items}})
+    accelerator.wait_for_everyone()
+
+
+def check_generated(output_dir, settings: dict):
+    """--skip_generation: the images must have been made with the `settings` given (those not None; a folder
+    without a record is scored as it is), or the report would name settings that did not make them."""
+    record = read_json(Path(output_dir, GENERATION_RECORD))
+    if not record:
+        return
+    for key, value in settings.items():
+        made = record.get("settings", {}).get(key)
+        if value is not None and made != value:
+            raise UserError(f"the images in {output_dir} were generated with {key}={made!r}, but this run asks for "
+                            f"{key}={value!r}: rerun without --skip_generation to generate them again, or give the "
+                            "same settings")
 
 
 def my_share(accelerator, items, is_done, what: str) -> list:

@@ -58,12 +58,20 @@ class DreamBoothProtocol:
     def prompts_for(self, subject: str) -> list[str]:
         return self.live_prompts if self.subjects[subject].live else self.object_prompts
 
+    def check_photos(self, names):
+        """The subjects `names` have their photos: a subject's missing folder stops only the work on it."""
+        for name in names:
+            if not self.subjects[name].images:
+                raise UserError(f"{self.root / name}: subject {name} listed in {self.root / PROMPTS_FILE} has no image "
+                                "folder or no images in it")
+
     def jobs(self, subjects=None, prompt_indices=None) -> list[Job]:
         """Every (subject, prompt) job, optionally restricted to some subjects and prompt indices."""
         names = list(self.subjects) if subjects is None else list(subjects)
         for name in names:
             if name not in self.subjects:
                 raise UserError(f"unknown subject {name!r}; {self.root / PROMPTS_FILE} lists {sorted(self.subjects)}")
+        self.check_photos(names)
         jobs = []
         for name in names:
             templates = self.prompts_for(name)
@@ -105,7 +113,8 @@ def _parse_templates(lines, path, heading) -> list[str]:
 
 
 def load_protocol(root) -> DreamBoothProtocol:
-    """Read `root/prompts_and_classes.txt` and check that every listed subject has a folder of photos."""
+    """Read `root/prompts_and_classes.txt` and list every subject's photos (a subject without any is refused
+    where it is used, `DreamBoothProtocol.check_photos`: the others can still be evaluated)."""
     root = Path(root)
     path = root / PROMPTS_FILE
     if not path.is_file():
@@ -122,9 +131,7 @@ def load_protocol(root) -> DreamBoothProtocol:
         if not name or not class_name:
             raise UserError(f"{path}: bad class line {row!r} (expected subject_name,class)")
         folder = root / name
-        images = tuple(image_files(folder)[0]) if folder.is_dir() else ()
-        if not images:
-            raise UserError(f"{folder}: subject {name} listed in {path} has no image folder or no images in it")
+        images = tuple(image_files(folder)[0]) if folder.is_dir() else ()  # none: an error once used (check_photos)
         subjects[name] = Subject(name, class_name, class_name in LIVE_CLASSES, images)
     if not subjects:
         raise UserError(f"{path}: the Classes section lists no subjects")

@@ -59,7 +59,7 @@ from ether_diffusion.arguments import NO_ADAPTER
 from ether_diffusion.control import ENCODER_WEIGHTS
 from ether_diffusion.errors import ArgumentParser, UserError, first_line, run_cli
 from ether_diffusion.files import read_json, write_text
-from ether_diffusion.run_folder import RunLock, describe_holder, holder_of, read_holder
+from ether_diffusion.run_folder import RunLock, describe_holder, holder_of, keep, read_holder
 from ether_diffusion.trainers import dreambooth as dreambooth_trainer, s2i as s2i_trainer
 from evaluate import dreambooth as dreambooth_eval
 from evaluate import reproduce_report, s2i as s2i_eval, selection, shards
@@ -278,6 +278,7 @@ def plan_runs(args, protocol) -> list[Run]:
     unknown = [s for s in subjects if s not in protocol.subjects]
     if unknown:
         raise UserError(f"--subjects: {unknown[0]!r} is not in {Path(args.dataset, 'prompts_and_classes.txt')}")
+    protocol.check_photos(subjects)
     runs = []
     for j, subject in enumerate(subjects):
         for k in range(len(variant_list)):
@@ -298,6 +299,8 @@ def check_settings(args, runs: list[Run]):
                 "select_images": getattr(args, "select_images", None), "select_maps": getattr(args, "select_maps", None)}
     _same_or_new(Path(args.output_dir, SETTINGS), settings, "this --output_dir holds a reproduction made with")
     for run in runs:
+        # what this driver writes in the trainer's folder is ours: the trainer must not take it for a user's
+        keep(run.folder, RUN, TRAINED, DONE, FAILED, "train.log", "select.log", selection.SCORES_DIR, selection.SELECTION)
         identity = {"argv": run.argv, "config_text": run.variant.config.read_text()}
         _same_or_new(run.folder / RUN, identity, f"run {run.name} was made with")
 

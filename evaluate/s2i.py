@@ -25,7 +25,8 @@ from tqdm.auto import tqdm
 
 from ether_diffusion import checks
 from ether_diffusion.ade20k import ADE20KDataset
-from ether_diffusion.control import S2IPipeline
+from ether_diffusion.adapter_file import ADAPTER_FILE
+from ether_diffusion.control import ENCODER_CONFIG, ENCODER_WEIGHTS, S2IPipeline
 from ether_diffusion.devices import TORCH_DTYPES
 from ether_diffusion.errors import ArgumentParser, UserError, run_cli
 from ether_diffusion.files import load_rgb, save_image, write_text
@@ -84,6 +85,19 @@ def generated_path(args, dataset, index) -> Path:
     return Path(args.output_dir) / "images" / f"{name_of(dataset, index)}.png"
 
 
+def generation_settings(args) -> dict:
+    """What makes the images (`harness.start_generation`; an image is its map's, by name): the control folder's
+    files and the caption file by their hashes (None where not given: --skip_generation)."""
+    control = (harness.files_sha256(Path(args.control_dir, name) for name in (ENCODER_WEIGHTS, ENCODER_CONFIG, ADAPTER_FILE))
+               if args.control_dir else None)
+    captions = harness.files_sha256([args.caption_file]) if args.caption_file else None
+    return {"model": harness.same_path(args.pretrained_model_name_or_path), "control_sha256": control,
+            "dataset": harness.same_path(args.dataset), "caption_sha256": captions,
+            "conditioning_is_rgb": args.conditioning_is_rgb, "seed": args.seed,
+            "num_inference_steps": args.num_inference_steps, "guidance_scale": args.guidance_scale,
+            "resolution": args.resolution, "mixed_precision": args.mixed_precision}
+
+
 def to_uint8(item_pixels: torch.Tensor) -> torch.Tensor:
     """Dataset pixel values in [-1, 1] -> uint8 (3, H, W), what FID is fed."""
     return ((item_pixels.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
@@ -91,6 +105,10 @@ def to_uint8(item_pixels: torch.Tensor) -> torch.Tensor:
 
 # ---------------------------------------------------------------------------------------------- generation
 def generate(args, dataset, accelerator):
+    names = {name_of(dataset, i): i for i in range(len(dataset))}
+    harness.start_generation(accelerator, args.output_dir, generation_settings(args),
+                             lambda: {name: {"map": str(dataset.pairs[i][1].name)} for name, i in names.items()},
+                             lambda name: [generated_path(args, dataset, names[name])])
     my_indices = harness.my_share(accelerator, range(len(dataset)),
                                   lambda i: generated_path(args, dataset, i).is_file(), "images")
     if not my_indices:
@@ -225,6 +243,8 @@ def write_grids(args, dataset, count=4 * GRID_ROWS):
 def main(argv=None):
     args = parse_args(argv)
     dataset = load_dataset(args)
+    if args.skip_generation:
+        harness.check_generated(args.output_dir, generation_settings(args))
 
     def report(device):
         metrics, not_computed, rows, black = score(args, dataset, device)

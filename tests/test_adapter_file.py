@@ -77,6 +77,15 @@ def test_wrong_n_is_named(saved_ether):
         load_adapter(fresh, path, config=AdapterConfig(method="ether", n_blocks=4))
 
 
+@pytest.mark.user_error("load_adapter(config=...) naming the target layers in another order", tool=API)
+def test_target_modules_in_another_order_are_the_same_adapter(saved_ether):
+    fresh, path = saved_ether
+    targets = AdapterConfig().target_modules
+    load_adapter(fresh, path, config=AdapterConfig(method="ether", n_blocks=2, target_modules=targets[::-1]))
+    with refused("target_modules=.* but the model/config expects target_modules=.*'to_q'.*"):
+        load_adapter(copy.deepcopy(fresh), path, config=AdapterConfig(method="ether", n_blocks=2, target_modules=["to_q"]))
+
+
 @pytest.mark.user_error("loading an adapter into a UNet that lacks its layers", tool=API)
 def test_missing_target_is_named(saved_ether, tmp_path):
     from diffusers import UNet2DConditionModel

@@ -291,3 +291,10 @@ print(float((one - two).abs().max() / one.abs().max()))
     assert result.returncode == 0, result.stderr[-2000:]
     assert "SLASWP" not in result.stdout + result.stderr
     assert float(result.stdout.split()[-1]) < 1e-5
+
+
+@pytest.mark.user_error("AdapterConfig(target_modules=None) or a non-list", tool="ether_diffusion (Python API)")
+def test_adapter_config_reads_none_as_the_default_layers():
+    assert AdapterConfig(target_modules=None).target_modules == AdapterConfig().target_modules
+    with refused("target_modules must be a list of layer names, got 5"):
+        AdapterConfig(target_modules=5)

@@ -348,3 +348,46 @@ def test_subjects_per_batch_refuses_adapters_that_cannot_share_a_batch(setup, di
     line = _line(capsys)
     assert line.startswith(f"error: {cat}: adapter has method='lora' but ") and "share the method" in line
     assert not (tmp_path / "out" / "dog").exists()
+
+
+# ---------------------------------------------------------------------------------------------- stale images
+def _image_bytes(output_dir) -> dict:
+    return {str(p.relative_to(output_dir)): p.read_bytes() for p in sorted(output_dir.glob("*/*/*.png"))}
+
+
+@pytest.mark.user_error("a rerun into the same --output_dir with another --seed or --guidance_scale", tool=TOOL)
+def test_images_made_with_other_settings_are_made_again(two_process_run, setup, tmp_path, capsys):
+    output_dir = tmp_path / "out"
+    shutil.copytree(two_process_run[0], output_dir)
+    before = _image_bytes(output_dir)
+    report = dreambooth.main(_args(setup, output_dir, extra=["--adapters", str(setup["adapters"]), "--seed", "1"]))
+    out = capsys.readouterr().out
+    assert "were made with other settings: generating them again" in out and "0 of 4 jobs already done" in out
+    after = _image_bytes(output_dir)
+    assert after.keys() == before.keys() and all(after[k] != before[k] for k in before)
+    assert report["settings"]["seed"] == 1
+    # scoring them under a setting they were not made with is refused, naming it
+    assert _run_cli(_args(setup, output_dir, extra=["--skip_generation", "--seed", "1", "--guidance_scale", "3"])) == 2
+    assert _line(capsys) == (f"error: the images in {output_dir} were generated with guidance_scale=7.5, but this run asks "
+                             "for guidance_scale=3.0: rerun without --skip_generation to generate them again, or give "
+                             "the same settings")
+
+
+@pytest.mark.user_error("a rerun into the same --output_dir with other --adapters", tool=TOOL)
+def test_jobs_of_another_adapter_are_made_again_and_only_they(two_process_run, setup, tmp_path, capsys, _tiny_unet):
+    import copy
+
+    output_dir = tmp_path / "out"
+    shutil.copytree(two_process_run[0], output_dir)
+    before = _image_bytes(output_dir)
+    adapters = shutil.copytree(setup["adapters"], tmp_path / "adapters")
+    unet = copy.deepcopy(_tiny_unet)
+    inject_adapters(unet, AdapterConfig(method="lora", rank=2))
+    save_adapter(unet, adapters / "cat" / "adapter.safetensors")  # cat retrained; dog's file is the same
+    dreambooth.main(_args(setup, output_dir, extra=["--adapters", str(adapters), "--skip_metrics"]))
+    assert "2 of 4 jobs already done; generating 2" in capsys.readouterr().out
+    after = _image_bytes(output_dir)
+    assert {k for k in before if after[k] != before[k]} <= {k for k in before if k.startswith("cat/")}
+    assert all(after[k] == before[k] for k in before if k.startswith("dog/"))
+    log = _log(output_dir)[-2:]
+    assert {(entry["subject"], entry["adapter"]) for entry in log} == {("cat", str(adapters / "cat" / "adapter.safetensors"))}

@@ -3,6 +3,7 @@ import pytest
 from PIL import Image
 
 from dreambooth_photos import COPY
+from user_errors import refused
 from ether_diffusion.errors import UserError
 from evaluate.harness import item_seed
 from evaluate.protocol import PROMPTS_FILE, adapters_from_dir, adapters_from_manifest, load_protocol
@@ -97,9 +98,6 @@ def test_small_dataset_parses(tmp_path):
 def test_dataset_errors_name_the_problem(tmp_path):
     with pytest.raises(UserError, match=f"{PROMPTS_FILE} does not exist"):
         load_protocol(tmp_path)
-    root = _write_dataset(tmp_path / "a", classes="subject_name,class\ndog,dog\nrobot,toy\n")
-    with pytest.raises(UserError, match="subject robot .* has no image folder"):
-        load_protocol(root)
     root = _write_dataset(tmp_path / "b", drop_section="Live Subject Prompts")
     with pytest.raises(UserError, match="no 'Live Subject Prompts' section"):
         load_protocol(root)
@@ -143,3 +141,11 @@ def test_adapters_from_manifest(tmp_path):
     manifest.write_text("subject,prompt_index,adapter\ndog,first,runs/dog-0.safetensors\n")
     with pytest.raises(UserError, match="line 2: prompt_index 'first' is not an integer"):
         adapters_from_manifest(manifest, jobs)
+
+
+@pytest.mark.user_error("--subjects dog when another listed subject's folder is missing", tool="evaluate/dreambooth.py")
+def test_a_missing_subject_folder_stops_only_the_work_on_that_subject(tmp_path):
+    protocol = load_protocol(_write_dataset(tmp_path, classes="subject_name,class\ndog,dog\nrobot,toy\n"))
+    assert {job.subject for job in protocol.jobs(["dog"])} == {"dog"}
+    with refused(f"{tmp_path / 'robot'}: subject robot listed in .* has no image folder or no images in it"):
+        protocol.jobs()

@@ -5,6 +5,7 @@ import functools
 import json
 
 import pytest
+import torch
 from PIL import Image
 
 from ether_diffusion import AdapterConfig, inject_adapters, save_adapter
@@ -180,3 +181,23 @@ def test_scores_align_labels_with_generated_images(setup, tmp_path, monkeypatch)
     report = s2i.main(_args(setup, output_dir, extra=["--skip_generation"]))
     assert report["metrics"]["miou"] == pytest.approx(1.0)
     assert report["metrics"]["accuracy"] == pytest.approx(1.0)
+
+
+@pytest.mark.user_error("a rerun into the same --output_dir with another --control_dir", tool=TOOL)
+def test_another_control_dir_makes_its_own_images_and_scores(run, setup, tmp_path, capsys, _tiny_unet):
+    import shutil
+
+    output_dir = tmp_path / "out"
+    shutil.copytree(run[0], output_dir)
+    before = {p.name: p.read_bytes() for p in (output_dir / "images").iterdir()}
+    other = tmp_path / "other"
+    unet = copy.deepcopy(_tiny_unet)
+    torch.manual_seed(5)  # another ETHER draw than the fixture's: another model
+    inject_adapters(unet, AdapterConfig(method="ether", n_blocks=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    save_adapter(unet, other / "adapter.safetensors")
+    save_control_encoder(make_control_encoder(unet, TINY_FACTOR), other)
+    report = s2i.main(_args(setup, output_dir, extra=["--control_dir", str(other)]))
+    assert "0 of 3 images already done; generating 3" in capsys.readouterr().out
+    after = {p.name: p.read_bytes() for p in (output_dir / "images").iterdir()}
+    assert after.keys() == before.keys() and all(after[k] != before[k] for k in before)
+    assert report["metrics"]["fid"] != run[1]["metrics"]["fid"] and report["settings"]["control_dir"] == str(other)

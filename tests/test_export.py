@@ -4,6 +4,7 @@ card, the trainers' refusal of --export_lora for full-rank methods (their export
 import hashlib
 import json
 import re
+import shutil
 
 import numpy as np
 import pytest
@@ -191,6 +192,30 @@ def test_bad_inputs_are_one_line_errors(adapters, tmp_path, capsys):
         export_lora(bare, "kohya", tmp_path / "x.safetensors")
 
 
+@pytest.mark.user_error("export with the output path equal to the input adapter", tool="ether_diffusion.export")
+def test_an_export_never_overwrites_its_input(adapters, tmp_path, capsys):
+    adapter = shutil.copy(adapters["lora-r4"][0], tmp_path / "adapter.safetensors")
+    before = hashlib.sha256(adapter.read_bytes()).hexdigest()
+    for fmt in ("kohya", "diffusers"):
+        line = fails(export_main, [adapter, "--format", fmt, adapter], capsys)
+        assert line == (f"error: the export {adapter} is the adapter {adapter}, which this command reads: write to "
+                        "another path")
+    assert hashlib.sha256(adapter.read_bytes()).hexdigest() == before
+
+
+@pytest.mark.user_error("export --format merged into the local base model's own folder", tool="ether_diffusion.export")
+def test_a_merged_export_never_replaces_its_base_model(adapters, tiny_sd_path, tmp_path, capsys):
+    base = shutil.copytree(tiny_sd_path, tmp_path / "base")
+    line = fails(export_main, [adapters["lora-r4"][0], "--format", "merged", base, "--model", base], capsys)
+    assert f"the export {base} is the base model {base}, which this command reads" in line
+    assert (base / "model_index.json").is_file() and not list(tmp_path.glob(".tmp-*"))
+
+
+def test_a_lora_export_to_a_new_folder_written_with_a_slash_goes_inside_it(adapters, tmp_path):
+    path = export_main([str(adapters["lora-r4"][0]), "--format", "diffusers", f"{tmp_path / 'newdir'}/"])
+    assert path == tmp_path / "newdir" / EXPORT_FILE_NAMES["diffusers"] and path.is_file()
+
+
 # --------------------------------------------------------------------------------------- merged
 def test_merged_folder_is_stock_diffusers_for_any_method(tmp_path):
     from diffusers import StableDiffusionPipeline
@@ -305,3 +330,14 @@ def test_trainers_refuse_export_lora_for_full_rank_methods_before_training(name,
                                "--method", "oft", "--export_lora", "kohya"], capsys)
     assert "--export_lora" in line and "--format merged" in line
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.user_error("--export_merged equal to the trainer's --output_dir (or a folder above it)", tool="train_dreambooth.py")
+def test_trainers_refuse_a_merged_export_that_would_replace_the_run(tmp_path, capsys):
+    script = import_script("train_dreambooth")
+    for merged in (tmp_path / "run", tmp_path):
+        line = fails(script.main, ["--pretrained_model_name_or_path", TINY, "--instance_data_dir", "builtin:demo-subject",
+                                   "--instance_prompt", PROMPT, "--output_dir", tmp_path / "run", "--export_merged", merged],
+                     capsys)
+        assert line == (f"error: --export_merged {merged} would replace the run's --output_dir {tmp_path / 'run'}: "
+                        "choose another folder for the merged model")

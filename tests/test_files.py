@@ -1,4 +1,6 @@
 """Reading and writing files one way: named errors for unreadable images, nothing half-written."""
+import os
+import stat
 import struct
 import zlib
 
@@ -8,7 +10,7 @@ from PIL import Image
 
 from ether_diffusion.errors import UserError
 from ether_diffusion.files import (build_folder_once, check_image_output, check_output_folder, image_files, load_rgb,
-                                   save_image, write_text)
+                                   save_image, write_folder, write_text)
 from user_errors import case, refused
 
 IMAGES = "every image reader (training photos, class images, evaluators)"
@@ -165,3 +167,37 @@ def test_build_folder_once(tmp_path):
     with pytest.raises(UserError, match="cannot build"):
         build_folder_once(tmp_path / "broken", fail)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "raced"]  # no half-built folder left
+
+
+@pytest.fixture(params=[0o022, 0o027])
+def umask(request):
+    old = os.umask(request.param)
+    yield request.param
+    os.umask(old)
+
+
+@pytest.mark.user_error("umask 022 on a shared file system: our files must be readable by others", tool="every command")
+def test_files_and_folders_follow_the_umask(tmp_path, umask):
+    from ether_diffusion import AdapterConfig, inject_adapters, save_adapter
+    from trainer_helpers import TinyBlock
+
+    model = TinyBlock()
+    inject_adapters(model, AdapterConfig(method="ether", n_blocks=2, target_modules=["to_q"]))
+    written = [write_text(tmp_path / "metrics.json", "{}"), save_image(Image.new("RGB", (4, 4)), tmp_path / "grid.png"),
+               save_adapter(model, tmp_path / "adapter.safetensors")]
+    folders = [write_folder(tmp_path / "merged", lambda f: (f / "model_index.json").write_text("{}")),
+               build_folder_once(tmp_path / "tiny-sd", lambda f: (f / "unet").mkdir())]
+    assert [oct(stat.S_IMODE(p.stat().st_mode)) for p in written] == [oct(0o666 & ~umask)] * 3
+    assert [oct(stat.S_IMODE(p.stat().st_mode)) for p in folders] == [oct(0o777 & ~umask)] * 2
+
+
+@pytest.mark.user_error("a merged export killed halfway (its temporary folder, or the older copy of a swap)",
+                        tool="python -m ether_diffusion.export")
+def test_a_killed_folder_build_leaves_nothing_after_the_next_build(tmp_path):
+    killed = tmp_path / ".tmp-merged-k2j4h1x9"  # what a killed `write_folder(tmp_path / "merged", ...)` left
+    (killed / "unet").mkdir(parents=True)
+    other = tmp_path / ".tmp-merged-v2-k2j4h1x9"  # another target's: not this build's to remove
+    other.mkdir()
+    (tmp_path / "merged.old").mkdir()  # a swap killed between its two renames
+    write_folder(tmp_path / "merged", lambda f: (f / "model_index.json").write_text("{}"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".tmp-merged-v2-k2j4h1x9", "merged"]

@@ -6,10 +6,14 @@ import json
 import logging
 import os
 import pathlib
+import re
+import shlex
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -19,7 +23,7 @@ from ether_diffusion.trainers import dreambooth as dreambooth_trainer
 from trainer_helpers import REPO, TINY, fails
 
 import user_errors
-from ether_diffusion import checkpoints, divergence, dreambooth_data, training
+from ether_diffusion import checkpoints, divergence, dreambooth_data, run_folder, training
 from ether_diffusion.errors import UserError, is_disk_full, run_cli, writing
 from ether_diffusion.toy import world
 
@@ -58,12 +62,15 @@ def finished(script, subject, tmp_path_factory):
 
 
 def copy_of(run, tmp_path, *only) -> pathlib.Path:
-    """A copy of `run` (or of only the named entries of it) in a fresh output folder."""
+    """A copy of `run` (or of only the named entries of it, with the run's record of its files) in a fresh
+    output folder."""
     out = tmp_path / "o"
     if not only:
         shutil.copytree(run, out)
     for name in only:
         shutil.copytree(run / name, out / name)
+    if only:
+        shutil.copy(run / run_folder.RECORD_FILE, out)
     return out
 
 
@@ -191,17 +198,76 @@ def test_overwrite_deletes_the_previous_runs_outputs_first(script, subject, fini
         "checkpoint-2", "checkpoint-4", "checkpoint-6.tmp", "adapter.safetensors", "train_log.jsonl", "samples",
         "README.md")}
     assert sorted(p.name for p in out.iterdir()) == ["README.md", "adapter.safetensors", "checkpoint-3", "notes.txt",
-                                                      "samples", "train_log.jsonl"]
+                                                      "run_files.json", "samples", "train_log.jsonl"]
+    assert (out / "notes.txt").read_text() == "mine"
     assert log_steps(out) == [1, 2, 3] and sorted(p.name for p in (out / "samples").iterdir()) == ["final.png"]
 
 
-def test_a_run_that_stopped_before_its_first_checkpoint_is_replaced(script, subject, tmp_path):
-    out = tmp_path / "o"
-    (out / "samples").mkdir(parents=True)
+def test_a_run_that_stopped_before_its_first_checkpoint_is_replaced(script, subject, finished, tmp_path):
+    out = copy_of(finished, tmp_path, "samples")  # with the run's record of its files
     (out / "samples" / "step-000100.png").write_bytes(b"a grid of the earlier run")
     (out / "train_log.jsonl").write_text('{"step": 1, "loss": 1.0}\n')
     train(script, subject, out, steps=2)  # nothing to resume and nothing finished: no flag needed
     assert log_steps(out) == [1, 2] and not (out / "samples" / "step-000100.png").exists()
+
+
+def users_folder(tmp_path) -> pathlib.Path:
+    """A folder no run of ours made: the user's README and notes (issue 25, case 1)."""
+    out = tmp_path / "o"
+    (out / "logs").mkdir(parents=True)
+    (out / "README.md").write_text("mine")
+    (out / "logs" / "notes.txt").write_text("x")
+    return out
+
+
+@pytest.mark.user_error("an --output_dir that holds the user's own files (README.md, logs/)", tool=TOOL)
+def test_a_folder_with_files_no_run_wrote_is_refused_naming_them(script, subject, tmp_path, capsys):
+    out = users_folder(tmp_path)
+    before = snapshot(out)
+    line = fails(script.main, argv(subject, out), capsys)
+    assert (f"{out} holds files that no run of ether-diffusion wrote (README.md, logs): use a new or empty "
+            "--output_dir, or pass --overwrite_output_dir to write beside them") in line
+    assert snapshot(out) == before and not (out / "run.lock").exists()
+
+
+@pytest.mark.user_error("--overwrite_output_dir in a folder with a file of the user where a run writes (README.md)",
+                        tool=TOOL)
+def test_overwrite_never_writes_over_a_file_no_run_wrote(script, subject, tmp_path, capsys):
+    out = users_folder(tmp_path)
+    before = snapshot(out)
+    line = fails(script.main, argv(subject, out, "--overwrite_output_dir"), capsys)
+    assert (f"{out / 'README.md'} was not written by a run of ether-diffusion (no run_files.json names it), and this "
+            "run would write there: move it away or use another --output_dir") in line
+    assert snapshot(out) == before
+
+
+@pytest.mark.user_error("--output_dir . in a clone of the repository (with and without --overwrite_output_dir)",
+                        tool=TOOL)
+def test_a_clone_of_the_repository_is_never_a_run_folder(script, subject, tmp_path, capsys, monkeypatch):
+    clone = tmp_path / "clone"
+    for name in (".git", "ether_diffusion", "logs", "tests"):
+        (clone / name).mkdir(parents=True)
+    for name in ("README.md", "Makefile", "pyproject.toml", "train_dreambooth.py"):
+        (clone / name).write_text(f"the repository's {name}")
+    before = snapshot(clone)
+    monkeypatch.chdir(clone)
+    line = fails(script.main, argv(subject, ".", "--report_to", "tensorboard"), capsys)
+    assert "holds files that no run of ether-diffusion wrote (.git, Makefile, README.md, ether_diffusion, logs, " \
+           "pyproject.toml and 2 more)" in line
+    line = fails(script.main, argv(subject, ".", "--report_to", "tensorboard", "--overwrite_output_dir"), capsys)
+    assert "README.md was not written by a run of ether-diffusion" in line
+    assert snapshot(clone) == before
+
+
+def test_overwrite_writes_beside_the_users_files_and_deletes_only_recorded_ones(script, subject, finished, tmp_path):
+    out = copy_of(finished, tmp_path)
+    (out / "logs").mkdir()
+    (out / "logs" / "notes.txt").write_text("x")  # not a run's (no tensorboard in these runs): kept
+    (out / "samples" / "mine.png").write_bytes(b"inside a run's folder: that run's, as the record says")
+    train(script, subject, out, "--overwrite_output_dir", steps=2)
+    assert (out / "logs" / "notes.txt").read_text() == "x" and not (out / "samples" / "mine.png").exists()
+    record = json.loads((out / "run_files.json").read_text())
+    assert "logs" not in record["outputs"] and {"adapter.safetensors", "samples", "README.md"} <= set(record["outputs"])
 
 
 # ------------------------------------------------------------------------------------------ resume checks
@@ -252,6 +318,20 @@ def test_resuming_may_change_what_does_not_change_the_result(script, subject, fi
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.user_error("resuming with the model folder written another way (absolute, trailing /) or without "
+                        "--export_lora", tool=TOOL)
+def test_resuming_accepts_the_same_model_written_otherwise_and_another_export(script, subject, tiny_sd_path, tmp_path,
+                                                                              monkeypatch):
+    model = shutil.copytree(tiny_sd_path, tmp_path / "model")
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "o"
+    train(script, subject, out, "--pretrained_model_name_or_path", "model", "--export_lora", "kohya", steps=2)
+    assert (out / "lora_kohya.safetensors").is_file()
+    train(script, subject, out, "--pretrained_model_name_or_path", f"{model}/", "--resume_from_checkpoint", "latest")
+    assert log_steps(out) == [1, 2, 3, 4]
+    assert not (out / "lora_kohya.safetensors").exists()  # of step 2: not left beside the adapter of step 4
+
+
 @pytest.mark.user_error("--max_train_steps below the step of the checkpoint resumed", tool=TOOL)
 def test_resuming_past_max_train_steps_is_refused(script, subject, finished, tmp_path, capsys):
     out = copy_of(finished, tmp_path, "checkpoint-4")
@@ -267,6 +347,34 @@ def test_the_finished_adapter_is_never_replaced_by_an_older_state(script, subjec
     assert (f"{out / 'adapter.safetensors'} was trained for 4 steps; this run would replace it with the state at step 3: "
             "use --max_train_steps 4 or more, or another --output_dir") in line
     assert snapshot(out) == before
+
+
+# ------------------------------------------------------------------------------------------ class images
+PRIOR_RUN = ["--with_prior_preservation", "--class_prompt", "a photo of a toy", "--num_class_images", 3,
+             "--sample_batch_size", 3, "--class_inference_steps", 1]
+
+
+@pytest.mark.user_error("--class_data_dir equal to --instance_data_dir", tool=TOOL)
+def test_class_images_are_never_generated_among_the_subjects_photos(script, subject, tmp_path, capsys):
+    photos = shutil.copytree(subject, tmp_path / "photos")
+    before = snapshot(photos)
+    line = fails(script.main, argv(photos, tmp_path / "o", *PRIOR_RUN, "--class_data_dir", photos), capsys)
+    assert line == (f"error: --class_data_dir {photos} is the --instance_data_dir: class images are generated into it "
+                    "and would be read as photos of the subject; use a folder of its own for the class images")
+    assert snapshot(photos) == before
+
+
+@pytest.mark.user_error("a class image deleted between a kill and --resume_from_checkpoint latest", tool=TOOL)
+def test_a_class_image_lost_before_resuming_is_made_again_and_the_result_is_exact(script, subject, tmp_path):
+    full = tmp_path / "full"
+    train(script, subject, full, *PRIOR_RUN)
+    out = copy_of(full, tmp_path, "checkpoint-2", "class-images")
+    lost = sorted((out / "class-images").iterdir())[1]  # a gap: 2 of 3 left, the last one still there
+    lost.unlink()
+    train(script, subject, out, *PRIOR_RUN, "--resume_from_checkpoint", "latest")
+    assert lost.read_bytes() == (full / "class-images" / lost.name).read_bytes()
+    a, b = tensors(full / "adapter.safetensors"), tensors(out / "adapter.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 # ------------------------------------------------------------------------------------------ damaged checkpoints
@@ -297,6 +405,52 @@ def test_no_whole_checkpoint_is_an_error_naming_the_damaged_files(script, subjec
     line = fails(script.main, argv(subject, out, "--resume_from_checkpoint", "latest"), capsys)
     assert (f"no usable checkpoint in {out}: checkpoint-4 is damaged: rng-0.pt is missing; checkpoint-2 is damaged: "
             "state.json is damaged (JSONDecodeError)") in line
+
+
+# ------------------------------------------------------------------------------------------ interrupts
+@pytest.mark.parametrize("signum", [
+    pytest.param(signal.SIGINT, id="SIGINT", marks=pytest.mark.user_error("Ctrl-C (SIGINT) during training", tool=TOOL)),
+    pytest.param(signal.SIGTERM, id="SIGTERM", marks=pytest.mark.user_error("SIGTERM during training", tool=TOOL))])
+def test_an_interrupt_is_one_line_with_the_step_and_the_command_that_resumes(subject, tmp_path, signum):
+    out = tmp_path / "o"
+    command = [sys.executable, "train_dreambooth.py", *argv(subject, out, steps=40, every=2)]
+    proc = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"})
+    while not checkpoints.list_checkpoints(out) and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signum)
+    err = proc.communicate(timeout=120)[1]
+    assert proc.returncode == 128 + signum and "Traceback" not in err, err[-3000:]
+    line = user_errors.record(err.strip().splitlines()[-1])
+    found = re.fullmatch(rf"interrupted \({signal.Signals(signum).name}\) at step (\d+); (\S+) is the last checkpoint: "
+                         r"resume with `python (.*)`", line)
+    assert found, line
+    step, last = int(found[1]), pathlib.Path(found[2])
+    assert last == checkpoints.list_checkpoints(out)[-1][1] and int(last.name.split("-")[1]) <= step < 40
+    assert not (out / "run.lock").exists() and not list(out.glob("checkpoint-*.tmp"))
+    if signum == signal.SIGTERM:  # the command it gives continues the run to its end
+        resumed = subprocess.run([sys.executable, *shlex.split(found[3])], cwd=REPO, capture_output=True, text=True,
+                                 env={**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}, timeout=600)
+        assert resumed.returncode == 0, resumed.stderr[-3000:]
+        assert log_steps(out) == list(range(1, 41)) and (out / "adapter.safetensors").is_file()
+
+
+@pytest.mark.user_error("leftovers of a killed run (a temporary file, checkpoint-N.old/.tmp, the grid of a step after "
+                        "the checkpoint)", tool=TOOL)
+def test_leftovers_of_an_interrupted_run_are_removed_when_it_resumes(script, subject, finished, tmp_path, caplog):
+    out = copy_of(finished, tmp_path, "checkpoint-2", "samples")
+    (out / ".tmp-k2j4h1.safetensors").write_bytes(b"half an adapter")
+    (out / "checkpoint-4.tmp").mkdir()
+    shutil.copytree(out / "checkpoint-2", out / "checkpoint-2.old")
+    (out / "samples" / "step-000003.png").write_bytes(b"the grid of a step after the checkpoint")
+    with caplog.at_level(logging.INFO, logger="ether_diffusion.run_folder"):
+        train(script, subject, out, "--resume_from_checkpoint", "latest")
+    removed = {r.getMessage() for r in caplog.records if "left by the interrupted run" in r.getMessage()}
+    assert removed == {f"removed {out / name} (left by the interrupted run)" for name in (
+        ".tmp-k2j4h1.safetensors", "checkpoint-4.tmp", "checkpoint-2.old", "samples/step-000003.png")}
+    assert not list(out.glob(".tmp-*")) and not (out / "checkpoint-2.old").exists()
+    a, b = tensors(finished / "adapter.safetensors"), tensors(out / "adapter.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 # ------------------------------------------------------------------------------------------ full disks
@@ -408,13 +562,20 @@ def test_is_disk_full_reads_the_ways_libraries_report_it(tmp_path):
             torch.save({"x": torch.zeros(1000)}, FullFile())
 
 
-@pytest.mark.user_error("disk full where no file is named (the command line's last resort)", tool="every command")
-def test_run_cli_turns_any_full_disk_into_one_line(capsys):
+@pytest.mark.parametrize("error, line", [
+    user_errors.case(OSError(errno.ENOSPC, "No space left on device", "/data/out/events.out.tfevents"),
+                     "error: no space left on device while writing /data/out/events.out.tfevents",
+                     "disk full where no file is named (the command line's last resort)", tool="every command"),
+    user_errors.case(PermissionError(errno.EACCES, "Permission denied", "/data/out/run.lock"),
+                     "error: /data/out/run.lock: Permission denied (a read-only folder, or another user's?)",
+                     "a read-only --output_dir (or any file the command may not write)", tool="every command"),
+])
+def test_run_cli_turns_an_os_error_the_user_can_fix_into_one_line(capsys, error, line):
     def main(argv):
-        raise OSError(errno.ENOSPC, "No space left on device", "/data/out/events.out.tfevents")
+        raise error
 
     with pytest.raises(SystemExit) as e:
         run_cli(main, [])
     err = capsys.readouterr().err
     assert e.value.code == 2 and "Traceback" not in err
-    assert user_errors.record(err.strip()) == "error: no space left on device while writing /data/out/events.out.tfevents"
+    assert user_errors.record(err.strip()) == line

@@ -107,6 +107,18 @@ def test_several_named_adapters_give_each_adapters_own_rows(adapter, other_adapt
     assert (pixels(tmp_path / "dog" / "00-00.png") - pixels(tmp_path / "cat" / "00-00.png")).abs().max() > 10
 
 
+@pytest.mark.user_error("--adapter lora_kohya.safetensors (a LoRA exported from an adapter)", tool=SAMPLE)
+def test_a_lora_exported_from_the_adapter_samples_what_the_adapter_samples(adapter, tmp_path):
+    from ether_diffusion.export import export_lora
+
+    lora = export_lora(adapter, "kohya", tmp_path / "lora_kohya.safetensors", model=TINY, dtype=torch.float32)
+    main(args(tmp_path / "adapter.png", "--adapter", adapter, "--seed", 7))
+    main(args(tmp_path / "lora.png", "--adapter", lora, "--seed", 7))
+    main(args(tmp_path / "base.png", "--seed", 7))
+    ours, theirs, base = (np.asarray(Image.open(tmp_path / n), dtype=float) for n in ("adapter.png", "lora.png", "base.png"))
+    assert np.abs(ours - theirs).max() <= 2 < np.abs(ours - base).max()  # the same update, up to rounding
+
+
 def fails(argv, capsys) -> str:
     """`main` through `run_cli`: exit code 2 and one line, which is returned (and recorded for the table)."""
     with pytest.raises(SystemExit) as e:

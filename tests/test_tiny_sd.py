@@ -56,3 +56,14 @@ def test_build_is_seeded(tmp_path):
     wa = load_file(a / "unet" / "diffusion_pytorch_model.safetensors")
     wb = load_file(b / "unet" / "diffusion_pytorch_model.safetensors")
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+@pytest.mark.user_error("an empty ETHER_DIFFUSION_CACHE= (the built-in model cache)", tool="every command")
+def test_an_empty_cache_variable_means_the_default_cache(monkeypatch, tmp_path):
+    from ether_diffusion.tiny_sd import cache_root
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("ETHER_DIFFUSION_CACHE", "")
+    assert cache_root() == tmp_path / ".cache" / "ether_diffusion"  # not the working directory
+    monkeypatch.setenv("ETHER_DIFFUSION_CACHE", str(tmp_path / "c"))
+    assert cache_root() == tmp_path / "c"

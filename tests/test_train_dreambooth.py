@@ -17,6 +17,7 @@ from ether_diffusion.trainers import dreambooth as dreambooth_trainer
 from trainer_helpers import REPO, TINY, train
 from trainer_helpers import fails as fails_in_process
 from trainer_helpers import launch as launch_script
+from user_errors import refused
 
 from ether_diffusion import arguments, dreambooth_data, inject_adapters, load_adapter
 from ether_diffusion.adapters import count_adapter_parameters
@@ -130,6 +131,20 @@ def test_missing_and_empty_instance_folders(script, tmp_path, capsys):
     assert not (tmp_path / "o").exists()  # nothing written for a run that cannot start
 
 
+@pytest.mark.user_error("a dangling symbolic link in the instance folder", tool="train_dreambooth.py")
+def test_a_link_to_a_missing_photo_is_named(script, subject, tmp_path, capsys):
+    photos = shutil.copytree(subject, tmp_path / "photos")
+    (photos / "05.jpg").symlink_to(tmp_path / "moved" / "05.jpg")
+    line = fails(script, base_args(photos, tmp_path / "o"), capsys)
+    assert line == f"error: {photos / '05.jpg'} is a symbolic link to {tmp_path / 'moved' / '05.jpg'}, which does not exist"
+
+
+@pytest.mark.user_error("a blank --instance_prompt", tool="train_dreambooth.py")
+def test_a_blank_instance_prompt_is_refused(script, subject, tmp_path, capsys):
+    line = fails(script, [*base_args(subject, tmp_path / "o"), "--instance_prompt", "   "], capsys)
+    assert line == "error: --instance_prompt '   ' is blank"
+
+
 @pytest.mark.user_error("a corrupt or truncated instance photo", tool="train_dreambooth.py")
 def test_corrupt_and_truncated_images_are_named(script, subject, tmp_path, capsys):
     (subject / "broken.png").write_bytes(b"\x89PNG not really")
@@ -201,20 +216,25 @@ def test_prior_preservation_batches_put_instances_first(tmp_path):
     assert torch.all(batch["pixel_values"][2:] == -1)  # the black class image, twice
 
 
+class FakePipe:
+    """A pipeline whose image is its generator's seed (red channel); counts the batch sizes it was called with."""
+
+    def __init__(self, calls):
+        self.calls = calls
+
+    def set_progress_bar_config(self, **kw):
+        pass
+
+    def __call__(self, prompts, generator, **kw):
+        self.calls.append(len(prompts))
+        return type("Out", (), {"images": [Image.new("RGB", (8, 8), (g.initial_seed() % 256, 0, 0)) for g in generator]})
+
+
 def test_class_images_are_generated_once_and_reused(tmp_path):
     calls = []
 
-    class FakePipe:
-        def set_progress_bar_config(self, **kw):
-            pass
-
-        def __call__(self, prompts, generator, **kw):
-            calls.append(len(prompts))
-            return type("Out", (), {"images": [Image.new("RGB", (8, 8), (g.initial_seed() % 256, 0, 0))
-                                               for g in generator]})
-
     def load_pipe():
-        return FakePipe()
+        return FakePipe(calls)
 
     made = dreambooth_data.generate_class_images(load_pipe, tmp_path / "cls", "a dog", 5, sample_batch_size=2, seed=10)
     assert made == 5 and calls == [2, 2, 1]
@@ -223,6 +243,30 @@ def test_class_images_are_generated_once_and_reused(tmp_path):
     assert dreambooth_data.generate_class_images(load_pipe, tmp_path / "cls", "a dog", 5) == 0
     assert dreambooth_data.generate_class_images(load_pipe, tmp_path / "cls", "a dog", 6, seed=10) == 1
     assert calls == [2, 2, 1, 1]
+
+
+@pytest.mark.user_error("a class image deleted from --class_data_dir (a gap in the generated set)", tool="train_dreambooth.py")
+def test_a_lost_class_image_is_made_again_under_its_own_index(tmp_path):
+    cls = tmp_path / "cls"
+    dreambooth_data.generate_class_images(lambda: FakePipe([]), cls, "a dog", 5, seed=10)
+    before = {p.name: p.read_bytes() for p in cls.iterdir()}
+    lost = sorted(cls.iterdir())[2]
+    lost.unlink()
+    calls = []
+    assert dreambooth_data.generate_class_images(lambda: FakePipe(calls), cls, "a dog", 5, seed=10) == 1
+    assert calls == [1] and {p.name: p.read_bytes() for p in cls.iterdir()} == before  # index 2 again, as it was
+    # the user's own images count too; ours go on after the last one
+    (cls / "my-dog.png").write_bytes((cls / lost.name).read_bytes())
+    assert dreambooth_data.missing_class_indices(cls, 7) == [5]
+
+
+@pytest.mark.user_error("a class image folder with fewer images than --num_class_images at training time",
+                        tool="train_dreambooth.py")
+def test_training_never_uses_fewer_class_images_than_asked(tmp_path):
+    dreambooth_data.generate_class_images(lambda: FakePipe([]), tmp_path / "cls", "a dog", 2)
+    with refused("class image folder .* has 2 images, fewer than --num_class_images 3"):
+        dreambooth_data.class_images(tmp_path / "cls", 3)
+    assert len(dreambooth_data.class_images(tmp_path / "cls", 2)) == 2
 
 
 def test_builtin_subjects_are_drawn_once_and_deterministically(tmp_path):

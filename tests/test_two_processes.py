@@ -52,8 +52,8 @@ def test_dreambooth_on_two_processes_resumes_bit_exactly(dreambooth_runs):
     assert not same_tensors(full / "adapter.safetensors", full / "checkpoint-3" / "adapter.safetensors")  # it trained
     for out in (full, resumed):  # one of everything, written by the main process only
         assert [json.loads(line)["step"] for line in (out / "train_log.jsonl").read_text().splitlines()] == [1, 2, 3, 4, 5]
-        assert sorted(p.name for p in out.iterdir()) == ["README.md", "adapter.safetensors", "checkpoint-3", "samples",
-                                                          "train_log.jsonl"]
+        assert sorted(p.name for p in out.iterdir()) == ["README.md", "adapter.safetensors", "checkpoint-3",
+                                                          "run_files.json", "samples", "train_log.jsonl"]
     checkpoint = full / "checkpoint-3"
     assert {"rng-0.pt", "rng-1.pt"} <= {p.name for p in checkpoint.iterdir()}  # each process's random state
     assert checkpoints.read_state(checkpoint)["settings"]["num_processes"] == 2

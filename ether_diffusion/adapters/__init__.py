@@ -31,8 +31,12 @@ class AdapterConfig:
     def __post_init__(self):
         if self.method not in METHODS:
             raise UserError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
+        if self.target_modules is None:  # as PEFT's configs read None: the default layers
+            self.target_modules = list(ATTENTION_TARGETS)
         if isinstance(self.target_modules, str):
             self.target_modules = [t for t in self.target_modules.split(",") if t]
+        if not isinstance(self.target_modules, (list, tuple)):
+            raise UserError(f"target_modules must be a list of layer names, got {self.target_modules!r}")
         self.target_modules = list(self.target_modules)
         if not self.target_modules:
             raise UserError("target_modules is empty")

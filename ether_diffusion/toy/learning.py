@@ -39,6 +39,7 @@ from ..errors import ArgumentParser, UserError, run_cli
 from ..files import read_yaml_mapping
 from ..grids import image_grid
 from ..pipelines import load_pipeline
+from ..run_folder import keep
 from ..sample import use_dpm_solver
 from . import world
 from .judge import Judge, parts_right
@@ -73,7 +74,7 @@ def train(method: str, subject: str, out: Path, class_dir: Path, num_class_image
         cmd += ["--learning_rate", str(learning_rate)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     started = time.time()
-    out.mkdir(parents=True, exist_ok=True)
+    keep(out, "train.log", "judged.json", "judged.png")  # ours, beside the trainer's files (run_folder.keep)
     with open(out / "train.log", "w") as f:
         proc = subprocess.run(cmd, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT)
     if proc.returncode != 0:

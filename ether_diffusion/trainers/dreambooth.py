@@ -109,7 +109,7 @@ def prepare_class_images(args, accelerator, model_path) -> list[Path]:
         resolution=args.resolution, seed=args.seed or 0, accelerator=accelerator)
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-    class_images = dreambooth_data.list_images(args.class_data_dir, what="class")[: args.num_class_images]
+    class_images = dreambooth_data.class_images(args.class_data_dir, args.num_class_images)
     dreambooth_data.check_images(class_images)
     return class_images
 
@@ -123,12 +123,15 @@ def main(argv=None):
     instance_dir = resolve_instance_dir(args.instance_data_dir, args.output_dir)
     instance_images = dreambooth_data.list_images(instance_dir, what="instance")
     dreambooth_data.check_images(instance_images)
+    if args.with_prior_preservation:
+        dreambooth_data.check_class_dir(args.class_data_dir, instance_dir)
     adapter_config = arguments.adapter_config_from_args(args)
 
     accelerator = training.setup_accelerator(args)
     # The output folder is this run's alone (locked), and a checkpoint in it is resumed only if it is this run's.
     settings = checkpoints.run_settings(accelerator, args, dataset_size=len(instance_images))
-    resume_from = run_folder.claim(accelerator, args, adapter_config, settings)
+    resume_from = run_folder.claim(accelerator, args, adapter_config, settings,
+                                   inputs=(instance_dir, args.class_data_dir))
     repo_id = processes.on_main(accelerator, lambda: hub.create_hub_repo(args)) if args.push_to_hub else None
     # Models: frozen; the adapter must fit the UNet before class images are generated.
     model_path = resolve_model_path(args.pretrained_model_name_or_path)

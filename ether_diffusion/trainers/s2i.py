@@ -152,7 +152,8 @@ def main(argv=None):
     accelerator = training.setup_accelerator(args)
     # The output folder is this run's alone (locked), and a checkpoint in it is resumed only if it is this run's.
     settings = checkpoints.run_settings(accelerator, args, dataset_size=len(dataset))
-    resume_from = run_folder.claim(accelerator, args, adapter_config, settings, outputs=(ENCODER_WEIGHTS, ENCODER_CONFIG))
+    resume_from = run_folder.claim(accelerator, args, adapter_config, settings, outputs=(ENCODER_WEIGHTS, ENCODER_CONFIG),
+                                   inputs=(data_dir, args.caption_file, *(args.validation_maps or ())))
     repo_id = processes.on_main(accelerator, lambda: hub.create_hub_repo(args)) if args.push_to_hub else None
     if resume_from is not None:
         load_control_encoder(resume_from)  # present and readable, before the model is loaded
