@@ -13,8 +13,8 @@
 4. Memory with K: the peak memory of the tensors a `generate` call allocates (profiler allocation events),
    toy-sd at its 32 px and at 128 px, 4 images per subject, K = 1, 2, 4, 8 subjects in the batch.
 
-    OMP_NUM_THREADS=1 python benchmarks/adapter_batch.py            # everything (about 20 minutes on one core)
-    OMP_NUM_THREADS=1 python benchmarks/adapter_batch.py --quick    # fewer rounds, 5 prompts per subject
+    OMP_NUM_THREADS=1 python -m benchmarks.adapter_batch            # everything (about 20 minutes on one core)
+    OMP_NUM_THREADS=1 python -m benchmarks.adapter_batch --quick    # fewer rounds, 5 prompts per subject
 
 Times are CPU time of the one thread (`time.thread_time`), so other work on a shared machine moves them less
 than wall time; the evaluation section prints both.
@@ -31,14 +31,11 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # adapter_overhead: the shapes and the timing helpers
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # evaluate
+from benchmarks.adapter_overhead import LAYER_SHAPES, machine_line, time_interleaved
 
-from adapter_overhead import LAYER_SHAPES, machine_line, time_interleaved  # noqa: E402
-
-from ether_diffusion import AdapterConfig, inject_adapters, load_adapter, save_adapter  # noqa: E402
-from ether_diffusion.adapter_batch import adapter_batch_of, generate, load_adapters  # noqa: E402
-from ether_diffusion.adapters import adapter_state_dict  # noqa: E402
+from ether_diffusion import AdapterConfig, inject_adapters, load_adapter, save_adapter
+from ether_diffusion.adapter_batch import adapter_batch_of, generate, load_adapters
+from ether_diffusion.adapters import adapter_state_dict
 
 BATCH = 8
 GOAL_LAYER, GOAL_EVAL = 1.15, 2.0

@@ -334,7 +334,7 @@ def test_trainers_refuse_export_lora_for_full_rank_methods_before_training(name,
 
 @pytest.mark.user_error("--export_merged equal to the trainer's --output_dir (or a folder above it)", tool="train_dreambooth.py")
 def test_trainers_refuse_a_merged_export_that_would_replace_the_run(tmp_path, capsys):
-    script = import_script("train_dreambooth")
+    script = dreambooth_trainer
     for merged in (tmp_path / "run", tmp_path):
         line = fails(script.main, ["--pretrained_model_name_or_path", TINY, "--instance_data_dir", "builtin:demo-subject",
                                    "--instance_prompt", PROMPT, "--output_dir", tmp_path / "run", "--export_merged", merged],
