@@ -33,7 +33,7 @@ demo-s2i: setup
 		train_controlnet_s2i.py --config configs/s2i/demo.yaml
 
 user-errors-table: setup
-	USER_ERRORS_TABLE=docs/user_errors.md $(PY) -m pytest tests -m user_error -q
+	USER_ERRORS_TABLE=docs/user_errors.md $(PY) -m pytest tests -m user_error -q -n $(TEST_WORKERS) --dist loadfile
 
 bench: setup
 	$(PY) benchmarks/adapter_overhead.py

@@ -28,6 +28,17 @@ def pytest_runtest_makereport(item, call):
     user_errors.collect(item, outcome.get_result())
 
 
+# The files that take longest, longest first: `make test` (pytest -n 2 --dist loadfile) hands files to its workers
+# in collection order, so these start first and overlap, instead of one of them ending the run alone.
+SLOWEST_FIRST = ("test_toy_model.py", "test_reproduce.py", "test_reproduce_s2i.py", "test_two_processes.py",
+                 "test_methods.py", "test_eval_dreambooth.py", "test_runs.py", "test_train_dreambooth.py")
+
+
+def pytest_collection_modifyitems(items):
+    order = {name: i for i, name in enumerate(SLOWEST_FIRST)}
+    items.sort(key=lambda item: order.get(item.path.name, len(order)))  # stable: each file keeps its order
+
+
 def pytest_runtest_logreport(report):
     user_errors.rows_of(report)
     dreambooth_photos.note(report)
@@ -45,7 +56,8 @@ def whole_dreambooth(request):
 
 
 def pytest_sessionfinish(session):
-    if os.environ.get("USER_ERRORS_TABLE"):
+    # the main process writes it (`pytest -n` workers hand it their rows through the reports)
+    if os.environ.get("USER_ERRORS_TABLE") and not hasattr(session.config, "workerinput"):
         user_errors.write_table(os.environ["USER_ERRORS_TABLE"])
 
 

@@ -1,8 +1,8 @@
-"""evaluate/reproduce.py. DreamBooth: 2 toy-world subjects x 2 methods on `builtin:toy-sd` with stand-in
+"""evaluate/reproduce.py. DreamBooth: a toy-world subject (of two in the dataset) x 2 methods on `builtin:toy-sd` with stand-in
 backbones, on two processes (`ACCELERATE_USE_CPU=1 torchrun --nproc_per_node 2`, one thread each): every run
 trained exactly once as its own single process, a stop in the middle and a restart give the same report as one
-go, the paper's rows are the paper's numbers. S2I (Table 3, on the tiny SD) on one process: a failed run is named
-and the exit code says so. The pieces (selection, sharding, config lookup) on their own."""
+go, the paper's rows are the paper's numbers. The pieces (selection, sharding, config lookup) on their own. S2I:
+test_reproduce_s2i.py."""
 import contextlib
 import json
 import os
@@ -15,14 +15,14 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
+from reproduce_helpers import ENV, run, runs_of, trainer_starts
 from trainer_helpers import REPO
 
 from ether_diffusion.adapters.methods import METHODS
 from ether_diffusion.errors import UserError
-from ether_diffusion.tiny_ade20k import write_tiny_ade20k
 from ether_diffusion.toy import world
 from evaluate import reproduce, selection, shards
-from evaluate.paper_tables import TABLE_2, TABLE_3
+from evaluate.paper_tables import TABLE_2
 from evaluate.tiny_backbones import write_tiny_backbones
 
 SUBJECTS = ("star_toy", "heart_toy")  # two of the toy world's subjects, class "toy", in the dataset
@@ -66,24 +66,6 @@ def command(setup, out, processes=2, methods="ether+,lora", extra=()):
             "--config_dir", str(setup["configs"]), "--methods", methods, "--subjects", SUBJECT,
             "--output_dir", str(out), "--select_every", "1", "--select_prompts", "0", "--select_images", "1",
             "--eval_args", setup["eval_args"], *extra]
-
-
-ENV = {**os.environ, "ACCELERATE_USE_CPU": "1", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-
-
-def run(cmd, check=True):
-    result = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=900)
-    if check:
-        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return result
-
-
-def runs_of(out: Path) -> dict[str, Path]:
-    return {f"{p.parent.name}/{p.name}": p for p in sorted(out.glob("runs/*/*")) if p.is_dir()}
-
-
-def trainer_starts(run_dir: Path) -> int:
-    return sum(line.startswith("$ ") for line in (run_dir / "train.log").read_text().splitlines())
 
 
 @pytest.fixture(scope="module")
@@ -205,60 +187,6 @@ def test_a_second_launch_on_a_folder_in_use_is_refused(tmp_path):
         holder.kill()
         holder.wait()
     assert reproduce.lock_launch(tmp_path, shards.shard_from_environment({}), "new").file is not None
-
-
-S2I_CONFIG = """pretrained_model_name_or_path: builtin:tiny-sd
-method: {method}
-{setting}resolution: 32
-train_batch_size: 1
-max_train_steps: 2
-learning_rate: 1e-3
-seed: 0
-num_validation_images: 1
-validation_inference_steps: 1
-validation_steps: 1000
-report_to: none
-"""
-
-
-def test_s2i_a_failed_run_is_named_and_the_exit_code_says_so(setup, tmp_path):
-    """Table 3 on one process: encoder-only trains, is selected and evaluated; the ETHER config asks for blocks
-    the tiny SD's widths cannot hold, so its trainer fails; the report names it and the exit code is 1."""
-    configs = tmp_path / "configs"
-    configs.mkdir()
-    (configs / "none.yaml").write_text(S2I_CONFIG.format(method="none", setting=""))
-    (configs / "s2i-ether.yaml").write_text(S2I_CONFIG.format(method="ether", setting="n_blocks: 7\n"))
-    dataset = write_tiny_ade20k(tmp_path / "ade", n_train=2, n_val=2, size=48)
-    b = write_tiny_backbones(tmp_path / "backbones")
-    out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "evaluate.reproduce", "s2i", "--dataset", str(dataset), "--config_dir", str(configs),
-           "--methods", "none,ether", "--output_dir", str(out), "--select_every", "1", "--select_maps", "1",
-           "--eval_args", f"--segmenter {b['upernet']} --inception {b['inception']} --limit 2 --num_inference_steps 1"]
-    result = run(cmd, check=False)
-    assert result.returncode == 1, result.stdout[-2000:] + result.stderr[-2000:]
-    assert "FAILED ether (train): layer " in result.stdout and "is not divisible by n_blocks=7" in result.stdout
-    md = (out / "report.md").read_text()
-    assert "## Failed" in md and "- ether (train): layer " in md
-    # the paper's Table 3, our encoder-only row under its "Encoder-only" row, with the encoder's size
-    report = json.loads((out / "report.json").read_text())
-    assert report["paper"]["rows"] == [list(row) for row in TABLE_3]
-    lines = md.splitlines()
-    ours = lines.index("| Encoder-only (paper) | 0 |  | 8.2 | 38.0 | 41.2 |  |  |") + 1
-    assert lines[ours].startswith("| **none (ours)** | 0 | ")
-    none = next(row for row in report["ours"] if row["variant"] == "none")
-    assert none["parameters"]["encoder"] > 0 and 0 <= none["metrics"]["miou"] <= 1
-    assert len(list((out / "eval/none/images").glob("*.png"))) == 2 and (out / "grids/maps.png").is_file()
-    # selection on the first map by mIoU, both steps scored
-    record = json.loads((out / "runs/none/selection.json").read_text())
-    assert [c["step"] for c in record["candidates"]] == [1, 2] and record["criterion"] == "miou"
-    assert record["subset"] == "the first 1 validation maps"
-    # run again: the failed run is tried again (and fails again), the done one is left alone
-    assert run(cmd, check=False).returncode == 1
-    assert trainer_starts(out / "runs/ether") == 2 and trainer_starts(out / "runs/none") == 1
-    # the same folder with other settings is refused, naming the setting
-    args = reproduce.parse_args(cmd[3:-2] + ["--select_maps", "2", *cmd[-2:]])
-    with pytest.raises(UserError, match="holds a reproduction made with select_maps = 1, but this command asks for 2"):
-        reproduce.check_settings(args, reproduce.plan_runs(args, None))
 
 
 # ------------------------------------------------------------------------------------------ the pieces
