@@ -22,9 +22,10 @@ TEST_WORKERS ?= 2
 test: setup
 	$(PY) -m pytest tests -n $(TEST_WORKERS) --dist loadfile
 
+# --overwrite_output_dir: a second `make demo` replaces the last demo-output (its class images are kept and reused).
 demo: setup
 	$(VENV)/bin/accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no \
-		train_dreambooth.py --config configs/dreambooth/demo.yaml
+		train_dreambooth.py --config configs/dreambooth/demo.yaml --overwrite_output_dir
 	$(PY) -m ether_diffusion.toy.judge --grid demo-output/samples/final.png --config configs/dreambooth/demo.yaml \
 		--subject star_toy
 
