@@ -3,7 +3,6 @@ subject with ETHER+ DreamBooth; the judge is right on fresh world pictures. Thre
 the issue's (docs/toy_world.md has the full measurements): few samples, so a test fails on a real regression,
 not on chance."""
 import json
-import os
 import random
 
 import pytest
@@ -22,7 +21,7 @@ from ether_diffusion.toy import world
 from ether_diffusion.trainers import dreambooth
 
 
-STEPS = int(os.environ.get("TOY_TEST_STEPS", 300))
+STEPS = 300
 SUBJECT = "heart_toy"
 PARTS_GAIN = 0.2  # of the subject's five parts, on 8 pictures (measured: 0.22 -> 0.63 in 300 steps)
 
@@ -105,7 +104,7 @@ def test_etherplus_dreambooth_learns_a_qwe_toy(judge, tmp_path):
     train(dreambooth, "--config", "configs/toy/dreambooth-etherplus.yaml",
           "--instance_data_dir", f"builtin:toy-subject/{SUBJECT}", "--output_dir", out, "--num_class_images", 8,
           "--max_train_steps", STEPS, "--checkpointing_steps", STEPS, "--validation_steps", STEPS,
-          "--num_validation_images", 2, "--train_batch_size", os.environ.get("TOY_TEST_BATCH", 1))
+          "--num_validation_images", 2)
     log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
     assert len(log) == STEPS
     base = use_dpm_solver(load_pipeline("builtin:toy-sd"))
