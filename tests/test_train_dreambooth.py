@@ -50,7 +50,7 @@ def adapter_tensors(path):
 # ------------------------------------------------------------------------------------------ end to end
 def test_demo_config_with_prior_preservation_and_validation(tmp_path):
     out = tmp_path / "demo"
-    launch("--config", "configs/dreambooth/demo.yaml", "--output_dir", out, "--max_train_steps", 4,
+    launch("--config", "configs/dreambooth/demo.yaml", "--output_dir", out, "--max_train_steps", 4, "--train_batch_size", 2,
            "--validation_steps", 2, "--num_validation_images", 2, "--validation_inference_steps", 2,
            "--num_class_images", 2, "--sample_batch_size", 2, "--class_inference_steps", 2, "--checkpointing_steps", 3,
            "--mixed_precision", "bf16", "--distance_logging_steps", 2)

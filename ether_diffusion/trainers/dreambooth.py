@@ -66,9 +66,11 @@ def make_parser():
     arguments.add_training_args(parser, task="dreambooth")
     arguments.add_checkpoint_args(parser)
     g = arguments.add_validation_args(parser)
-    g.add_argument("--validation_epochs", type=int, default=50,
+    g.add_argument("--validation_epochs", type=int, default=None,
                    help="Also sample a validation grid at the end of every X-th epoch, counted as diffusers' "
-                        "train_dreambooth_lora.py does: after the first epoch, then every X.")
+                        "train_dreambooth_lora.py does: after the first epoch, then every X (default: none, grids "
+                        "every --validation_steps; diffusers' default 50 draws one every 50 steps where an epoch is "
+                        "one step, as with 5 photos at batch 8).")
     arguments.add_logging_args(parser)
     diffusers_flags.add_refused_args(parser, diffusers_flags.DREAMBOOTH_REFUSED)
     return parser
