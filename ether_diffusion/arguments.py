@@ -13,7 +13,7 @@ from accelerate.utils import LoggerType
 from . import checks, hub, packages
 from .adapters import ATTENTION_TARGETS, AdapterConfig
 from .adapters.methods import BLOCKS, METHODS, SETTING_FLAGS, learning_rate_help
-from .diffusers_flags import Refused
+from .diffusers_flags import Refused, add_refused_args
 from .errors import ArgumentParser, UserError, number_problem
 from .files import check_output_folder, read_yaml_mapping
 
@@ -26,11 +26,13 @@ def comma_list(value) -> list[str]:
     return [str(item).strip() for item in items if str(item).strip()]
 
 
-def trainer_parser(prog: str, output_dir: str, description: str) -> ArgumentParser:
-    """What every trainer's command line starts with: --config and the model and output arguments."""
+def trainer_parser(prog: str, output_dir: str, description: str, refused=()) -> ArgumentParser:
+    """What every trainer's command line starts with: --config, the model and output arguments, and the
+    diffusers flags it refuses (`refused`, names from `diffusers_flags`: each a one-line error when given)."""
     parser = ArgumentParser(prog=prog, description=description)
     add_config_arg(parser)
     add_model_args(parser, output_dir=output_dir)
+    add_refused_args(parser, refused)
     return parser
 
 

@@ -36,7 +36,8 @@ logger = logging.getLogger(__name__)
 
 def make_parser():
     parser = arguments.trainer_parser("train_dreambooth.py", output_dir="dreambooth-adapter",
-                                      description="DreamBooth with ETHER / ETHER+ and the paper's baselines.")
+                                      description="DreamBooth with ETHER / ETHER+ and the paper's baselines.",
+                                      refused=diffusers_flags.DREAMBOOTH_REFUSED)
     g = parser.add_argument_group("dreambooth")
     g.add_argument("--instance_data_dir", type=str, default=None,
                    help="A folder with the subject's images; `builtin:toy-subject/<name>`: a toy-world subject "
@@ -72,7 +73,6 @@ def make_parser():
                         "every --validation_steps; diffusers' default 50 draws one every 50 steps where an epoch is "
                         "one step, as with 5 photos at batch 8).")
     arguments.add_logging_args(parser)
-    diffusers_flags.add_refused_args(parser, diffusers_flags.DREAMBOOTH_REFUSED)
     return parser
 
 

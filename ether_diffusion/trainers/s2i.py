@@ -49,7 +49,8 @@ DEFAULT_VALIDATION_MAPS = 4  # training maps shown when no --validation_maps are
 def make_parser():
     parser = arguments.trainer_parser(
         "train_controlnet_s2i.py", output_dir="s2i-adapter",
-        description="Semantic map -> image (ADE20K) with ETHER / ETHER+ and a signal encoder.")
+        description="Semantic map -> image (ADE20K) with ETHER / ETHER+ and a signal encoder.",
+        refused=diffusers_flags.CONTROLNET_REFUSED)
     g = parser.add_argument_group("data")
     g.add_argument("--train_data_dir", type=str, default=None,
                    help="ADEChallengeData2016 folder (or its parent): images/training/*.jpg + annotations/training/*.png. "
@@ -75,7 +76,6 @@ def make_parser():
                         "default: the first four training maps. --validation_prompt: one for all maps or one per map; "
                         "default: each map's caption (caption file by name, else its class names).")
     arguments.add_logging_args(parser)
-    diffusers_flags.add_refused_args(parser, diffusers_flags.CONTROLNET_REFUSED)
     return parser
 
 
