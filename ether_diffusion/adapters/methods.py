@@ -49,12 +49,8 @@ class Method:
     wrap: Callable | None = None  # ours: wrap(layer, config) -> module
     peft: ModuleType | None = None  # PEFT's: the method's module (`lora`, `hra`)
     output_blocks: bool = False  # the output side is block-diagonal too (its width must divide by n)
-
-    def shape(self, cfg) -> str:
-        """How big the adapter is, in the method's own terms: "n = 4 blocks", "rank 4", "8 reflections"."""
-        if self.settings == BLOCKS:
-            return f"n = {cfg.n_blocks} blocks"
-        return f"{cfg.rank} reflections" if self.name == "hra" else f"rank {cfg.rank}"
+    # How big the adapter is, in the method's own terms ("n = 4 blocks", "rank 4", "8 reflections"): `shape(cfg)`
+    shape: Callable = lambda cfg: f"n = {cfg.n_blocks} blocks"
 
     # What export and analysis read of one adapter layer of this method.
     def transforms(self, layer) -> list[torch.Tensor]:
@@ -88,10 +84,10 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("naive", "Naive", BLOCKS, None, weight_decay=True, dreambooth_lr=6e-5, s2i_lr=1e-5,
            per_sample=PerSampleBlocks, wrap=lambda layer, cfg: NaiveLinear(layer, cfg.n_blocks)),
     Method("lora", "LoRA", RANK, lambda cfg: cfg.rank, weight_decay=True, dreambooth_lr=6e-4, s2i_lr=1e-4,
-           per_sample=lora.PerSample, peft=lora),
+           per_sample=lora.PerSample, peft=lora, shape=lambda cfg: f"rank {cfg.rank}"),
     # r reflections span at most r directions: W' - W has rank <= r (`hra.exact_factors`)
     Method("hra", "HRA", RANK, lambda cfg: cfg.rank, weight_decay=True, dreambooth_lr=6e-4, s2i_lr=1e-4,
-           per_sample=hra.PerSample, peft=hra),
+           per_sample=hra.PerSample, peft=hra, shape=lambda cfg: f"{cfg.rank} reflections"),
 )}
 
 
