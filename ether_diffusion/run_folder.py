@@ -83,13 +83,15 @@ class RunLock:
             if _same_file(f, self.path):
                 break
             f.close()
+        # Empty the file at once: until our text is in it, a reader must not take a killed holder's text for ours
+        # (`holder_of` readers wait for a text with an `about`).
         f.seek(0)
         previous = f.read().strip()
+        f.seek(0)
+        f.truncate()
         if previous:
             logger.warning("taking over %s from a run that is no longer running (%s)", self.path,
                            describe_holder(previous))
-        f.seek(0)
-        f.truncate()
         with writing(self.path):
             f.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
                                 "started": datetime.datetime.now().isoformat(timespec="seconds"),
@@ -137,6 +139,21 @@ def read_holder(text: str) -> dict:
     except ValueError:
         return {}
     return holder if isinstance(holder, dict) else {}
+
+
+def written_by_an_ended_process(text: str) -> bool:
+    """The text names a process of this machine that has ended (or is a zombie): a killed holder's text, in a
+    file that a new holder has locked and not yet rewritten."""
+    holder = read_holder(text)
+    if holder.get("host") != socket.gethostname() or not isinstance(holder.get("pid"), int):
+        return False
+    try:
+        state = Path(f"/proc/{holder['pid']}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        return state in ("Z", "X")  # a zombie holds no lock: its files were closed when it ended
+    except FileNotFoundError:
+        return True
+    except (OSError, IndexError):  # no /proc here: nothing can be known
+        return False
 
 
 def describe_holder(text: str) -> str:

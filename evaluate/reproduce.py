@@ -59,7 +59,8 @@ from ether_diffusion.arguments import NO_ADAPTER
 from ether_diffusion.control import ENCODER_WEIGHTS
 from ether_diffusion.errors import ArgumentParser, UserError, first_line, run_cli
 from ether_diffusion.files import read_json, write_text
-from ether_diffusion.run_folder import RunLock, describe_holder, holder_of, keep, read_holder
+from ether_diffusion.run_folder import (RunLock, describe_holder, holder_of, keep, read_holder,
+                                        written_by_an_ended_process)
 from ether_diffusion.trainers import dreambooth as dreambooth_trainer, s2i as s2i_trainer
 from evaluate import dreambooth as dreambooth_eval
 from evaluate import reproduce_report, s2i as s2i_eval, selection, shards
@@ -332,7 +333,7 @@ def lock_launch(output_dir, shard, launch_id: str) -> RunLock:
             continue
         for _ in range(50):  # a process of this launch may have locked its file and not yet written it
             text = holder_of(path)
-            if text is None or read_holder(text).get("about") is not None:
+            if text is None or (read_holder(text).get("about") is not None and not written_by_an_ended_process(text)):
                 break
             time.sleep(0.1)
         if text is not None and read_holder(text).get("about") != mine:

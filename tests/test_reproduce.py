@@ -8,6 +8,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -187,6 +188,31 @@ def test_a_second_launch_on_a_folder_in_use_is_refused(tmp_path):
         holder.kill()
         holder.wait()
     assert reproduce.lock_launch(tmp_path, shards.shard_from_environment({}), "new").file is not None
+
+
+def test_a_killed_launchs_text_in_a_lock_just_taken_over_is_not_taken_for_a_holder(tmp_path):
+    """The restart after a kill: one process of the new launch has locked its file but not yet replaced the
+    killed process's text in it; another process of the new launch waits for the text instead of refusing
+    (the stop-and-restart test failed so, now and then)."""
+    ended = subprocess.Popen([sys.executable, "-c", "pass"])
+    ended.wait()  # a pid no process has any more
+    locks = tmp_path / "locks"
+    locks.mkdir()
+    old = json.dumps({"pid": ended.pid, "host": socket.gethostname(), "started": "2026-01-01T00:00:00",
+                      "command": "killed", "about": "launch old"})
+    (locks / "process-1.lock").write_text(old + "\n")
+    taker = subprocess.Popen([sys.executable, "-c", (
+        "import fcntl, json, os, socket, sys, time; f = open(sys.argv[1], 'a+'); fcntl.flock(f, fcntl.LOCK_EX); "
+        "print('locked', flush=True); time.sleep(1); f.seek(0); f.truncate(); "
+        "f.write(json.dumps({'pid': os.getpid(), 'host': socket.gethostname(), 'started': 'now', 'command': 'new', "
+        "'about': 'launch new'})); f.flush(); time.sleep(30)"), str(locks / "process-1.lock")],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert taker.stdout.readline().strip() == "locked"
+        reproduce.lock_launch(tmp_path, shards.shard_from_environment({"RANK": "0", "WORLD_SIZE": "2"}), "new").release()
+    finally:
+        taker.kill()
+        taker.wait()
 
 
 # ------------------------------------------------------------------------------------------ the pieces
