@@ -34,7 +34,8 @@ from diffusers.training_utils import compute_snr
 from tqdm.auto import tqdm
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from . import divergence, processes
+from . import divergence, hub, processes
+from .adapter_file import ADAPTER_FILE, save_adapter
 from .adapters import AdapterConfig, adapter_parameters, check_targets, inject_adapters
 from .adapters.methods import METHODS
 from .analysis import adapter_distances
@@ -469,10 +470,24 @@ def train_loop(accelerator, args, model, optimizer, lr_scheduler, dataloader, sa
     return global_step, last_validation
 
 
-def finish_run(accelerator, args, save_outputs):
+def save_final_adapter(accelerator, model, output_dir, metadata: dict, step: int) -> Path:
+    """`<output_dir>/adapter.safetensors` of the unwrapped model, its header naming the step it was trained to."""
+    path = Path(output_dir, ADAPTER_FILE)
+    with writing(path):
+        save_adapter(accelerator.unwrap_model(model), path, extra_metadata={**metadata, "steps": step})
+    return path
+
+
+def finish_run(accelerator, args, save_outputs, repo_id: str | None = None):
     """The end of every trainer: the main process writes the outputs (`save_outputs`; a failure, a full disk,
-    stops every process with its line), the trackers close, and the output folder is free for the next run."""
-    processes.on_main(accelerator, save_outputs)
+    stops every process with its line) and pushes the folder to the hub repo `repo_id` (--push_to_hub), the
+    trackers close, and the output folder is free for the next run."""
+    def save_and_push():
+        save_outputs()
+        if repo_id is not None:
+            accelerator.print(f"pushed {args.output_dir} to {hub.push_output(args, repo_id)}")
+
+    processes.on_main(accelerator, save_and_push)
     accelerator.end_training()
     release_output_dir(args.output_dir)
 

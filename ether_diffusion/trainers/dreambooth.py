@@ -22,7 +22,6 @@ import torch.nn.functional as F
 
 from .. import (arguments, checkpoints, checks, diffusers_flags, dreambooth_data, export, hub, processes, run_folder,
                training)
-from ..adapter_file import ADAPTER_FILE, save_adapter
 from ..adapters import count_adapter_parameters
 from ..builtin import resolve_instance_dir, resolve_model_path
 from ..devices import TORCH_DTYPES
@@ -202,10 +201,7 @@ def main(argv=None):
     # The adapter, a final grid and (optionally) a merged pipeline: the main process writes them, and a
     # failure (a full disk) stops every process with its line.
     def save_outputs():
-        adapter_file = Path(args.output_dir, ADAPTER_FILE)
-        with writing(adapter_file):
-            save_adapter(accelerator.unwrap_model(unet), adapter_file,
-                         extra_metadata={**adapter_metadata, "steps": global_step})
+        adapter_file = training.save_final_adapter(accelerator, unet, args.output_dir, adapter_metadata, global_step)
         final = training.save_final_grid(
             args.output_dir, global_step, last_validation,
             lambda step, **kw: validate(step, args.validation_prompt or [args.instance_prompt], **kw))
@@ -215,10 +211,8 @@ def main(argv=None):
             with writing(args.export_merged):
                 export.export_merged(adapter_file, args.export_merged)
             accelerator.print(f"wrote a merged diffusers pipeline to {args.export_merged}")
-        if repo_id is not None:
-            accelerator.print(f"pushed {args.output_dir} to {hub.push_output(args, repo_id)}")
 
-    training.finish_run(accelerator, args, save_outputs)
+    training.finish_run(accelerator, args, save_outputs, repo_id)
 
 
 if __name__ == "__main__":

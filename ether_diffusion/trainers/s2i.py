@@ -30,7 +30,6 @@ import logging
 from pathlib import Path
 
 from .. import arguments, checkpoints, checks, diffusers_flags, export, hub, processes, run_folder, training
-from ..adapter_file import ADAPTER_FILE, save_adapter
 from ..adapters import CONTROL_TARGETS, count_adapter_parameters
 from ..ade20k import ADE20KDataset, load_control_map
 from ..builtin import resolve_data_dir, resolve_model_path
@@ -215,17 +214,13 @@ def main(argv=None):
             written = [save_control_encoder(encoder, args.output_dir)]
         final = training.save_final_grid(args.output_dir, global_step, last_validation, validate)
         if adapter_config is not None:  # the model card and LoRA export describe the adapter
-            adapter_file = Path(args.output_dir, ADAPTER_FILE)
-            with writing(adapter_file):
-                save_adapter(accelerator.unwrap_model(unet), adapter_file,
-                             extra_metadata={**adapter_metadata, "steps": global_step})
+            adapter_file = training.save_final_adapter(accelerator, unet, args.output_dir, adapter_metadata,
+                                                       global_step)
             with writing(f"the LoRA export and model card in {args.output_dir}"):
                 written += [adapter_file, *export.finish_run(args.output_dir, adapter_file, args.export_lora, final)]
         accelerator.print(f"wrote {', '.join(map(str, [*written, final]))}")
-        if repo_id is not None:
-            accelerator.print(f"pushed {args.output_dir} to {hub.push_output(args, repo_id)}")
 
-    training.finish_run(accelerator, args, save_outputs)
+    training.finish_run(accelerator, args, save_outputs, repo_id)
 
 
 if __name__ == "__main__":
