@@ -68,6 +68,21 @@ def test_judge_reads_a_trainer_grid(judge, tmp_path):
                     "scenes right in 3 of 3")
 
 
+
+def test_judge_reads_an_s2i_grid_map_generated_real(tmp_path):
+    """Rows map | two "generated" pictures | real picture: real pictures in both generated columns score as the
+    real column does; the maps' own colours in their place score far lower."""
+    from ether_diffusion.ade20k import colorize
+
+    examples = list(world.examples(5, 4))
+    maps = [Image.fromarray(colorize(e.labels)) for e in examples]
+    grid = image_grid([im for e, m in zip(examples, maps) for im in (m, e.image, e.image, e.image)], rows=4, cols=4)
+    line = toy_judge.judge_s2i_grid(grid, world.SIZE)
+    generated, real = [float(v.rstrip("%")) for v in line.split() if v.endswith("%")][::2]
+    assert "8 generated pictures of 4 validation maps" in line and generated == real > 80, line
+    wrong = image_grid([im for e, m in zip(examples, maps) for im in (m, m, m, e.image)], rows=4, cols=4)
+    assert float(toy_judge.judge_s2i_grid(wrong, world.SIZE).split("mIoU ")[1].split("%")[0]) < generated / 2
+
 def _judged(pipe, judge, prompt, count=8, seed=0):
     images = pipe(prompt, num_images_per_prompt=count, generator=torch.Generator().manual_seed(seed),
                   num_inference_steps=20, height=32, width=32).images

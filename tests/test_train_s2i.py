@@ -152,15 +152,16 @@ def test_step_zero_equals_the_base_unet_and_only_adapter_and_encoder_train(scrip
     assert trainable == adapter | {f"conv_in.encoder.{n}" for n, _ in encoder.named_parameters()}
 
 
-@pytest.mark.user_error("--encoder_learning_rate above the paper's 1e-4 cap", tool="train_controlnet_s2i.py")
-def test_encoder_learning_rate_defaults_to_the_cap_and_refuses_more(script, ade, tmp_path, capsys):
+@pytest.mark.user_error("--encoder_learning_rate 0", tool="train_controlnet_s2i.py")
+def test_encoder_learning_rate_defaults_to_the_cap_and_takes_an_explicit_rate(script, ade, tmp_path, capsys):
     def parse(*extra):
         return script.parse_args(["--pretrained_model_name_or_path", TINY, "--train_data_dir", "d", *extra])
 
     assert parse("--method", "ether").encoder_learning_rate == 1e-4  # min(1e-3, cap)
     assert parse("--method", "oft").encoder_learning_rate == 1e-5  # min(1e-5, cap)
-    line = fails(script.main, base_args(ade, tmp_path / "o") + ["--encoder_learning_rate", "2e-4"], capsys)
-    assert "--encoder_learning_rate 0.0002 is not in (0, 0.0001]" in line
+    assert parse("--method", "ether", "--encoder_learning_rate", "3e-3").encoder_learning_rate == 3e-3  # cap lifted
+    line = fails(script.main, base_args(ade, tmp_path / "o") + ["--encoder_learning_rate", "0"], capsys)
+    assert "--encoder_learning_rate must be positive, got 0" in line
 
 
 # ------------------------------------------------------------------------------------------ bad input

@@ -5,6 +5,7 @@ something on the toy world.
     python -m ether_diffusion.toy.judge --paths                   # the backbone folders, for the evaluators
     python -m ether_diffusion.toy.judge --grid demo-output/samples/final.png \
         --config configs/dreambooth/demo.yaml --subject star_toy  # what `make demo` prints at its end
+    python -m ether_diffusion.toy.judge --s2i_grid demo-output/s2i/samples/final.png   # what `make demo-s2i` prints
 
 Two models, trained by `python -m ether_diffusion.toy.pretrain` (stage `judge`) and shipped in the package:
 
@@ -341,6 +342,30 @@ def judge_grid(judge: Judge, grid, prompts, subject: str) -> str:
             f"{100 * parts / total:.0f}%), scenes right in {scenes} of {scene_total}")
 
 
+def judge_s2i_grid(grid, side: int, segmenter=SEGMENTER) -> str:
+    """"mIoU and accuracy of the generated pictures, and of the real ones" for an S2I trainer's grid whose rows
+    are map | generated pictures | real picture (tiles of `side` px). The map tiles are coloured in the ADE20K
+    palette, so their labels are read back exactly; the segmenter is scored as evaluate/s2i.py scores it."""
+    from ..ade20k import colors_to_labels
+    from ..segmentation import SegmentationScores, UperNetSegmenter
+
+    rows = grid_tiles(grid, grid.height // side, grid.width // side) if grid.height % side == 0 else None
+    if not rows or len(rows[0]) < 3:
+        raise UserError(f"a {grid.width}x{grid.height} grid is not rows of {side} px tiles map | generated | real "
+                        f"picture (give --resolution)")
+    labels = [colors_to_labels(np.asarray(row[0]), "the grid's map column") for row in rows]
+    segment = UperNetSegmenter(str(segmenter))
+    generated, real = SegmentationScores(), SegmentationScores()
+    for row, target in zip(rows, labels):
+        for predicted in segment(row[1:-1]):
+            generated.update(predicted, target)
+        real.update(segment([row[-1]])[0], target)
+    g, r = generated.compute(), real.compute()
+    return (f"the segmenter saw: mIoU {100 * g['miou']:.1f}% and accuracy {100 * g['accuracy']:.1f}% on the "
+            f"{len(rows) * (len(rows[0]) - 2)} generated pictures of {len(rows)} validation maps; the maps' real "
+            f"pictures: {100 * r['miou']:.1f}% and {100 * r['accuracy']:.1f}%")
+
+
 def main(argv=None):
     p = ArgumentParser(prog="python -m ether_diffusion.toy.judge", description=__doc__.split("\n")[0])
     p.add_argument("images", nargs="*", help="Pictures to judge.")
@@ -350,7 +375,13 @@ def main(argv=None):
     p.add_argument("--config", default=None, help="The trainer's YAML, for the grid's validation prompts.")
     p.add_argument("--subject", default=world.DEMO_SUBJECT, choices=list(world.SUBJECTS),
                    help="The subject the grid should show.")
+    p.add_argument("--s2i_grid", default=None,
+                   help="An S2I trainer's grid (rows: map | generated | real picture): the segmenter's mIoU.")
+    p.add_argument("--resolution", type=int, default=world.SIZE, help="The --s2i_grid's tile size in pixels.")
     args = p.parse_args(argv)
+    if args.s2i_grid:
+        print(judge_s2i_grid(load_rgb(args.s2i_grid), args.resolution))
+        return
     if args.paths:
         print(f"--clip {JUDGE} --dino {JUDGE} --segmenter {SEGMENTER}")
         return

@@ -3,5 +3,5 @@
 from .fid import DEFAULT_INCEPTION, load_fid_features, make_fid
 from .images import is_all_black
 from .perceptual import DEFAULT_LPIPS, LpipsDistance, load_lpips, save_lpips
-from .segmentation import DEFAULT_SEGMENTER, SegmentationScores, UperNetSegmenter
+from ether_diffusion.segmentation import DEFAULT_SEGMENTER, SegmentationScores, UperNetSegmenter
 from .similarity import DEFAULT_CLIP, DEFAULT_DINO, ClipEmbedder, DinoEmbedder, cosine_matrix

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ether_diffusion.errors import UserError, first_line
+from .errors import UserError, first_line
 
 
 NUM_CLASSES = 150
