@@ -9,10 +9,12 @@ import random
 import numpy as np
 import pytest
 import torch
+import torchvision.transforms.functional as TF
 from PIL import Image, ImageDraw
 from safetensors import safe_open
 from safetensors.torch import load_file
 from trainer_helpers import TINY, fails, stop_and_resume, train
+from user_errors import refused
 
 from ether_diffusion import control_data, packages, training
 from ether_diffusion.control import (ENCODER_CONFIG, ENCODER_WEIGHTS, S2IPipeline, control_conditioning,
@@ -162,18 +164,12 @@ def test_a_path_column_and_a_list_of_captions_are_read(tmp_path):
     args = s2i.parse_args(["--pretrained_model_name_or_path", TINY, "--resolution", "32", "--train_data_dir",
                            str(folder), "--output_dir", str(tmp_path / "o"), "--center_crop"])
     dataset = control_data.ControlDataset.from_args(args)
-    expected = TF_tensor(Image.open(folder / "conditioning_images/0.png").resize((32, 32), Image.BILINEAR))
+    expected = TF.to_tensor(Image.open(folder / "conditioning_images/0.png").resize((32, 32), Image.BILINEAR))
     torch.testing.assert_close(dataset[0]["conditioning_pixel_values"], expected)
     assert dataset[0]["caption"] == lines[0]["text"]
     drawn = {dataset[(0, seed)]["caption"] for seed in range(20)}
     assert drawn == {lines[0]["text"], "another caption"}
     assert dataset[(0, 5)]["caption"] == dataset[(0, 5)]["caption"]
-
-
-def TF_tensor(image):
-    import torchvision.transforms.functional as TF
-
-    return TF.to_tensor(image)
 
 
 # ------------------------------------------------------------------------------------------ validation pairing
@@ -319,8 +315,7 @@ def test_the_ade20k_evaluator_refuses_a_control_data_run(tiny_unet, tmp_path):
     assert json.loads((tmp_path / "run" / ENCODER_CONFIG).read_text())["conditioning"] == "image"
     argv = ["--dataset", str(tmp_path / "ade"), "--pretrained_model_name_or_path", TINY, "--control_dir",
             str(tmp_path / "run"), "--output_dir", str(tmp_path / "eval")]
-    with pytest.raises(UserError, match="was trained on ControlNet-style data, not ADE20K label maps: mIoU and "
-                                        "accuracy do not apply"):
+    with refused("was trained on ControlNet-style data, not ADE20K label maps: mIoU and accuracy do not apply"):
         evaluate_s2i.parse_args(argv)
     save_control_encoder(make_control_encoder(tiny_unet, 4), tmp_path / "run")  # an ADE20K run's: accepted
     assert evaluate_s2i.parse_args(argv).control_dir == str(tmp_path / "run")
