@@ -15,6 +15,8 @@ with the cropped label maps (150 classes, label 0 ignored, accuracy over labelle
 whole set, mmsegmentation's definitions), computes FID against the cropped real images at the same
 resolution, and writes `metrics.json`, `per_image.csv`, `summary.md` and `grids/` (map | generated | real).
 The segmenter is also run on the real images: its score there is the ceiling the generated images can reach.
+A run trained on ControlNet-style data (`control_encoder.json` says `"conditioning": "image"`) is refused: its
+encoder reads conditioning pictures, not ADE20K maps, so the segmenter's scores would not apply.
 """
 import csv
 from pathlib import Path

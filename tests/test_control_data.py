@@ -59,8 +59,9 @@ def write_imagefolder(folder, n=4, size=48, seed=0):
     return folder
 
 
-def write_saved_dataset(folder, n=4, size=48, seed=0):
-    """The same rows as a `datasets.Dataset` written by `save_to_disk` (fill50k's columns and features)."""
+def write_saved_dataset(folder, n=4, size=48, seed=0, splits=False):
+    """The same rows as a `datasets.Dataset` written by `save_to_disk` (fill50k's columns and features); with
+    `splits`, as the train split of a `DatasetDict`."""
     import datasets
 
     rng = random.Random(seed)
@@ -69,8 +70,16 @@ def write_saved_dataset(folder, n=4, size=48, seed=0):
                                   "text": datasets.Value("string")})
     data = datasets.Dataset.from_dict({"image": [r[1] for r in rows], "conditioning_image": [r[0] for r in rows],
                                        "text": [r[2] for r in rows]}, features=features)
-    data.save_to_disk(str(folder))
+    (datasets.DatasetDict({"train": data}) if splits else data).save_to_disk(str(folder))
     return folder
+
+
+@pytest.fixture(autouse=True)
+def datasets_cache(tmp_path, monkeypatch):
+    """datasets' cache (where imagefolders are converted to Arrow) in the test's folder, not the user's."""
+    import datasets
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf-datasets")
 
 
 @pytest.fixture
@@ -133,24 +142,30 @@ def test_the_fill50k_readme_command_trains_end_to_end(layout, tmp_path, validati
     assert len(s2i_pipe("red circle", Image.open(validation_images[0]), num_inference_steps=1, height=32, width=32)) == 1
 
 
-def test_both_layouts_give_the_same_items_as_diffusers_transforms(tmp_path):
+def test_every_layout_gives_the_same_items_as_diffusers_transforms(tmp_path):
     folder = write_imagefolder(tmp_path / "fill")
     saved = write_saved_dataset(tmp_path / "saved")
+    saved_splits = write_saved_dataset(tmp_path / "saved-splits", splits=True)
     parse = lambda *data: s2i.parse_args(["--pretrained_model_name_or_path", TINY, "--resolution", "32",
                                           "--output_dir", str(tmp_path / "o"), "--center_crop", *map(str, data)])
     a = control_data.ControlDataset.from_args(parse("--train_data_dir", folder))
-    b = control_data.ControlDataset.from_args(parse("--dataset_name", saved))
-    assert len(a) == len(b) == 4
+    others = [control_data.ControlDataset.from_args(parse(*data)) for data in (
+        ["--dataset_name", saved], ["--dataset_name", folder], ["--train_data_dir", saved_splits])]
+    assert len(a) == 4 and [len(b) for b in others] == [4, 4, 4]
     for i in range(4):
-        x, y = a[i], b[i]
-        assert x["caption"] == y["caption"] == json.loads((folder / "metadata.jsonl").read_text().splitlines()[i])["text"]
-        for key in ("pixel_values", "conditioning_pixel_values"):
-            torch.testing.assert_close(x[key], y[key])
+        x = a[i]
+        assert x["caption"] == json.loads((folder / "metadata.jsonl").read_text().splitlines()[i])["text"]
+        for y in (b[i] for b in others):
+            assert y["caption"] == x["caption"]
+            for key in ("pixel_values", "conditioning_pixel_values"):
+                torch.testing.assert_close(x[key], y[key])
         # diffusers: resize the shorter side (bilinear) and centre-crop; images in [-1, 1], conditioning in [0, 1]
         conditioning = Image.open(folder / f"conditioning_images/{i}.png").resize((32, 32), Image.BILINEAR)
         got = (x["conditioning_pixel_values"] * 255).round().permute(1, 2, 0).numpy()
         assert np.abs(got - pixels(conditioning)).max() <= 1
         assert x["pixel_values"].min() >= -1 and x["pixel_values"].max() <= 1 and x["pixel_values"].min() < 0
+    # --max_train_samples: the first N rows
+    assert len(control_data.ControlDataset.from_args(parse("--train_data_dir", folder, "--max_train_samples", 2))) == 2
 
 
 def test_a_path_column_and_a_list_of_captions_are_read(tmp_path):
