@@ -164,7 +164,8 @@ def save_control_encoder(encoder, output_dir, conditioning: str = ADE20K_CONDITI
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().float().cpu().contiguous() for k, v in encoder.state_dict().items()}
-    config_data = {**encoder_config(encoder), **({} if conditioning == ADE20K_CONDITIONING else {"conditioning": conditioning})}
+    recorded = {} if conditioning == ADE20K_CONDITIONING else {"conditioning": conditioning}  # ADE20K runs' as before
+    config_data = {**encoder_config(encoder), **recorded}
     # Each file whole or not at all (temp file + rename): a full disk never leaves a half-written encoder.
     weights, config = output_dir / ENCODER_WEIGHTS, output_dir / ENCODER_CONFIG
     save_file(state, f"{weights}.tmp")

@@ -19,11 +19,11 @@ the encoder as RGB in [0, 1]. An ADEChallengeData2016 folder stays ADE20K label 
 
 Writes <output_dir>/adapter.safetensors, control_encoder.safetensors and control_encoder.json (load them
 with `ether_diffusion.control.S2IPipeline.from_output(model, output_dir)`, or evaluate/s2i.py
---control_dir for ADE20K runs), samples/ (map or conditioning image | generated grids), checkpoint-N/ folders (each also loadable by
-`from_output`), train_log.jsonl, TensorBoard logs and a README.md model card; with --export_lora kohya|diffusers
-also the UNet's adapter as an exact LoRA file (the signal encoder stays in its own file). One run per output
-folder (`ether_diffusion.run_folder`): a folder with another run in it needs --resume_from_checkpoint latest or
---overwrite_output_dir.
+--control_dir for ADE20K runs), samples/ (map or conditioning image | generated grids), checkpoint-N/ folders
+(each also loadable by `from_output`), train_log.jsonl, TensorBoard logs and a README.md model card; with
+--export_lora kohya|diffusers also the UNet's adapter as an exact LoRA file (the signal encoder stays in its own
+file). One run per output folder (`ether_diffusion.run_folder`): a folder with another run in it needs
+--resume_from_checkpoint latest or --overwrite_output_dir.
 
 `--method none` trains the signal encoder alone (the paper's "Encoder-only" row): no adapter file is written,
 and `from_output` then loads the encoder only.
@@ -38,14 +38,14 @@ from typing import NamedTuple
 
 import torch
 
-from .. import arguments, checkpoints, checks, control_data, diffusers_flags, export, hub, processes, run_folder, training
+from .. import (arguments, checkpoints, checks, control_data, diffusers_flags, export, hub, processes, run_folder,
+               training)
 from ..adapters import CONTROL_TARGETS, count_adapter_parameters
 from ..ade20k import ADE20KDataset, load_control_map
 from ..builtin import resolve_data_dir, resolve_model_path
 from ..control import (ADE20K_CONDITIONING, ENCODER_CONFIG, ENCODER_WEIGHTS, S2IPipeline, attach_control_encoder,
-                                     encoder_config,
-                                     load_control_encoder, make_control_encoder, save_control_encoder, use_control,
-                                     vae_scale_factor)
+                       encoder_config, load_control_encoder, make_control_encoder, save_control_encoder, use_control,
+                       vae_scale_factor)
 from ..errors import UserError, run_cli, writing
 from ..grids import sample_control_grid
 
@@ -229,8 +229,8 @@ def main(argv=None):
     unet, optimizer, train_dataloader, sampler, lr_scheduler, steps_per_epoch = training.prepare_training(
         accelerator, args, unet, optimizer, dataset)
 
-    global_step, train_log = training.start_run(accelerator, args, args.tracker_project_name, resume_from, unet, optimizer, lr_scheduler,
-                                                sampler, adapter_config,
+    global_step, train_log = training.start_run(accelerator, args, args.tracker_project_name, resume_from, unet,
+                                                optimizer, lr_scheduler, sampler, adapter_config,
                                                 load_extra=lambda folder: load_encoder_into(encoder, folder))
     adapter_metadata = {"task": "s2i", "base_model": args.pretrained_model_name_or_path,
                         "resolution": args.resolution, "conditioning": data.conditioning}
