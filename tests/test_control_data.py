@@ -254,6 +254,15 @@ def test_empty_prompts_are_drawn_from_each_samples_seed(fill, tmp_path):
     assert half[0]["caption"] != ""  # looked up without a seed (validation, inspection): kept
 
 
+def test_ade20k_maps_take_proportion_empty_prompts_too(tmp_path):
+    ade = write_tiny_ade20k(tmp_path / "ade", n_train=2, n_val=1, size=32)
+    argv = ["--pretrained_model_name_or_path", TINY, "--train_data_dir", str(ade), "--resolution", "32",
+            "--output_dir", str(tmp_path / "o")]
+    assert s2i.load_data(s2i.parse_args(argv)).dataset[0, 1]["caption"].startswith("a photo of")
+    dataset = s2i.load_data(s2i.parse_args(argv + ["--proportion_empty_prompts", "1"])).dataset
+    assert [dataset[i, seed]["caption"] for i, seed in ((0, 1), (1, 2))] == ["", ""]
+
+
 # ------------------------------------------------------------------------------------------ exact resume
 def test_stop_and_resume_on_control_data_ends_where_the_full_run_does(tmp_path):
     data = write_imagefolder(tmp_path / "fill", n=5, size=48)  # random 32 px crops of 48 px pictures
@@ -320,6 +329,13 @@ def test_flags_of_the_other_path_are_refused_not_ignored(fill, tmp_path, capsys)
     assert line.endswith("is read as ADE20K label maps: use --validation_maps")
     line = fails(s2i.main, base + ["--train_data_dir", ade, "--dataset_name", fill], capsys)
     assert line == "error: give one of --train_data_dir and --dataset_name, not both"
+
+
+@pytest.mark.user_error("--proportion_empty_prompts outside [0, 1]", tool=TOOL)
+def test_proportion_empty_prompts_is_a_proportion(fill, tmp_path, capsys):
+    line = fails(s2i.main, ["--pretrained_model_name_or_path", TINY, "--train_data_dir", fill, "--output_dir",
+                            tmp_path / "o", "--proportion_empty_prompts", 1.5], capsys)
+    assert line == "error: --proportion_empty_prompts must be in [0, 1], got 1.5"
 
 
 @pytest.mark.user_error("evaluate/s2i.py on a run trained on ControlNet-style data", tool="evaluate/s2i.py")
