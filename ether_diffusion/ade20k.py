@@ -142,6 +142,10 @@ def load_control_map(path, resolution, conditioning_is_rgb=False):
 
 
 # ----------------------------------------------------------------------------------------------- dataset
+def looks_like_ade20k(root) -> bool:
+    """Whether `root` is an ADEChallengeData2016 folder (or its parent), as `ADE20KDataset` reads it."""
+    root = Path(root)
+    return (root / "ADEChallengeData2016").is_dir() or (root / "annotations").is_dir()
 
 
 def read_caption_file(path, known_file_names):

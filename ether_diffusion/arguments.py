@@ -160,8 +160,8 @@ def add_logging_args(parser):
 
 def add_validation_args(parser, validation_steps: int = 100):
     g = parser.add_argument_group("validation")
-    g.add_argument("--validation_prompt", type=str, action="append", default=None,
-                   help="A prompt sampled during training (repeat the flag for several: one grid row each).")
+    g.add_argument("--validation_prompt", type=str, action="extend", nargs="+", default=None,
+                   help="Prompts sampled during training, one grid row each (several values, or the flag repeated).")
     g.add_argument("--num_validation_images", type=int, default=4, help="Images per validation prompt.")
     g.add_argument("--validation_steps", type=int, default=validation_steps,
                    help="Sample a validation grid every X updates.")

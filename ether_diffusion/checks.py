@@ -40,6 +40,13 @@ def fraction_below_one(args, *names):
             raise UserError(f"--{name} must be in [0, 1), got {value}")
 
 
+def fraction(args, *names):
+    """Values in [0, 1]: proportions."""
+    for name, value in _given(args, names):
+        if not 0 <= value <= 1:
+            raise UserError(f"--{name} must be in [0, 1], got {value}")
+
+
 def seed(args, *names):
     for name, value in _given(args, names):
         if not 0 <= value < SEED_LIMIT:

@@ -35,6 +35,7 @@ from .pipelines import load_pipeline
 
 ENCODER_WEIGHTS = "control_encoder.safetensors"
 ENCODER_CONFIG = "control_encoder.json"
+ADE20K_CONDITIONING = "ade20k-palette"  # ADE20K label maps in the palette's colours (the default task)
 # ControlNet's channels; its three stride-2 stages match SD's VAE factor 8.
 CONTROLNET_CHANNELS = (16, 32, 96, 256)
 
@@ -157,18 +158,31 @@ def use_control(unet, control):
 
 
 # ------------------------------------------------------------------------------------------- files
-def save_control_encoder(encoder, output_dir) -> Path:
-    """`control_encoder.safetensors` (float32) + `control_encoder.json` (its channels and VAE factor)."""
+def save_control_encoder(encoder, output_dir, conditioning: str = ADE20K_CONDITIONING) -> Path:
+    """`control_encoder.safetensors` (float32) + `control_encoder.json` (its channels and VAE factor, and
+    what it reads unless ADE20K maps: `"conditioning": "image"` for ControlNet-style data)."""
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().float().cpu().contiguous() for k, v in encoder.state_dict().items()}
+    recorded = {} if conditioning == ADE20K_CONDITIONING else {"conditioning": conditioning}  # ADE20K runs' as before
+    config_data = {**encoder_config(encoder), **recorded}
     # Each file whole or not at all (temp file + rename): a full disk never leaves a half-written encoder.
     weights, config = output_dir / ENCODER_WEIGHTS, output_dir / ENCODER_CONFIG
     save_file(state, f"{weights}.tmp")
-    Path(f"{config}.tmp").write_text(json.dumps(encoder_config(encoder), indent=2) + "\n")
+    Path(f"{config}.tmp").write_text(json.dumps(config_data, indent=2) + "\n")
     os.replace(f"{weights}.tmp", weights)
     os.replace(f"{config}.tmp", config)
     return weights
+
+
+def control_conditioning(output_dir) -> str:
+    """What the encoder saved in `output_dir` reads: `ADE20K_CONDITIONING` (palette-coloured maps; also for
+    folders written before this was recorded, or unreadable ones, which `load_control_encoder` reports) or
+    "image" (any conditioning picture: ControlNet-style data)."""
+    try:
+        return json.loads(Path(output_dir, ENCODER_CONFIG).read_text()).get("conditioning", ADE20K_CONDITIONING)
+    except (OSError, ValueError, AttributeError):
+        return ADE20K_CONDITIONING
 
 
 def load_control_encoder(output_dir):

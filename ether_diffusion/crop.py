@@ -14,11 +14,12 @@ def crop_box(width, height, size, center=True, generator=None) -> tuple[int, int
     return top, left, size, size
 
 
-def resize_and_crop(image, labels, size, center=True, generator=None):
+def resize_and_crop(image, labels, size, center=True, generator=None, label_interpolation=InterpolationMode.NEAREST):
     """Resize the shorter side to `size` (bilinear for the image, nearest for a label map, so labels stay
-    labels) and cut the same square from both. Either may be None; returns (image, labels)."""
+    labels; bilinear for a ControlNet conditioning picture) and cut the same square from both. Either may be
+    None; returns (image, labels)."""
     image = None if image is None else TF.resize(image, size, interpolation=InterpolationMode.BILINEAR)
-    labels = None if labels is None else TF.resize(labels, size, interpolation=InterpolationMode.NEAREST)
+    labels = None if labels is None else TF.resize(labels, size, interpolation=label_interpolation)
     reference = image if image is not None else labels
     box = crop_box(reference.width, reference.height, size, center, generator)
     return tuple(None if x is None else TF.crop(x, *box) for x in (image, labels))

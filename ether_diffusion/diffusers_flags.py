@@ -25,21 +25,11 @@ REFUSED = {
     "controlnet_model_name_or_path": "not supported: there is no ControlNet here (a signal encoder into conv_in and "
                                      "adapters on the UNet); continue a run with --resume_from_checkpoint",
     "enable_npu_flash_attention": "not supported: it needs Ascend NPUs (torch_npu); PyTorch's attention is used",
-    "dataset_name": "not supported yet: only the ADE20K folder layout is read; use --train_data_dir",
-    "dataset_config_name": "not supported yet: only the ADE20K folder layout is read; use --train_data_dir",
-    "image_column": "not supported yet: only the ADE20K folder layout is read; use --train_data_dir",
-    "conditioning_image_column": "not supported yet: only the ADE20K folder layout is read; use --train_data_dir",
-    "caption_column": "not supported yet: captions come from --caption_file (metadata.jsonl) or the map's classes",
-    "proportion_empty_prompts": "not supported yet: every example is trained with its caption",
-    "validation_image": "not supported yet: use --validation_maps (maps in the annotations' format)",
-    "tracker_project_name": "not supported yet: the trackers' project is `s2i`",
 }
 
 DREAMBOOTH_REFUSED = ("train_text_encoder", "tokenizer_max_length", "text_encoder_use_attention_mask",
                       "validation_images", "class_labels_conditioning", "skip_save_text_encoder")
-CONTROLNET_REFUSED = ("controlnet_model_name_or_path", "enable_npu_flash_attention", "dataset_name",
-                      "dataset_config_name", "image_column", "conditioning_image_column", "caption_column",
-                      "proportion_empty_prompts", "validation_image", "tracker_project_name")
+CONTROLNET_REFUSED = ("controlnet_model_name_or_path", "enable_npu_flash_attention")
 
 
 class Refused(argparse.Action):

@@ -280,7 +280,9 @@ def write_model_card(output_dir, adapter_file, exports: dict[str, Path] | None =
                          library_name="diffusers",
                          tags=["stable-diffusion", "text-to-image", "diffusers", "diffusers-training", "ether-diffusion",
                                method.replace("+", "-plus"), *(["lora"] if exports else [])])
-    task = "Semantic map to image (ADE20K) with a ControlNet-style signal encoder" if s2i else "DreamBooth"
+    # S2I: what the encoder reads (ControlNet-style data: "image"; ADE20K maps otherwise)
+    task = ("DreamBooth" if not s2i else "Conditioning image to image (ControlNet-style data) with a signal encoder"
+            if meta.get("conditioning") == "image" else "Semantic map to image (ADE20K) with a ControlNet-style signal encoder")
     lines = ["---", data.to_yaml(), "---", "", f"# {title} adapter for {base}", "",
              f"{task}, trained with ether-diffusion for {meta.get('steps', '?')} steps: {adapter_summary(meta)}.", ""]
     if prompt:

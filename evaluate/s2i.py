@@ -15,6 +15,8 @@ with the cropped label maps (150 classes, label 0 ignored, accuracy over labelle
 whole set, mmsegmentation's definitions), computes FID against the cropped real images at the same
 resolution, and writes `metrics.json`, `per_image.csv`, `summary.md` and `grids/` (map | generated | real).
 The segmenter is also run on the real images: its score there is the ceiling the generated images can reach.
+A run trained on ControlNet-style data (`control_encoder.json` says `"conditioning": "image"`) is refused: its
+encoder reads conditioning pictures, not ADE20K maps, so the segmenter's scores would not apply.
 """
 import csv
 from pathlib import Path
@@ -26,7 +28,7 @@ from tqdm.auto import tqdm
 from ether_diffusion import checks
 from ether_diffusion.ade20k import ADE20KDataset
 from ether_diffusion.adapter_file import ADAPTER_FILE
-from ether_diffusion.control import ENCODER_CONFIG, ENCODER_WEIGHTS, S2IPipeline
+from ether_diffusion.control import ADE20K_CONDITIONING, ENCODER_CONFIG, ENCODER_WEIGHTS, S2IPipeline, control_conditioning
 from ether_diffusion.devices import TORCH_DTYPES
 from ether_diffusion.errors import ArgumentParser, UserError, run_cli
 from ether_diffusion.files import load_rgb, save_image, write_text
@@ -68,6 +70,10 @@ def parse_args(argv=None):
     if not args.skip_generation and (args.pretrained_model_name_or_path is None or args.control_dir is None):
         raise UserError("--pretrained_model_name_or_path and --control_dir are needed to generate "
                         "(or pass --skip_generation to score existing images)")
+    if args.control_dir is not None and control_conditioning(args.control_dir) != ADE20K_CONDITIONING:
+        # its encoder reads conditioning pictures, not ADE20K maps: the segmenter's scores would mean nothing
+        raise UserError(f"--control_dir {args.control_dir} was trained on ControlNet-style data, not ADE20K label maps: "
+                        "mIoU and accuracy do not apply; sample it with S2IPipeline.from_output and its own images")
     return args
 
 

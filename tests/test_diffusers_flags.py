@@ -277,7 +277,7 @@ def test_noise_offset_adds_one_constant_per_image_and_channel():
 
 def test_refused_action_swallows_any_values():
     parser = argparse.ArgumentParser()
-    diffusers_flags.add_refused_args(parser, ["validation_image"])
-    for argv in (["--validation_image"], ["--validation_image", "a.png", "b.png"], ["--validation_image=a.png"]):
-        with pytest.raises(UserError, match="^--validation_image: not supported yet"):
+    diffusers_flags.add_refused_args(parser, ["validation_images"])
+    for argv in (["--validation_images"], ["--validation_images", "a.png", "b.png"], ["--validation_images=a.png"]):
+        with pytest.raises(UserError, match="^--validation_images: not supported: it is for image-to-image"):
             parser.parse_args(argv)
