@@ -142,6 +142,12 @@ def load_control_map(path, resolution, conditioning_is_rgb=False):
 
 
 # ----------------------------------------------------------------------------------------------- dataset
+def has_split(root, split: str) -> bool:
+    """Whether the ADEChallengeData2016 folder `root` (or its parent) has images and annotations of `split`."""
+    root = Path(root) / "ADEChallengeData2016" if (Path(root) / "ADEChallengeData2016").is_dir() else Path(root)
+    return all((root / kind / SPLIT_DIRS[split]).is_dir() for kind in ("images", "annotations"))
+
+
 def looks_like_ade20k(root) -> bool:
     """Whether `root` is an ADEChallengeData2016 folder (or its parent), as `ADE20KDataset` reads it."""
     root = Path(root)
@@ -213,6 +219,7 @@ class ADE20KDataset(torch.utils.data.Dataset):
             more = f" ({len(missing) - 1} more images lack one)" if len(missing) > 1 else ""
             raise UserError(f"image {missing[0]} has no annotation {annotation_dir / (missing[0].stem + '.png')}{more}")
 
+        self.caption_file = caption_file
         if caption_file is not None:
             all_images = {p.name for folder in SPLIT_DIRS.values() for p in image_files(root / "images" / folder)[0]
                           if (root / "images" / folder).is_dir()}

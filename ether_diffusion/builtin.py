@@ -8,6 +8,7 @@ image folder or a dataset folder is, so a machine with no hub and no downloads c
 | `builtin:toy-subject/<name>` | `--instance_data_dir`                   | a toy-world subject's photos (`toy/world.py`) |
 | `builtin:demo-subject` | `--instance_data_dir`                         | the qwe toy's photos (the subject star_toy)  |
 | `builtin:tiny-ade20k`  | `--train_data_dir`                            | a tiny random ADE20K folder (`tiny_ade20k.py`) |
+| `builtin:toy-ade20k`   | `--train_data_dir`                            | the toy world's label maps: 512 training, 64 validation (`toy/world.py`) |
 
 Models are built once into a cache folder (`$ETHER_DIFFUSION_CACHE`, default `~/.cache/ether_diffusion`);
 data is written once into the run's output folder. Both go through `files.build_folder_once` or atomic
@@ -25,6 +26,7 @@ TOY_SD = "builtin:toy-sd"
 TOY_SUBJECT = "builtin:toy-subject/"
 DEMO_SUBJECT = "builtin:demo-subject"
 TINY_ADE20K = "builtin:tiny-ade20k"
+TOY_ADE20K = "builtin:toy-ade20k"
 
 
 def resolve_model_path(name_or_path: str) -> str:
@@ -69,9 +71,18 @@ def resolve_instance_dir(value: str, output_dir) -> Path:
 
 
 def resolve_data_dir(value: str, output_dir) -> Path:
-    """`builtin:tiny-ade20k` -> `<output_dir>/tiny-ade20k`, written there once; a folder unchanged."""
+    """`builtin:tiny-ade20k` -> `<output_dir>/tiny-ade20k` and `builtin:toy-ade20k` -> `<output_dir>/toy-ade20k`,
+    written there once; a folder unchanged."""
     if value == TINY_ADE20K:
         folder = Path(output_dir, "tiny-ade20k")
         with writing(folder):
             return build_folder_once(folder, lambda tmp: write_tiny_ade20k(tmp, n_train=8, n_val=2, size=64))
+    if value == TOY_ADE20K:
+        from .toy import world
+
+        folder = Path(output_dir, "toy-ade20k")
+        with writing(folder):
+            return build_folder_once(folder, lambda tmp: world.write_ade20k(tmp, n_train=512, n_val=64))
+    if value.startswith("builtin:"):
+        raise UserError(f"--train_data_dir {value}: unknown built-in dataset (choose {TINY_ADE20K} or {TOY_ADE20K})")
     return Path(value)

@@ -48,7 +48,6 @@ SAVED_MARKERS = ("dataset_dict.json", "state.json")  # what Dataset(Dict).save_t
 ADE20K_ONLY = {"caption_file": "captions come from --caption_column",
                "conditioning_is_rgb": "conditioning images are read as RGB pictures",
                "validation_maps": "use --validation_image"}
-DEFAULT_VALIDATION_ROWS = 4  # training rows shown when no --validation_image is given
 # diffusers' column flags and their defaults
 COLUMNS = {"image_column": "image", "conditioning_image_column": "conditioning_image", "caption_column": "text"}
 
@@ -237,16 +236,17 @@ class ControlDataset(torch.utils.data.Dataset):
                 "caption": self.caption(row, index, generator)}
 
 
-def validation_inputs(args, dataset: ControlDataset) -> tuple[list, list[str]]:
-    """(conditioning images at the resolution, prompts) for the grids, read before training: the
-    --validation_image files with --validation_prompt (diffusers' pairing), else the first training rows with
-    their captions."""
+def validation_inputs(args, dataset: ControlDataset) -> tuple[list, list[str], list | None]:
+    """(conditioning images at the resolution, prompts, real pictures or None) for the grids, read before
+    training: the --validation_image files with --validation_prompt (diffusers' pairing), else the first
+    --num_validation_maps training rows with their captions and images."""
     if args.validation_image:
         images = [resize_and_crop(load_rgb(path), None, args.resolution)[0] for path in args.validation_image]
-        return pair_validation(images, list(args.validation_prompt))
-    rows = range(min(DEFAULT_VALIDATION_ROWS, len(dataset)))
+        return *pair_validation(images, list(args.validation_prompt)), None
+    rows = range(min(args.num_validation_maps, len(dataset)))
     pairs = [dataset.pair(i, center=True) for i in rows]
-    return [images[1] for images, _ in pairs], [dataset.caption(row, i) for i, (_, row) in zip(rows, pairs)]
+    return ([images[1] for images, _ in pairs], [dataset.caption(row, i) for i, (_, row) in zip(rows, pairs)],
+            [images[0] for images, _ in pairs])
 
 
 # ----------------------------------------------------------------------------------------------- empty prompts

@@ -60,23 +60,27 @@ def sample_subject_grid(pipe, adapter_names, prompts, num_images: int, seed: int
     return image_grid([im for row in rows for im in row], rows=len(rows), cols=num_images), rows
 
 
-def control_grid(control_images, generated, images_per_map: int = 1) -> Image.Image:
-    """One row per map: map | its generated image(s), maps resized (nearest) to the generated size."""
+def control_grid(control_images, generated, images_per_map: int = 1, real_images=None) -> Image.Image:
+    """One row per map: map | its generated image(s) [| its real picture], maps resized (nearest) to the
+    generated size."""
     size = generated[0].size
     cells = []
     for i, control in enumerate(control_images):
         cells.append(control.convert("RGB").resize(size, Image.NEAREST))
         cells.extend(generated[i * images_per_map:(i + 1) * images_per_map])
-    return image_grid(cells, rows=len(control_images), cols=1 + images_per_map)
+        if real_images is not None:
+            cells.append(real_images[i].convert("RGB").resize(size, Image.BICUBIC))
+    return image_grid(cells, rows=len(control_images), cols=1 + images_per_map + (real_images is not None))
 
 
 def sample_control_grid(s2i, prompts, control_images, num_images: int, seed: int = 0,
-                        num_inference_steps: int = 25, guidance_scale: float = 7.5, height=None, width=None):
+                        num_inference_steps: int = 25, guidance_scale: float = 7.5, height=None, width=None,
+                        real_images=None):
     """One row per map from a `control.S2IPipeline`: map | `num_images` images generated from it and its
-    prompt; every row starts from the same seed, so the columns compare maps."""
+    prompt [| the map's real picture]; every row starts from the same seed, so the columns compare maps."""
     images = []
     for prompt, control in zip(prompts, control_images, strict=True):
         generator = torch.Generator("cpu").manual_seed(seed)
         images += s2i(prompt, control, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
                       generator=generator, height=height, width=width, num_images_per_prompt=num_images)
-    return control_grid(control_images, images, images_per_map=num_images)
+    return control_grid(control_images, images, images_per_map=num_images, real_images=real_images)

@@ -91,12 +91,12 @@ def generated_path(args, dataset, index) -> Path:
     return Path(args.output_dir) / "images" / f"{name_of(dataset, index)}.png"
 
 
-def generation_settings(args) -> dict:
+def generation_settings(args, dataset) -> dict:
     """What makes the images (`harness.start_generation`; an image is its map's, by name): the control folder's
-    files and the caption file by their hashes (None where not given: --skip_generation)."""
+    files and the dataset's caption file by their hashes (None where not given: --skip_generation)."""
     control = (harness.files_sha256(Path(args.control_dir, name) for name in (ENCODER_WEIGHTS, ENCODER_CONFIG, ADAPTER_FILE))
                if args.control_dir else None)
-    captions = harness.files_sha256([args.caption_file]) if args.caption_file else None
+    captions = harness.files_sha256([dataset.caption_file]) if dataset.caption_file else None
     return {"model": harness.same_path(args.pretrained_model_name_or_path), "control_sha256": control,
             "dataset": harness.same_path(args.dataset), "caption_sha256": captions,
             "conditioning_is_rgb": args.conditioning_is_rgb, "seed": args.seed,
@@ -112,7 +112,7 @@ def to_uint8(item_pixels: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------- generation
 def generate(args, dataset, accelerator):
     names = {name_of(dataset, i): i for i in range(len(dataset))}
-    harness.start_generation(accelerator, args.output_dir, generation_settings(args),
+    harness.start_generation(accelerator, args.output_dir, generation_settings(args, dataset),
                              lambda: {name: {"map": str(dataset.pairs[i][1].name)} for name, i in names.items()},
                              lambda name: [generated_path(args, dataset, names[name])])
     my_indices = harness.my_share(accelerator, range(len(dataset)),
@@ -250,7 +250,7 @@ def main(argv=None):
     args = parse_args(argv)
     dataset = load_dataset(args)
     if args.skip_generation:
-        harness.check_generated(args.output_dir, generation_settings(args))
+        harness.check_generated(args.output_dir, generation_settings(args, dataset))
 
     def report(device):
         metrics, not_computed, rows, black = score(args, dataset, device)

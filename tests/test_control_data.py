@@ -202,12 +202,13 @@ def test_validation_grid_rows_follow_the_pairing(fill, validation_images, tmp_pa
             "--output_dir", str(tmp_path / "o")]
     dataset = control_data.ControlDataset.from_args(s2i.parse_args(base))
     one_image = s2i.parse_args(base + ["--validation_image", str(validation_images[0]), "--validation_prompt", "a", "b"])
-    images, prompts = control_data.validation_inputs(one_image, dataset)
+    images, prompts, real = control_data.validation_inputs(one_image, dataset)
     assert prompts == ["a", "b"] and len(images) == 2 and images[0] is images[1] and images[0].size == (32, 32)
-    # neither given: the first training rows (all four here), centre-cropped, with their captions
-    images, prompts = control_data.validation_inputs(s2i.parse_args(base), dataset)
+    assert real is None
+    # neither given: the first training rows (all four here), centre-cropped, with their captions and pictures
+    images, prompts, real = control_data.validation_inputs(s2i.parse_args(base), dataset)
     captions = [json.loads(line)["text"] for line in (fill / "metadata.jsonl").read_text().splitlines()]
-    assert prompts == captions and [im.size for im in images] == [(32, 32)] * 4
+    assert prompts == captions and [im.size for im in images + real] == [(32, 32)] * 8
 
 
 @pytest.mark.user_error("--validation_image and --validation_prompt that do not pair (2 and 3; a prompt without an "

@@ -1,8 +1,8 @@
 """train_controlnet_s2i.py, in-process, on the tiny model and a tiny ADE20K folder (32 px, a few steps): the demo
 config, the trainer's one exact-resume proof (adapter and encoder), step-0 equality, the paper configs on SD-1.5,
 and every bad input (exit code 2, one line, nothing written). The entry-point script: test_arguments.py."""
-import logging
 import json
+import logging
 import shutil
 
 import numpy as np
@@ -62,9 +62,9 @@ def test_demo_config_trains_and_its_output_loads_in_s2i_pipeline(script, tmp_pat
     assert "Control encoder parameters (trained fully) = 72,080" in caplog.text
     # builtin:tiny-ade20k was written into the output folder
     assert len(list((out / "tiny-ade20k/ADEChallengeData2016/annotations/training").glob("*.png"))) == 8
-    # grids: 4 training maps (no validation_maps in the config) x (map | 2 images) of 32 px
+    # grids: the folder's 2 validation maps (no validation_maps in the config) x (map | 2 images | real) of 32 px
     for name in ("step-000002.png", "step-000004.png", "final.png"):
-        assert Image.open(out / "samples" / name).size == (3 * 32, 4 * 32), name
+        assert Image.open(out / "samples" / name).size == (4 * 32, 2 * 32), name
     assert (out / "samples/final.png").read_bytes() == (out / "samples/step-000004.png").read_bytes()
     # checkpoints hold adapter, encoder, optimizer (two groups: adapter lr, capped encoder lr) and RNG
     ckpt = out / "checkpoint-3"
@@ -85,10 +85,11 @@ def test_demo_config_trains_and_its_output_loads_in_s2i_pipeline(script, tmp_pat
     # The output folder (and any checkpoint) loads with S2IPipeline.from_output and redraws the final grid.
     args = script.parse_args(["--config", "configs/s2i/demo.yaml", "--output_dir", str(out), *map(str, extra)])
     dataset = ADE20KDataset(out / "tiny-ade20k", resolution=32)
-    maps, prompts = script.load_validation_inputs(args, dataset)
+    maps, prompts, real = script.load_validation_inputs(args, dataset, out / "tiny-ade20k")
     s2i = S2IPipeline.from_output(TINY, out)
     use_dpm_solver(s2i.pipe)  # the trainer's validation scheduler
-    grid = sample_control_grid(s2i, prompts, maps, 2, seed=0, num_inference_steps=2, height=32, width=32)
+    grid = sample_control_grid(s2i, prompts, maps, 2, seed=0, num_inference_steps=2, height=32, width=32,
+                               real_images=real)
     diff = np.abs(np.asarray(grid, dtype=np.int16) - np.asarray(Image.open(out / "samples/final.png"), dtype=np.int16))
     assert diff.max() <= 2  # rounding of uint8 pixels across thread counts
     assert len(S2IPipeline.from_output(TINY, ckpt)(prompts[0], maps[0], num_inference_steps=2)) == 1
@@ -252,12 +253,19 @@ def test_validation_prompts_default_to_the_maps_captions(script, ade):
     args = script.parse_args(base_args(ade, "o") + ["--caption_file", str(ade / "metadata.jsonl"), "--validation_maps",
                                                     str(ade / "annotations/validation/ADE_val_00000002.png")])
     dataset = ADE20KDataset(ade, resolution=32, caption_file=args.caption_file)
-    maps, prompts = script.load_validation_inputs(args, dataset)
+    maps, prompts, real = script.load_validation_inputs(args, dataset, ade)
     captions = {json.loads(line)["file_name"]: json.loads(line)["text"] for line in open(ade / "metadata.jsonl")}
-    assert prompts == [captions["ADE_val_00000002.jpg"]] and maps[0].size == (32, 32)
-    # without validation maps, the first training maps (all four here) with their own captions
-    maps, prompts = script.load_validation_inputs(script.parse_args(base_args(ade, "o")), ADE20KDataset(ade, resolution=32))
-    assert len(maps) == 4 and all(p.startswith("a photo of ") for p in prompts)
+    assert prompts == [captions["ADE_val_00000002.jpg"]] and maps[0].size == (32, 32) and real is None
+    # without validation maps, the validation split's maps (both here) with their captions and real pictures
+    args = script.parse_args(base_args(ade, "o") + ["--caption_file", str(ade / "metadata.jsonl")])
+    maps, prompts, real = script.load_validation_inputs(args, ADE20KDataset(ade, resolution=32), ade)
+    assert prompts == [captions["ADE_val_00000001.jpg"], captions["ADE_val_00000002.jpg"]]
+    assert [im.size for im in maps + real] == [(32, 32)] * 4 and real[0].getpixel((5, 5)) != maps[0].getpixel((5, 5))
+    # a folder without a validation split shows its training maps; --num_validation_maps says how many
+    shutil.rmtree(ade / "annotations/validation")
+    args = script.parse_args(base_args(ade, "o") + ["--num_validation_maps", "3"])
+    maps, prompts, real = script.load_validation_inputs(args, ADE20KDataset(ade, resolution=32), ade)
+    assert len(maps) == len(real) == 3 and all(p.startswith("a photo of ") for p in prompts)
 
 
 # ------------------------------------------------------------------------------------------ configs

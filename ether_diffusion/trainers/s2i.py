@@ -40,18 +40,19 @@ import torch
 from .. import (arguments, checkpoints, checks, control_data, diffusers_flags, export, hub, processes, run_folder,
                training)
 from ..adapters import CONTROL_TARGETS, count_adapter_parameters
-from ..ade20k import ADE20KDataset, load_control_map
+from ..ade20k import ADE20KDataset, has_split, load_control_map
 from ..builtin import resolve_data_dir, resolve_model_path
 from ..control import (ADE20K_CONDITIONING, ENCODER_CONFIG, ENCODER_WEIGHTS, S2IPipeline, attach_control_encoder,
                        encoder_config, load_control_encoder, make_control_encoder, save_control_encoder, use_control,
                        vae_scale_factor)
+from ..crop import resize_and_crop
 from ..errors import UserError, run_cli, writing
+from ..files import load_rgb
 from ..grids import sample_control_grid
 
 logger = logging.getLogger(__name__)
 
 ENCODER_LR_CAP = 1e-4
-DEFAULT_VALIDATION_MAPS = 4  # training maps shown when no --validation_maps are given
 
 
 def make_parser():
@@ -63,7 +64,8 @@ def make_parser():
     g = parser.add_argument_group("data")
     g.add_argument("--train_data_dir", type=str, default=None,
                    help="ADEChallengeData2016 folder (or its parent): images/training/*.jpg + annotations/training/*.png. "
-                        "`builtin:tiny-ade20k`: a tiny random folder written into <output_dir>/tiny-ade20k (demo). "
+                        "`builtin:tiny-ade20k`: a tiny random folder written into <output_dir>/tiny-ade20k; "
+                        "`builtin:toy-ade20k`: the toy world's label maps, written into <output_dir>/toy-ade20k. "
                         "Or ControlNet-style data: an imagefolder with metadata.jsonl, or a save_to_disk folder.")
     g.add_argument("--dataset_name", type=str, default=None,
                    help="ControlNet-style data: a datasets hub id (e.g. fusing/fill50k), a save_to_disk folder or a "
@@ -92,12 +94,16 @@ def make_parser():
     g = arguments.add_validation_args(parser)
     g.add_argument("--validation_maps", type=arguments.comma_list, default=None,
                    help="Comma-separated map files (same format as the annotations) sampled every --validation_steps; "
-                        "default: the first four training maps. --validation_prompt: one for all maps or one per map; "
+                        "default: the first --num_validation_maps maps of the data, each row ending with its real "
+                        "picture. --validation_prompt: one for all maps or one per map; "
                         "default: each map's caption (caption file by name, else its class names).")
     g.add_argument("--validation_image", type=str, action="extend", nargs="+", default=None,
                    help="ControlNet-style data: conditioning images sampled every --validation_steps, with "
                         "--validation_prompt (one image for all prompts, one prompt for all images, or one each); "
-                        "default: the first four training rows with their captions.")
+                        "default: the first --num_validation_maps training rows with their captions and real pictures.")
+    g.add_argument("--num_validation_maps", type=int, default=4,
+                   help="Without --validation_maps / --validation_image: how many of the data's maps the grids show "
+                        "(an ADE20K folder's validation split if it has one, else its training maps).")
     arguments.add_logging_args(parser)
     parser.add_argument("--tracker_project_name", type=str, default="train_controlnet",
                         help="The trackers' project name (a folder under --logging_dir for TensorBoard).")
@@ -111,7 +117,7 @@ def parse_args(argv=None):
     if (args.train_data_dir is None) == (args.dataset_name is None):
         raise UserError("--train_data_dir is required (an ADE20K or imagefolder folder), or --dataset_name: one of them"
                         if args.train_data_dir is None else "give one of --train_data_dir and --dataset_name, not both")
-    checks.at_least(args, 1, "max_train_samples")
+    checks.at_least(args, 1, "max_train_samples", "num_validation_maps")
     checks.fraction(args, "proportion_empty_prompts")
     control_data.check_args(args)
     if args.method == arguments.NO_ADAPTER:  # only the encoder trains: its rate is the only one
@@ -128,27 +134,36 @@ def parse_args(argv=None):
     return args
 
 
-def load_validation_inputs(args, dataset):
-    """(coloured PIL maps, prompts) for the validation grids, read and checked before training starts."""
+def load_validation_inputs(args, dataset, data_dir):
+    """(coloured PIL maps, prompts, real pictures or None) for the validation grids, read and checked before
+    training starts: the --validation_maps files, else the first --num_validation_maps maps of the folder's
+    validation split (its training maps if it has none), each with its real picture."""
+    real = None
     if args.validation_maps:
         maps = [(path, *load_control_map(path, args.resolution, args.conditioning_is_rgb))
                 for path in args.validation_maps]
-    else:  # the training maps themselves, centre-cropped
+    else:
+        if has_split(data_dir, "validation"):
+            dataset = ADE20KDataset(data_dir, "validation", resolution=args.resolution, caption_file=args.caption_file,
+                                    conditioning_is_rgb=args.conditioning_is_rgb)
+        pairs = dataset.pairs[:args.num_validation_maps]
         maps = [(image, *load_control_map(annotation, args.resolution, args.conditioning_is_rgb))
-                for image, annotation in dataset.pairs[:DEFAULT_VALIDATION_MAPS]]
+                for image, annotation in pairs]
+        real = [resize_and_crop(load_rgb(image), None, args.resolution)[0] for image, _ in pairs]
     prompts = args.validation_prompt or [dataset.caption_for(Path(path).name, labels) for path, _, labels in maps]
     if len(prompts) == 1:
         prompts = prompts * len(maps)
     if len(prompts) != len(maps):
         raise UserError(f"{len(args.validation_prompt)} --validation_prompt values for {len(maps)} --validation_maps: "
                         "give one prompt for all maps or one per map")
-    return [control for _, control, _ in maps], prompts
+    return [control for _, control, _ in maps], prompts, real
 
 
 class TrainingData(NamedTuple):
     dataset: torch.utils.data.Dataset  # items: pixel_values, conditioning_pixel_values, caption
     validation_controls: list  # PIL conditioning images (or coloured maps) of the validation grid's rows
     validation_prompts: list[str]
+    validation_real: list | None  # the rows' real pictures (the grid's last column), when the data has them
     inputs: tuple  # the files and folders the run reads (kept if they lie in output_dir)
     conditioning: str  # what the encoder reads: control.ADE20K_CONDITIONING or control_data.CONDITIONING
     caption_source: str
@@ -159,7 +174,7 @@ def load_data(args) -> TrainingData:
     that can be wrong with them fails here, before a model is loaded or a file written."""
     if control_data.wants_control_data(args):
         dataset = control_data.ControlDataset.from_args(args)
-        controls, prompts = control_data.validation_inputs(args, dataset)
+        controls, prompts, real = control_data.validation_inputs(args, dataset)
         inputs = (dataset.root, *(args.validation_image or ()))
         conditioning, captions = control_data.CONDITIONING, f"captions from column {args.caption_column!r}"
     else:  # the layout and caption file when the dataset is built, then every map (labels, colours, sizes)
@@ -168,13 +183,13 @@ def load_data(args) -> TrainingData:
                                 conditioning_is_rgb=args.conditioning_is_rgb, max_samples=args.max_train_samples,
                                 center_crop=args.center_crop)
         dataset.check_maps(progress=True)
-        controls, prompts = load_validation_inputs(args, dataset)
+        controls, prompts, real = load_validation_inputs(args, dataset, data_dir)
         inputs = (data_dir, args.caption_file, *(args.validation_maps or ()))
         conditioning, captions = ADE20K_CONDITIONING, dataset.caption_source
     if args.proportion_empty_prompts:
         captions += f"; {args.proportion_empty_prompts:g} of them replaced by empty prompts"
     return TrainingData(control_data.with_empty_prompts(dataset, args.proportion_empty_prompts), controls, prompts,
-                        inputs, conditioning, captions)
+                        real, inputs, conditioning, captions)
 
 
 def add_encoder(unet, scale_factor: int):
@@ -235,7 +250,7 @@ def main(argv=None):
     def validate(step, **kw):
         def draw(pipe):  # the encoder is already in pipe.unet
             return sample_control_grid(S2IPipeline(pipe), data.validation_prompts, data.validation_controls,
-                                       args.num_validation_images, seed=args.seed or 0,
+                                       args.num_validation_images, real_images=data.validation_real, seed=args.seed or 0,
                                        num_inference_steps=args.validation_inference_steps,
                                        height=args.resolution, width=args.resolution)
 
