@@ -86,3 +86,8 @@ def resolve_data_dir(value: str, output_dir) -> Path:
     if value.startswith("builtin:"):
         raise UserError(f"--train_data_dir {value}: unknown built-in dataset (choose {TINY_ADE20K} or {TOY_ADE20K})")
     return Path(value)
+
+
+def builtin_caption_file(value: str, data_dir) -> str | None:
+    """The captions a built-in dataset comes with (its `metadata.jsonl`); None for a folder of the user's."""
+    return str(Path(data_dir, "ADEChallengeData2016", "metadata.jsonl")) if value in (TINY_ADE20K, TOY_ADE20K) else None

@@ -47,7 +47,7 @@ NOT_IN_THE_RESULT = frozenset({
     "checkpoints_total_limit", "logging_dir", "report_to", "distance_logging_steps", "validation_prompt",
     "num_validation_images", "validation_steps", "validation_inference_steps", "validation_maps", "export_merged",
     "instance_data_dir", "class_data_dir", "train_data_dir", "dataset_name", "caption_file", "sample_batch_size",
-    "validation_image", "tracker_project_name",
+    "validation_image", "tracker_project_name", "num_validation_maps",
     "class_inference_steps", "prior_generation_precision", "seed", "max_train_steps", "num_train_epochs",
     "gradient_checkpointing", "enable_xformers_memory_efficient_attention", "allow_tf32", "dataloader_num_workers",
     "mixed_precision",  # compared as the precision accelerate actually uses (`run_settings`)

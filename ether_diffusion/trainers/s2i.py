@@ -41,7 +41,7 @@ from .. import (arguments, checkpoints, checks, control_data, diffusers_flags, e
                training)
 from ..adapters import CONTROL_TARGETS, count_adapter_parameters
 from ..ade20k import ADE20KDataset, has_split, load_control_map
-from ..builtin import resolve_data_dir, resolve_model_path
+from ..builtin import builtin_caption_file, resolve_data_dir, resolve_model_path
 from ..control import (ADE20K_CONDITIONING, ENCODER_CONFIG, ENCODER_WEIGHTS, S2IPipeline, attach_control_encoder,
                        encoder_config, load_control_encoder, make_control_encoder, save_control_encoder, use_control,
                        vae_scale_factor)
@@ -179,6 +179,8 @@ def load_data(args) -> TrainingData:
         conditioning, captions = control_data.CONDITIONING, f"captions from column {args.caption_column!r}"
     else:  # the layout and caption file when the dataset is built, then every map (labels, colours, sizes)
         data_dir = resolve_data_dir(args.train_data_dir, args.output_dir)
+        if args.caption_file is None:  # a built-in dataset's own captions
+            args.caption_file = builtin_caption_file(args.train_data_dir, data_dir)
         dataset = ADE20KDataset(data_dir, "training", resolution=args.resolution, caption_file=args.caption_file,
                                 conditioning_is_rgb=args.conditioning_is_rgb, max_samples=args.max_train_samples,
                                 center_crop=args.center_crop)
