@@ -245,9 +245,11 @@ def check_resume_settings(checkpoint: Path, settings: dict):
 
 # ------------------------------------------------------------------------------------------- saving
 def save_checkpoint(accelerator, output_dir, step: int, model, optimizer, lr_scheduler, state: dict,
-                    total_limit: int | None = None, adapter_metadata: dict | None = None, save_extra=None) -> Path:
+                    total_limit: int | None = None, adapter_metadata: dict | None = None, save_extra=None,
+                    text_encoder=None) -> Path:
     """Write `checkpoint-<step>/` atomically (see the module docstring) and prune to `total_limit`.
-    `save_extra(folder)` (main process) writes whatever else a trainer trains, e.g. the S2I control encoder.
+    `save_extra(folder)` (main process) writes whatever else a trainer trains, e.g. the S2I control encoder;
+    `text_encoder`'s adapter (--train_text_encoder) goes into the adapter file beside the model's.
 
     Every process saves its RNG state; a failure anywhere (a full disk) stops every process with the same
     message, the temporary folder removed and the older checkpoints untouched."""
@@ -262,11 +264,13 @@ def save_checkpoint(accelerator, output_dir, step: int, model, optimizer, lr_sch
 
     def write_files():
         unwrapped = accelerator.unwrap_model(model)
+        unwrapped_text_encoder = accelerator.unwrap_model(text_encoder) if text_encoder is not None else None
         _save_torch(rng_state(), tmp, final, f"rng-{accelerator.process_index}.pt")  # each process has its own RNG
         if accelerator.is_main_process:
             if adapter_config_of(unwrapped) is not None:  # none with --method none
                 with writing(final / ADAPTER_FILE):
-                    save_adapter(unwrapped, tmp / ADAPTER_FILE, extra_metadata=adapter_metadata)
+                    save_adapter(unwrapped, tmp / ADAPTER_FILE, extra_metadata=adapter_metadata,
+                                 text_encoder=unwrapped_text_encoder)
             _save_torch(optimizer.state_dict(), tmp, final, "optimizer.pt")
             _save_torch(lr_scheduler.state_dict(), tmp, final, "scheduler.pt")
             if accelerator.scaler is not None:
@@ -274,7 +278,7 @@ def save_checkpoint(accelerator, output_dir, step: int, model, optimizer, lr_sch
             if save_extra is not None:
                 with writing(final):
                     save_extra(tmp)
-        return trained_checksum(unwrapped)
+        return trained_checksum(unwrapped, unwrapped_text_encoder)
 
     def finish():
         files = {name: {"bytes": path.stat().st_size, "sha256": _sha256(path, flush=True)}
@@ -299,10 +303,10 @@ def save_checkpoint(accelerator, output_dir, step: int, model, optimizer, lr_sch
     return final
 
 
-def trained_checksum(model) -> tuple[float, float]:
-    """Sums of the trainable parameters and of their squares: equal on every process while DDP keeps the
-    copies in step."""
-    params = [p.detach() for p in model.parameters() if p.requires_grad]
+def trained_checksum(*models) -> tuple[float, float]:
+    """Sums of the trainable parameters of `models` (None: absent) and of their squares: equal on every
+    process while DDP keeps the copies in step."""
+    params = [p.detach() for model in models if model is not None for p in model.parameters() if p.requires_grad]
     sums = torch.stack([p.sum(dtype=torch.float64) for p in params]).sum()
     squares = torch.stack([torch.linalg.vector_norm(p, dtype=torch.float64) ** 2 for p in params]).sum()
     return sums.item(), squares.item()
@@ -363,9 +367,9 @@ def prune_checkpoints(output_dir, total_limit: int | None):
 
 # ------------------------------------------------------------------------------------------- loading
 def load_checkpoint(accelerator, checkpoint: Path, model, optimizer, lr_scheduler, cfg: AdapterConfig | None,
-                    load_extra=None) -> dict:
-    """Restore adapter, optimizer, scheduler, grad scaler and RNG (and `load_extra(folder)`: what `save_extra`
-    wrote); returns the saved state (global_step...). A file that fails to load is named (`find_resume_checkpoint`
+                    load_extra=None, text_encoder=None) -> dict:
+    """Restore adapter (the text encoder's too, into `text_encoder`), optimizer, scheduler, grad scaler and RNG
+    (and `load_extra(folder)`: what `save_extra` wrote); returns the saved state (global_step...). A file that fails to load is named (`find_resume_checkpoint`
     has checked them already; this catches what a checksum cannot, such as a file saved by another version)."""
     checkpoint = Path(checkpoint)
 
@@ -379,7 +383,8 @@ def load_checkpoint(accelerator, checkpoint: Path, model, optimizer, lr_schedule
 
     state = read_state(checkpoint)
     if cfg is not None:  # --method none: no adapter
-        load_adapter(accelerator.unwrap_model(model), checkpoint / ADAPTER_FILE, config=cfg)
+        load_adapter(accelerator.unwrap_model(model), checkpoint / ADAPTER_FILE, config=cfg,
+                     text_encoder=accelerator.unwrap_model(text_encoder) if text_encoder is not None else None)
     if load_extra is not None:
         load_extra(checkpoint)
     optimizer.load_state_dict(load("optimizer.pt"))
