@@ -28,7 +28,7 @@ import torch
 
 from . import processes
 from .adapter_file import (ADAPTER_FILE, config_difference, config_from_metadata, load_adapter, read_adapter_metadata,
-                           save_adapter)
+                           save_adapter, text_encoder_config_from_metadata)
 from .adapters import AdapterConfig, adapter_config_of
 from .adapters.methods import METHODS, SETTING_FLAGS
 from .errors import UserError, first_line, writing
@@ -174,9 +174,10 @@ def find_resume_checkpoint(output_dir, value) -> Path | None:
 
 
 # ------------------------------------------------------------------------------------------- same run?
-def check_checkpoint_matches(checkpoint: Path, cfg: AdapterConfig | None):
+def check_checkpoint_matches(checkpoint: Path, cfg: AdapterConfig | None, text_encoder: bool = False):
     """Resuming with another adapter than the checkpoint's (or with none, `cfg=None`, where it has one, and
-    the other way round) is an error, checked before any model load."""
+    the other way round; with a text-encoder part, `text_encoder`, where it has none, and the other way round)
+    is an error, checked before any model load."""
     has_adapter = (checkpoint / ADAPTER_FILE).is_file()
     if cfg is None or not has_adapter:
         if cfg is not None or has_adapter:
@@ -184,18 +185,23 @@ def check_checkpoint_matches(checkpoint: Path, cfg: AdapterConfig | None):
                             f"asks for {'none' if cfg is None else 'one'}; resume with the same --method or use "
                             "another --output_dir")
         return
-    file_cfg = config_from_metadata(read_adapter_metadata(checkpoint / ADAPTER_FILE))
-    difference = config_difference(file_cfg, cfg)
+    meta = read_adapter_metadata(checkpoint / ADAPTER_FILE)
+    difference = config_difference(config_from_metadata(meta), cfg)
     if difference:
         key, have, want = difference
         raise UserError(f"{checkpoint} was trained with {key}={have!r} but this run asks for {key}={want!r}; "
                         "resume with the same setting or use another --output_dir")
+    has_text_encoder = text_encoder_config_from_metadata(meta) is not None
+    if has_text_encoder != text_encoder:
+        raise UserError(f"{checkpoint} was trained {'with' if has_text_encoder else 'without'} --train_text_encoder "
+                        f"but this run {'asks for it' if text_encoder else 'does not'}; resume with the same setting or "
+                        "use another --output_dir")
 
 
 def check_resume(checkpoint: Path, cfg: AdapterConfig | None, settings: dict):
     """The checkpoint is this run's: the same adapter (`check_checkpoint_matches`) and the same settings
     (`check_resume_settings`)."""
-    check_checkpoint_matches(checkpoint, cfg)
+    check_checkpoint_matches(checkpoint, cfg, text_encoder=settings.get("train_text_encoder", False))
     check_resume_settings(checkpoint, settings)
 
 

@@ -101,8 +101,8 @@ def inject_for_training(accelerator, args, adapter_config: AdapterConfig | None,
             raise UserError(f"--enable_xformers_memory_efficient_attention: {e}") from None
     if args.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
-        if trains_text_encoder(args):
-            text_encoder.gradient_checkpointing_enable()
+        if trains_text_encoder(args):  # non-reentrant, as torch recommends
+            text_encoder.activation_checkpointing_enable({"use_reentrant": False})
     return weight_dtype
 
 

@@ -5,6 +5,7 @@ text encoder as kohya `lora_te_*` and diffusers `text_encoder.*` keys that stock
 import json
 import logging
 import re
+import shutil
 
 import numpy as np
 import pytest
@@ -290,3 +291,21 @@ def test_pre_computed_embeddings_cannot_train_the_text_encoder(subject, tmp_path
     line = fails(dreambooth.main, common_args(subject, "--train_text_encoder", "--pre_compute_text_embeddings",
                                               "--output_dir", tmp_path), capsys)
     assert "--pre_compute_text_embeddings encodes the prompts once with a frozen text encoder" in line
+
+
+@pytest.mark.user_error("resuming a --train_text_encoder checkpoint without the flag", tool="train_dreambooth.py")
+def test_resuming_without_the_text_encoder_is_an_error(runs, subject, tmp_path, capsys):
+    out = tmp_path / "out"
+    shutil.copytree(runs[0] / f"checkpoint-{STEPS}", out / f"checkpoint-{STEPS}")
+    line = fails(dreambooth.main, common_args(subject, "--method", "ether+", "--n_blocks", 2, "--output_dir", out,
+                                              "--resume_from_checkpoint", "latest"), capsys)
+    assert line.endswith(f"checkpoint-{STEPS} was trained with --train_text_encoder but this run does not; resume "
+                         "with the same setting or use another --output_dir")
+
+
+def test_gradient_checkpointing_still_trains_the_text_encoder(subject, tmp_path):
+    """--gradient_checkpointing checkpoints the text encoder's layers too: its adapters still learn."""
+    train(dreambooth, *common_args(subject, "--train_text_encoder", "--gradient_checkpointing", "--max_train_steps", 1,
+                                   "--output_dir", tmp_path, "--seed", 0))
+    pipe = load_pipeline(TINY, adapter=tmp_path / ADAPTER_FILE)
+    assert relative_error(text_output(pipe), text_output(load_pipeline(TINY))) > 1e-4
