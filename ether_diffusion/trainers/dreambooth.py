@@ -169,10 +169,11 @@ def main(argv=None):
     weight_dtype = training.inject_for_training(accelerator, args, adapter_config, text_encoder, vae, unet)
 
     def encode_prompts():
-        """(instance prompt's embeddings, class prompt's or None)."""
-        instance = training.encode_prompt(tokenizer, text_encoder, args.instance_prompt, accelerator.device)
-        return instance, (training.encode_prompt(tokenizer, text_encoder, args.class_prompt, accelerator.device)
-                          if args.with_prior_preservation else None)
+        """(instance prompt's embeddings, class prompt's or None), in one text-encoder call (one DDP forward)."""
+        prior = args.with_prior_preservation
+        prompts = [args.instance_prompt, args.class_prompt] if prior else [args.instance_prompt]
+        embeds = training.encode_prompt(tokenizer, text_encoder, prompts, accelerator.device)
+        return embeds[:1], embeds[1:] if prior else None
 
     # The two prompts never change: encode them once, unless the text encoder trains (then in every step).
     fixed_embeds = None if args.train_text_encoder else encode_prompts()
