@@ -324,3 +324,13 @@ def test_two_processes_train_one_text_encoder(tmp_path):
     assert (out / "checkpoint-3").is_dir()
     pipe = load_pipeline(TINY, adapter=out / ADAPTER_FILE)
     assert relative_error(text_output(pipe), text_output(load_pipeline(TINY))) > 1e-4
+
+
+@pytest.mark.user_error("an adapter file whose text_encoder_target_modules header is damaged", tool="ether_diffusion")
+def test_a_damaged_text_encoder_header_is_named(adapter, tmp_path):
+    with safe_open(str(adapter), framework="pt") as f:
+        meta, state = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    damaged = tmp_path / "damaged.safetensors"
+    save_file(state, str(damaged), metadata={**meta, TEXT_ENCODER_TARGETS_KEY: "[q_proj"})
+    with refused(f"{damaged}: the adapter header has {TEXT_ENCODER_TARGETS_KEY}='\\[q_proj', not a JSON list"):
+        load_pipeline(TINY, adapter=damaged)
