@@ -29,7 +29,7 @@ import torch
 import torch.nn as nn
 
 from .adapter_file import config_difference, config_from_metadata, is_adapter_file, load_adapter, read_adapter_metadata
-from .adapter_file import read_safetensors_metadata
+from .adapter_file import read_safetensors_metadata, text_encoder_config_from_metadata
 from .adapters import AdapterConfig, adapter_config_of, base_layer_of, remove_adapters
 from .adapters.base import StandsInForLinear
 from .adapters.methods import METHODS
@@ -104,7 +104,11 @@ def _checked_config(path: Path, first):
     if not is_adapter_file(meta):
         raise UserError(f"{path}: several adapters in one batch must be ether-diffusion adapter files, and this is "
                         "not one (a LoRA file loads alone: adapter=, --adapter PATH)")
-    cfg = config_from_metadata(read_adapter_metadata(path), path)
+    meta = read_adapter_metadata(path)
+    if text_encoder_config_from_metadata(meta, path) is not None:
+        raise UserError(f"{path} holds a text-encoder adapter (--train_text_encoder): adapters in one batch adapt the "
+                        "UNet only; load it alone (adapter=, --adapter PATH)")
+    cfg = config_from_metadata(meta, path)
     if first is not None:
         first_path, first_cfg = first
         difference = config_difference(cfg, first_cfg)

@@ -4,6 +4,10 @@ Header keys (all strings, as safetensors requires): `format` ("ether-diffusion-a
 `format_version`, `method`, `n_blocks`, `rank`, `alpha`, `target_modules` (JSON list), `shapes` (JSON
 {tensor name: shape}), plus any extra metadata the caller adds (for example the instance prompt).
 `load_adapter` checks all of it against the model before touching a weight, and names the mismatch.
+
+The UNet's tensors are named by their parameters in the UNet. A file trained with `--train_text_encoder` also
+holds the text encoder's adapter (the same method and settings, on `text_encoder_target_modules`, a JSON list):
+its tensors are named by their parameters in the text encoder, under `text_encoder.`.
 """
 import json
 from pathlib import Path
@@ -12,7 +16,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from .adapters import AdapterConfig, adapter_config_of, adapter_state_dict, inject_adapters
+from .adapters import (AdapterConfig, adapter_config_of, adapter_state_dict, inject_adapters, remove_adapters,
+                       text_encoder_config)
 from .adapters.methods import METHODS
 from .errors import UserError, first_line
 from .files import atomic_path, check_output_folder
@@ -20,12 +25,17 @@ from .files import atomic_path, check_output_folder
 ADAPTER_FILE = "adapter.safetensors"  # the adapter's name in a training output folder and in a checkpoint
 FORMAT = "ether-diffusion-adapter"
 FORMAT_VERSION = 1
-_RESERVED = ("format", "format_version", "method", "n_blocks", "rank", "alpha", "target_modules", "shapes")
+TEXT_ENCODER_PREFIX = "text_encoder."  # the text encoder's tensors in the file
+TEXT_ENCODER_TARGETS_KEY = "text_encoder_target_modules"
+_RESERVED = ("format", "format_version", "method", "n_blocks", "rank", "alpha", "target_modules", "shapes",
+             TEXT_ENCODER_TARGETS_KEY)
 
 
-def save_adapter(model: torch.nn.Module, path, extra_metadata: dict | None = None) -> Path:
-    """Write the model's adapter tensors (float32) and metadata; atomic (temp file + rename), and a failed
-    write leaves no temp file behind."""
+def save_adapter(model: torch.nn.Module, path, extra_metadata: dict | None = None,
+                 text_encoder: torch.nn.Module | None = None) -> Path:
+    """Write the model's adapter tensors (float32) and metadata, and the text encoder's adapter if
+    `text_encoder` holds one (`--train_text_encoder`); atomic (temp file + rename), and a failed write
+    leaves no temp file behind."""
     cfg = adapter_config_of(model)
     if cfg is None:
         raise UserError("the model has no adapters to save (call inject_adapters first)")
@@ -33,8 +43,13 @@ def save_adapter(model: torch.nn.Module, path, extra_metadata: dict | None = Non
     if path.is_dir():
         raise UserError(f"{path} is a folder; give the adapter a file name such as {path / ADAPTER_FILE}")
     check_output_folder(path.parent)
-    state = {k: v.detach().float().cpu().contiguous() for k, v in adapter_state_dict(model).items()}
+    state = adapter_state_dict(model)
     meta = {k: str(v) for k, v in (extra_metadata or {}).items() if k not in _RESERVED}
+    text_cfg = adapter_config_of(text_encoder) if text_encoder is not None else None
+    if text_cfg is not None:
+        state.update({TEXT_ENCODER_PREFIX + k: v for k, v in adapter_state_dict(text_encoder).items()})
+        meta[TEXT_ENCODER_TARGETS_KEY] = json.dumps(text_cfg.target_modules)
+    state = {k: v.detach().float().cpu().contiguous() for k, v in state.items()}
     meta.update(
         format=FORMAT,
         format_version=str(FORMAT_VERSION),
@@ -89,6 +104,7 @@ def read_adapter_metadata(path) -> dict:
     if version > FORMAT_VERSION:
         raise UserError(f"{path} has adapter format version {version}; this version reads <= {FORMAT_VERSION}")
     config_from_metadata(meta, path)
+    text_encoder_config_from_metadata(meta, path)
     header_shapes(meta, path)
     return meta
 
@@ -120,6 +136,17 @@ def config_from_metadata(meta: dict, path=None) -> AdapterConfig:
         raise UserError(f"{_where(path)}adapter header: {e}") from None
 
 
+def text_encoder_config_from_metadata(meta: dict, path=None) -> AdapterConfig | None:
+    """The text encoder's adapter settings (the UNet's, on its own targets), or None if the file has none."""
+    if TEXT_ENCODER_TARGETS_KEY not in meta:
+        return None
+    targets = _header_value(meta, path, TEXT_ENCODER_TARGETS_KEY, json.loads, "a JSON list of layer names")
+    try:
+        return text_encoder_config(config_from_metadata(meta, path), targets)
+    except UserError as e:
+        raise UserError(f"{_where(path)}adapter header: {TEXT_ENCODER_TARGETS_KEY}: {e}") from None
+
+
 def header_shapes(meta: dict, path=None) -> dict[str, list[int]]:
     """{tensor name: shape} from the header."""
     shapes = _header_value(meta, path, "shapes", json.loads, "JSON")
@@ -149,9 +176,24 @@ def _check_same_config(file_cfg: AdapterConfig, cfg: AdapterConfig, path: Path):
         raise UserError(f"{path}: adapter has {key}={got!r} but the model/config expects {key}={want!r}")
 
 
+def _inject_or_check(model: torch.nn.Module, file_cfg: AdapterConfig, path: Path, what: str):
+    """`model` holds the file's adapter layers: the same ones already, or injected now."""
+    present = adapter_config_of(model)
+    if present is not None:
+        _check_same_config(file_cfg, present, path)
+        return
+    try:
+        inject_adapters(model, file_cfg)
+    except UserError as e:
+        raise UserError(f"{path} does not fit this {what}: {e}") from None
+
+
 @torch.no_grad()
-def load_adapter(model: torch.nn.Module, path, config: AdapterConfig | None = None) -> dict:
-    """Inject the file's adapters into `model` (unless it already has the same ones) and load them.
+def load_adapter(model: torch.nn.Module, path, config: AdapterConfig | None = None,
+                 text_encoder: torch.nn.Module | None = None) -> dict:
+    """Inject the file's adapters into `model` (unless it already has the same ones) and load them; the
+    text encoder's too, into `text_encoder`, when the file holds one (a file without one takes an adapter
+    that `text_encoder` holds away, so switching files switches both).
 
     `config`, if given, is what the caller expects (e.g. the `--method` of a resumed run): any difference
     with the file is an error. Returns the file's metadata.
@@ -161,16 +203,18 @@ def load_adapter(model: torch.nn.Module, path, config: AdapterConfig | None = No
     file_cfg = config_from_metadata(meta, path)
     if config is not None:
         _check_same_config(file_cfg, config, path)
-    present = adapter_config_of(model)
-    if present is not None:
-        _check_same_config(file_cfg, present, path)
-    else:
-        try:
-            inject_adapters(model, file_cfg)
-        except UserError as e:
-            raise UserError(f"{path} does not fit this model: {e}") from None
-
+    text_cfg = text_encoder_config_from_metadata(meta, path)
+    if text_cfg is not None and text_encoder is None:
+        raise UserError(f"{path} holds a text-encoder adapter too: load it with "
+                        "load_adapter(pipe.unet, path, text_encoder=pipe.text_encoder) or load_pipeline")
+    _inject_or_check(model, file_cfg, path, "model")
     expected = adapter_state_dict(model)
+    if text_cfg is not None:
+        _inject_or_check(text_encoder, text_cfg, path, "text encoder")
+        expected.update({TEXT_ENCODER_PREFIX + k: v for k, v in adapter_state_dict(text_encoder).items()})
+    elif text_encoder is not None and adapter_config_of(text_encoder) is not None:
+        remove_adapters(text_encoder)
+
     shapes = header_shapes(meta, path)
     missing = sorted(set(expected) - set(shapes))
     extra = sorted(set(shapes) - set(expected))

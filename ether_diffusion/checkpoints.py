@@ -28,7 +28,7 @@ import torch
 
 from . import processes
 from .adapter_file import (ADAPTER_FILE, config_difference, config_from_metadata, load_adapter, read_adapter_metadata,
-                           save_adapter)
+                           save_adapter, text_encoder_config_from_metadata)
 from .adapters import AdapterConfig, adapter_config_of
 from .adapters.methods import METHODS, SETTING_FLAGS
 from .errors import UserError, first_line, writing
@@ -175,9 +175,10 @@ def find_resume_checkpoint(output_dir, value) -> Path | None:
 
 
 # ------------------------------------------------------------------------------------------- same run?
-def check_checkpoint_matches(checkpoint: Path, cfg: AdapterConfig | None):
+def check_checkpoint_matches(checkpoint: Path, cfg: AdapterConfig | None, text_encoder: bool = False):
     """Resuming with another adapter than the checkpoint's (or with none, `cfg=None`, where it has one, and
-    the other way round) is an error, checked before any model load."""
+    the other way round; with a text-encoder part, `text_encoder`, where it has none, and the other way round)
+    is an error, checked before any model load."""
     has_adapter = (checkpoint / ADAPTER_FILE).is_file()
     if cfg is None or not has_adapter:
         if cfg is not None or has_adapter:
@@ -185,18 +186,23 @@ def check_checkpoint_matches(checkpoint: Path, cfg: AdapterConfig | None):
                             f"asks for {'none' if cfg is None else 'one'}; resume with the same --method or use "
                             "another --output_dir")
         return
-    file_cfg = config_from_metadata(read_adapter_metadata(checkpoint / ADAPTER_FILE))
-    difference = config_difference(file_cfg, cfg)
+    meta = read_adapter_metadata(checkpoint / ADAPTER_FILE)
+    difference = config_difference(config_from_metadata(meta), cfg)
     if difference:
         key, have, want = difference
         raise UserError(f"{checkpoint} was trained with {key}={have!r} but this run asks for {key}={want!r}; "
                         "resume with the same setting or use another --output_dir")
+    has_text_encoder = text_encoder_config_from_metadata(meta) is not None
+    if has_text_encoder != text_encoder:
+        raise UserError(f"{checkpoint} was trained {'with' if has_text_encoder else 'without'} --train_text_encoder "
+                        f"but this run {'asks for it' if text_encoder else 'does not'}; resume with the same setting or "
+                        "use another --output_dir")
 
 
 def check_resume(checkpoint: Path, cfg: AdapterConfig | None, settings: dict):
     """The checkpoint is this run's: the same adapter (`check_checkpoint_matches`) and the same settings
     (`check_resume_settings`)."""
-    check_checkpoint_matches(checkpoint, cfg)
+    check_checkpoint_matches(checkpoint, cfg, text_encoder=settings.get("train_text_encoder", False))
     check_resume_settings(checkpoint, settings)
 
 
@@ -246,9 +252,11 @@ def check_resume_settings(checkpoint: Path, settings: dict):
 
 # ------------------------------------------------------------------------------------------- saving
 def save_checkpoint(accelerator, output_dir, step: int, model, optimizer, lr_scheduler, state: dict,
-                    total_limit: int | None = None, adapter_metadata: dict | None = None, save_extra=None) -> Path:
+                    total_limit: int | None = None, adapter_metadata: dict | None = None, save_extra=None,
+                    text_encoder=None) -> Path:
     """Write `checkpoint-<step>/` atomically (see the module docstring) and prune to `total_limit`.
-    `save_extra(folder)` (main process) writes whatever else a trainer trains, e.g. the S2I control encoder.
+    `save_extra(folder)` (main process) writes whatever else a trainer trains, e.g. the S2I control encoder;
+    `text_encoder`'s adapter (--train_text_encoder) goes into the adapter file beside the model's.
 
     Every process saves its RNG state; a failure anywhere (a full disk) stops every process with the same
     message, the temporary folder removed and the older checkpoints untouched."""
@@ -263,11 +271,13 @@ def save_checkpoint(accelerator, output_dir, step: int, model, optimizer, lr_sch
 
     def write_files():
         unwrapped = accelerator.unwrap_model(model)
+        unwrapped_text_encoder = accelerator.unwrap_model(text_encoder) if text_encoder is not None else None
         _save_torch(rng_state(), tmp, final, f"rng-{accelerator.process_index}.pt")  # each process has its own RNG
         if accelerator.is_main_process:
             if adapter_config_of(unwrapped) is not None:  # none with --method none
                 with writing(final / ADAPTER_FILE):
-                    save_adapter(unwrapped, tmp / ADAPTER_FILE, extra_metadata=adapter_metadata)
+                    save_adapter(unwrapped, tmp / ADAPTER_FILE, extra_metadata=adapter_metadata,
+                                 text_encoder=unwrapped_text_encoder)
             _save_torch(optimizer.state_dict(), tmp, final, "optimizer.pt")
             _save_torch(lr_scheduler.state_dict(), tmp, final, "scheduler.pt")
             if accelerator.scaler is not None:
@@ -275,7 +285,7 @@ def save_checkpoint(accelerator, output_dir, step: int, model, optimizer, lr_sch
             if save_extra is not None:
                 with writing(final):
                     save_extra(tmp)
-        return trained_checksum(unwrapped)
+        return trained_checksum(unwrapped, unwrapped_text_encoder)
 
     def finish():
         files = {name: {"bytes": path.stat().st_size, "sha256": _sha256(path, flush=True)}
@@ -300,10 +310,10 @@ def save_checkpoint(accelerator, output_dir, step: int, model, optimizer, lr_sch
     return final
 
 
-def trained_checksum(model) -> tuple[float, float]:
-    """Sums of the trainable parameters and of their squares: equal on every process while DDP keeps the
-    copies in step."""
-    params = [p.detach() for p in model.parameters() if p.requires_grad]
+def trained_checksum(*models) -> tuple[float, float]:
+    """Sums of the trainable parameters of `models` (None: absent) and of their squares: equal on every
+    process while DDP keeps the copies in step."""
+    params = [p.detach() for model in models if model is not None for p in model.parameters() if p.requires_grad]
     sums = torch.stack([p.sum(dtype=torch.float64) for p in params]).sum()
     squares = torch.stack([torch.linalg.vector_norm(p, dtype=torch.float64) ** 2 for p in params]).sum()
     return sums.item(), squares.item()
@@ -364,9 +374,9 @@ def prune_checkpoints(output_dir, total_limit: int | None):
 
 # ------------------------------------------------------------------------------------------- loading
 def load_checkpoint(accelerator, checkpoint: Path, model, optimizer, lr_scheduler, cfg: AdapterConfig | None,
-                    load_extra=None) -> dict:
-    """Restore adapter, optimizer, scheduler, grad scaler and RNG (and `load_extra(folder)`: what `save_extra`
-    wrote); returns the saved state (global_step...). A file that fails to load is named (`find_resume_checkpoint`
+                    load_extra=None, text_encoder=None) -> dict:
+    """Restore adapter (the text encoder's too, into `text_encoder`), optimizer, scheduler, grad scaler and RNG
+    (and `load_extra(folder)`: what `save_extra` wrote); returns the saved state (global_step...). A file that fails to load is named (`find_resume_checkpoint`
     has checked them already; this catches what a checksum cannot, such as a file saved by another version)."""
     checkpoint = Path(checkpoint)
 
@@ -380,7 +390,8 @@ def load_checkpoint(accelerator, checkpoint: Path, model, optimizer, lr_schedule
 
     state = read_state(checkpoint)
     if cfg is not None:  # --method none: no adapter
-        load_adapter(accelerator.unwrap_model(model), checkpoint / ADAPTER_FILE, config=cfg)
+        load_adapter(accelerator.unwrap_model(model), checkpoint / ADAPTER_FILE, config=cfg,
+                     text_encoder=accelerator.unwrap_model(text_encoder) if text_encoder is not None else None)
     if load_extra is not None:
         load_extra(checkpoint)
     optimizer.load_state_dict(load("optimizer.pt"))

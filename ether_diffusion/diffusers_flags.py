@@ -10,7 +10,6 @@ from .errors import UserError
 # flag: why it is refused, and what to use instead (the user's line is `--flag: <why>`)
 REFUSED = {
     # DreamBooth (train_dreambooth.py, train_dreambooth_lora.py)
-    "train_text_encoder": "not available: the adapters train the UNet only and the text encoder stays frozen",
     "tokenizer_max_length": "not supported: CLIP was trained on 77 tokens and every pipeline that samples the "
                             "adapter pads to 77; leave it out",
     "text_encoder_use_attention_mask": "not supported: Stable Diffusion's CLIP text encoder runs without a mask, "
@@ -27,7 +26,7 @@ REFUSED = {
     "enable_npu_flash_attention": "not supported: it needs Ascend NPUs (torch_npu); PyTorch's attention is used",
 }
 
-DREAMBOOTH_REFUSED = ("train_text_encoder", "tokenizer_max_length", "text_encoder_use_attention_mask",
+DREAMBOOTH_REFUSED = ("tokenizer_max_length", "text_encoder_use_attention_mask",
                       "validation_images", "class_labels_conditioning", "skip_save_text_encoder")
 CONTROLNET_REFUSED = ("controlnet_model_name_or_path", "enable_npu_flash_attention")
 

@@ -7,7 +7,10 @@
 `kohya` is the file AUTOMATIC1111, ComfyUI and diffusers' `load_lora_weights` read
 (`lora_unet_<module path, dots as underscores>.lora_down.weight` / `.lora_up.weight` / `.alpha`);
 `diffusers` is the PEFT-style file diffusers itself writes (`unet.<module>.lora_A.weight`, with the
-`LoraConfig` in the `lora_adapter_metadata` header); `merged` is a stock diffusers pipeline folder.
+`LoraConfig` in the `lora_adapter_metadata` header); `merged` is a stock diffusers pipeline folder. An adapter
+trained with --train_text_encoder carries its text-encoder part into each: `lora_te_text_model_<module path>.*`
+(kohya, SD-1's single text encoder) and `text_encoder.text_model.<module>.lora_A.weight` (diffusers) keys, and a
+merged folder with that adapter folded into its text encoder too.
 
 Why a LoRA holds the adapter exactly: every update `W' - W` of these methods is low rank (the bias is
 untouched): each method's `update_rank` and `exact_factors` in `adapters.methods` (ETHER: `-2 W U U^T`, rank
@@ -38,7 +41,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from .adapter_file import config_from_metadata, load_adapter, read_adapter_metadata
+from .adapter_file import (TEXT_ENCODER_PREFIX, config_from_metadata, load_adapter, read_adapter_metadata,
+                           text_encoder_config_from_metadata)
 from .adapters import AdapterConfig, adapter_modules
 from .adapters.methods import METHODS, method_of
 from .builtin import resolve_model_path
@@ -89,13 +93,24 @@ def lora_factors(unet, rank: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]
 
 
 # ------------------------------------------------------------------------------------------------- the files
-def peft_state_dict(factors: dict, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """diffusers' PEFT-style keys: `unet.<module>.lora_A.weight` (down) and `.lora_B.weight` (up)."""
+def peft_state_dict(factors: dict, dtype: torch.dtype, component: str = "unet") -> dict[str, torch.Tensor]:
+    """diffusers' PEFT-style keys: `<component>.<module>.lora_A.weight` (down) and `.lora_B.weight` (up)."""
     state = {}
     for name, (up, down) in factors.items():
-        state[f"unet.{name}.lora_A.weight"] = down.to(dtype).contiguous()
-        state[f"unet.{name}.lora_B.weight"] = up.to(dtype).contiguous()
+        state[f"{component}.{name}.lora_A.weight"] = down.to(dtype).contiguous()
+        state[f"{component}.{name}.lora_B.weight"] = up.to(dtype).contiguous()
     return state
+
+
+def text_model_name(name: str) -> str:
+    """A text-encoder layer's name as SD-1 LoRA files spell it: under `text_model.`, which transformers >= 5
+    flattens away (diffusers strips it again where the model has none)."""
+    return name if name.startswith("text_model.") else f"text_model.{name}"
+
+
+# diffusers' converter names SDXL's first text encoder `lora_te1_`; SD-1 has one, which kohya names `lora_te_`
+# (diffusers reads both).
+KOHYA_TEXT_ENCODER = ("lora_te1_", "lora_te_")
 
 
 def kohya_state_dict(peft_state: dict, dtype: torch.dtype) -> dict[str, torch.Tensor]:
@@ -105,7 +120,8 @@ def kohya_state_dict(peft_state: dict, dtype: torch.dtype) -> dict[str, torch.Te
     from diffusers.utils import convert_state_dict_to_kohya
 
     state = convert_state_dict_to_kohya(peft_state)
-    return {k: v.to(dtype) if k.endswith(".alpha") else v for k, v in state.items()}
+    return {k.replace(*KOHYA_TEXT_ENCODER, 1) if k.startswith(KOHYA_TEXT_ENCODER[0]) else k:
+            v.to(dtype) if k.endswith(".alpha") else v for k, v in state.items()}
 
 
 def file_sha256(path) -> str:
@@ -124,12 +140,19 @@ def base_model_of(meta: dict, model: str | None, adapter) -> str:
     return model
 
 
-def load_unet(model: str):
-    """The base model's UNet (float32): only it carries adapters, so the rest of the pipeline is not loaded."""
+def load_adapted_models(model: str, adapter, meta: dict):
+    """The base model's UNet and, if the adapter file holds a text-encoder part, text encoder (else None),
+    float32, with the adapter loaded: only they carry adapters, so the rest of the pipeline is not loaded."""
     from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextModel
 
+    path = resolve_model_path(model)
     with model_load_errors(model):
-        return UNet2DConditionModel.from_pretrained(resolve_model_path(model), subfolder="unet").eval()
+        unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet").eval()
+        text_encoder = (CLIPTextModel.from_pretrained(path, subfolder="text_encoder").eval()
+                        if text_encoder_config_from_metadata(meta) is not None else None)
+    load_adapter(unet, adapter, text_encoder=text_encoder)
+    return unet, text_encoder
 
 
 def lora_file_path(out, fmt: str) -> Path:
@@ -157,9 +180,13 @@ def export_lora(adapter, fmt: str, out, model: str | None = None, dtype: torch.d
     model = base_model_of(meta, model, adapter)
     path = lora_file_path(out, fmt)
     check_export_target(path, adapter, model)
-    unet = load_unet(model)
-    load_adapter(unet, adapter)
+    unet, text_encoder = load_adapted_models(model, adapter, meta)
     state = peft_state_dict(lora_factors(unet, rank), dtype)
+    layers = {"unet": sorted(name for name, _ in adapter_modules(unet))}
+    if text_encoder is not None:
+        factors = {text_model_name(name): f for name, f in lora_factors(text_encoder, rank).items()}
+        state.update(peft_state_dict(factors, dtype, component="text_encoder"))
+        layers["text_encoder"] = sorted(name for name, _ in adapter_modules(text_encoder))
 
     header = {
         "format": "pt",
@@ -178,25 +205,30 @@ def export_lora(adapter, fmt: str, out, model: str | None = None, dtype: torch.d
         header.update(ss_network_module="networks.lora", ss_network_dim=str(rank), ss_network_alpha=str(rank),
                       ss_base_model_version="sd_v1", ss_sd_model_name=model)
     else:
-        header.update(diffusers_lora_metadata(sorted(name for name, _ in adapter_modules(unet)), rank))
+        header.update(diffusers_lora_metadata(layers, rank))
     with atomic_path(path) as tmp:
         save_file(state, str(tmp), metadata=header)
     return path
 
 
-def diffusers_lora_metadata(layer_names: list[str], rank: int) -> dict[str, str]:
-    """The header diffusers' `save_lora_weights` writes and `load_lora_weights` reads back: the UNet's
-    `LoraConfig` as JSON under `lora_adapter_metadata`, keys prefixed with the component (`unet.`)."""
+def diffusers_lora_metadata(layers: dict[str, list[str]], rank: int) -> dict[str, str]:
+    """The header diffusers' `save_lora_weights` writes and `load_lora_weights` reads back: each component's
+    `LoraConfig` (`layers`: {component: its adapted layer names}) as JSON under `lora_adapter_metadata`, keys
+    prefixed with the component (`unet.`, `text_encoder.`). The text encoder's layers are named as the model
+    names them: PEFT matches a name as a suffix, so they match with and without `text_model.`."""
     from diffusers.loaders.lora_base import LORA_ADAPTER_METADATA_KEY
     from peft import LoraConfig
 
-    config = LoraConfig(r=rank, lora_alpha=rank, target_modules=layer_names).to_dict()
-    config = {f"unet.{k}": sorted(v) if isinstance(v, set) else v for k, v in config.items()}
+    config = {}
+    for component, names in layers.items():
+        component_config = LoraConfig(r=rank, lora_alpha=rank, target_modules=names).to_dict()
+        config.update({f"{component}.{k}": sorted(v) if isinstance(v, set) else v for k, v in component_config.items()})
     return {LORA_ADAPTER_METADATA_KEY: json.dumps(config, indent=2, sort_keys=True)}
 
 
 def export_merged(adapter, out, model: str | None = None, dtype: torch.dtype = torch.float32) -> Path:
-    """A stock diffusers pipeline folder at `out` with the adapter folded into the UNet weights (any method).
+    """A stock diffusers pipeline folder at `out` with the adapter folded into the UNet weights (any method),
+    and into the text encoder's where the adapter has a text-encoder part.
     An older export at `out` is replaced; any other existing folder is refused."""
     check_merged_target(out)
     meta = read_adapter_metadata(adapter)
@@ -256,11 +288,20 @@ def finish_run(output_dir, adapter_file, lora_format: str | None = None, grid=No
 
 # -------------------------------------------------------------------------------------------- model card
 def adapter_summary(meta: dict) -> str:
-    cfg = config_from_metadata(meta)
+    cfg, text_cfg = config_from_metadata(meta), text_encoder_config_from_metadata(meta)
     method = METHODS[cfg.method]
-    parameters = sum(math.prod(shape) for shape in json.loads(meta["shapes"]).values())
-    return (f"{method.title} ({method.shape(cfg)}, {parameters:,} trainable parameters) on "
-            f"{', '.join(cfg.target_modules)}")
+    shapes = json.loads(meta["shapes"])
+
+    def parameters(text_encoder: bool) -> int:
+        return sum(math.prod(shape) for name, shape in shapes.items()
+                   if name.startswith(TEXT_ENCODER_PREFIX) == text_encoder)
+
+    summary = (f"{method.title} ({method.shape(cfg)}, {parameters(False):,} trainable parameters) on "
+               f"{', '.join(cfg.target_modules)}")
+    if text_cfg is not None:
+        summary += (f"; the text encoder was trained too: {method.title} ({parameters(True):,} trainable parameters) "
+                    f"on its {', '.join(text_cfg.target_modules)}")
+    return summary
 
 
 def write_model_card(output_dir, adapter_file, exports: dict[str, Path] | None = None, grid=None) -> Path:
@@ -310,7 +351,9 @@ def write_model_card(output_dir, adapter_file, exports: dict[str, Path] | None =
         name = Path(next(iter(exports.values()))).name
         lines.append(f'pipe.load_lora_weights("{output_dir.name}", weight_name="{name}")  # this folder')
     else:
-        lines += ["from ether_diffusion import load_adapter", "", f'load_adapter(pipe.unet, "{output_dir.name}/{adapter_name}")']
+        text_encoder = ", text_encoder=pipe.text_encoder" if text_encoder_config_from_metadata(meta) else ""
+        lines += ["from ether_diffusion import load_adapter", "",
+                  f'load_adapter(pipe.unet, "{output_dir.name}/{adapter_name}"{text_encoder})']
     lines += [f'image = pipe("{prompt or "a photo"}").images[0]', "```", "", "## Use it in ComfyUI / AUTOMATIC1111", ""]
     if "kohya" in exports:
         name = Path(exports["kohya"]).name

@@ -45,9 +45,10 @@ def load_pipeline(model: str, adapter=None, device="cpu", torch_dtype=torch.floa
 
 
 def apply_adapter(pipe, path, merge: bool = False) -> str:
-    """Put the adapter in `path` on `pipe.unet`: one of our adapter files, or a LoRA file exported from one
+    """Put the adapter in `path` on `pipe.unet` (and on `pipe.text_encoder` where the file holds one, trained with
+    --train_text_encoder): one of our adapter files, or a LoRA file exported from one
     (`ether_diffusion.export`, kohya or diffusers format; any LoRA file diffusers reads). Both give the same
-    UNet up to rounding, so the same numbers come out of either. Called again, it replaces the adapter it put
+    UNet and text encoder up to rounding, so the same numbers come out of either. Called again, it replaces the adapter it put
     there before (the evaluator switches adapters between subjects). `merge=True` folds it into the weights.
     Returns "adapter" or "lora", the kind of file."""
     path = Path(path)
@@ -57,9 +58,11 @@ def apply_adapter(pipe, path, merge: bool = False) -> str:
         if lora_loaded:
             raise UserError(f"{path} is an adapter file, but the pipeline holds a LoRA file's adapter: "
                             "load it into a fresh pipeline")
-        load_adapter(pipe.unet, path)
+        load_adapter(pipe.unet, path, text_encoder=pipe.text_encoder)
         if merge:
             merge_adapters(pipe.unet)
+            if adapter_config_of(pipe.text_encoder) is not None:
+                merge_adapters(pipe.text_encoder)
         return "adapter"
     if adapter_config_of(pipe.unet) is not None:
         raise UserError(f"{path} is a LoRA file, but the pipeline holds an adapter file's adapter: "

@@ -15,7 +15,8 @@ from pathlib import Path
 import torch
 
 from . import checks
-from .adapter_file import check_adapter_or_lora, read_adapter_metadata
+from .adapter_batch import check_batchable
+from .adapter_file import check_adapter_or_lora
 from .devices import TORCH_DTYPES, check_device, default_device
 from .errors import ArgumentParser, UserError, run_cli
 from .files import check_image_output, check_output_folder, save_image
@@ -60,8 +61,8 @@ def parse_args(argv=None):
     # a missing or damaged file fails before the model loads
     if args.adapter is not None:
         check_adapter_or_lora(args.adapter)
-    for path in (args.adapters or {}).values():
-        read_adapter_metadata(path)  # several in one batch: adapter files only
+    if args.adapters:
+        check_batchable(args.adapters.values())  # several in one batch: adapter files that can share one
     args.device = check_device(args.device) if args.device else default_device()
     return args
 

@@ -36,7 +36,8 @@ from transformers import CLIPTextModel, CLIPTokenizer
 
 from . import divergence, hub, processes
 from .adapter_file import ADAPTER_FILE, save_adapter
-from .adapters import AdapterConfig, adapter_parameters, check_targets, inject_adapters
+from .adapters import (TEXT_ENCODER_TARGETS, AdapterConfig, adapter_parameters, check_targets, inject_adapters,
+                       text_encoder_config)
 from .adapters.methods import METHODS
 from .analysis import adapter_distances
 from .arguments import adapter_config_from_args
@@ -54,7 +55,8 @@ logger = logging.getLogger(__name__)
 # ============================================================================================ models
 def load_models(args, model_path, adapter_config: AdapterConfig | None):
     """Tokenizer, text encoder, VAE, UNet (frozen, on CPU, float32) and the training noise scheduler, with its
-    training target set (`--prediction_type`); the adapter (if any) is checked to fit the UNet (not injected yet)."""
+    training target set (`--prediction_type`); the adapter (if any) is checked to fit the UNet, and with
+    --train_text_encoder the text encoder (not injected yet)."""
     kw = dict(revision=args.revision, cache_dir=args.cache_dir)
     with model_load_errors(args.tokenizer_name or args.pretrained_model_name_or_path):
         if args.tokenizer_name:  # diffusers' --tokenizer_name: a tokenizer of its own (hub id or folder)
@@ -70,19 +72,28 @@ def load_models(args, model_path, adapter_config: AdapterConfig | None):
         module.requires_grad_(False)
     if adapter_config is not None:
         check_targets(unet, adapter_config)  # the adapter fits (layer names, widths) before anything expensive
+        if trains_text_encoder(args):
+            check_targets(text_encoder, text_encoder_config(adapter_config))
     configure_prediction_type(noise_scheduler, args.prediction_type)
     return tokenizer, text_encoder, vae, unet, noise_scheduler
 
 
+def trains_text_encoder(args) -> bool:
+    """--train_text_encoder (DreamBooth's; the S2I trainer has no such flag)."""
+    return getattr(args, "train_text_encoder", False)
+
+
 def inject_for_training(accelerator, args, adapter_config: AdapterConfig | None, text_encoder, vae, unet) -> torch.dtype:
     """Frozen weights to the device in the mixed-precision dtype, then the adapters (injected afterwards, so
-    they stay float32; none for `--method none`), xformers and gradient checkpointing as asked. Returns the
-    frozen weights' dtype."""
+    they stay float32; none for `--method none`; on the text encoder's attention too with
+    --train_text_encoder), xformers and gradient checkpointing as asked. Returns the frozen weights' dtype."""
     weight_dtype = weight_dtype_of(accelerator)
     for module in (text_encoder, vae, unet):
         module.to(accelerator.device, dtype=weight_dtype)
     if adapter_config is not None:
         inject_adapters(unet, adapter_config)
+        if trains_text_encoder(args):
+            inject_adapters(text_encoder, text_encoder_config(adapter_config))
     if args.enable_xformers_memory_efficient_attention:
         try:
             unet.enable_xformers_memory_efficient_attention()
@@ -90,12 +101,14 @@ def inject_for_training(accelerator, args, adapter_config: AdapterConfig | None,
             raise UserError(f"--enable_xformers_memory_efficient_attention: {e}") from None
     if args.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
+        if trains_text_encoder(args):  # non-reentrant, as torch recommends
+            text_encoder.activation_checkpointing_enable({"use_reentrant": False})
     return weight_dtype
 
 
-@torch.no_grad()
 def encode_prompt(tokenizer, text_encoder, prompt, device) -> torch.Tensor:
-    """Text embeddings of one prompt (1, 77, d) or a list of prompts (B, 77, d)."""
+    """Text embeddings of one prompt (1, 77, d) or a list of prompts (B, 77, d); with gradients where the
+    text encoder has trainable adapters (--train_text_encoder)."""
     ids = tokenizer(prompt, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
                     return_tensors="pt").input_ids
     return text_encoder(ids.to(device))[0]
@@ -106,7 +119,7 @@ def validation_pipeline(accelerator, tokenizer, text_encoder, vae, unet, noise_s
     """A pipeline around the in-memory modules: nothing is reloaded and nothing is cast. `scheduler`: the
     sampler's class name in diffusers (`--validation_scheduler`)."""
     pipe = StableDiffusionPipeline(
-        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=accelerator.unwrap_model(unet),
+        vae=vae, text_encoder=accelerator.unwrap_model(text_encoder), tokenizer=tokenizer, unet=accelerator.unwrap_model(unet),
         scheduler=getattr(diffusers, scheduler).from_config(noise_scheduler.config), safety_checker=None,
         feature_extractor=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
@@ -326,7 +339,7 @@ def validation_grid(accelerator, args, models, draw, step: int, tag: str = "vali
     `validation_pipeline` around them, in `evaluation_mode` (no grad, autocast, nothing cast)."""
     tokenizer, text_encoder, vae, unet, noise_scheduler = models
     pipe = validation_pipeline(accelerator, tokenizer, text_encoder, vae, unet, noise_scheduler, args.validation_scheduler)
-    with evaluation_mode(accelerator, unet):
+    with evaluation_mode(accelerator, unet, text_encoder):
         grid = draw(pipe)
     return save_samples(accelerator, grid, args.output_dir, step, tag=tag, name=name)
 
@@ -342,7 +355,7 @@ def save_samples(accelerator, grid, output_dir, step: int, tag: str = "validatio
 
 # ============================================================================================ the run
 def start_run(accelerator, args, project: str, resume_from, model, optimizer, lr_scheduler, sampler,
-              cfg: AdapterConfig | None, load_extra=None):
+              cfg: AdapterConfig | None, load_extra=None, text_encoder=None):
     """Trackers, then resume (adapter, optimizer, scheduler, RNG, data seed) if asked, then the train log.
     Returns (global_step, train_log); train_log is None off the main process.
 
@@ -353,7 +366,8 @@ def start_run(accelerator, args, project: str, resume_from, model, optimizer, lr
     global_step = 0
     if resume_from is not None:
         state = processes.everywhere(accelerator, lambda: load_checkpoint(
-            accelerator, resume_from, model, optimizer, lr_scheduler, cfg, load_extra=load_extra))[accelerator.process_index]
+            accelerator, resume_from, model, optimizer, lr_scheduler, cfg, load_extra=load_extra,
+            text_encoder=text_encoder))[accelerator.process_index]
         global_step, sampler.seed = state["global_step"], state["data_seed"]
         accelerator.print(f"resumed from {resume_from} at step {global_step}")
     train_log = None
@@ -374,6 +388,9 @@ def log_method(args):
     shape = METHODS[cfg.method].shape(cfg) if cfg else "no adapter"
     logger.info(f"  Method = {args.method} ({shape}), targets = {','.join(args.target_modules)}, "
                 f"learning rate = {args.learning_rate:g}")
+    if trains_text_encoder(args):
+        logger.info(f"  Text encoder: {args.method} ({shape}), targets = {','.join(TEXT_ENCODER_TARGETS)}, "
+                    f"learning rate = {args.text_encoder_lr:g}")
 
 
 def log_run_start(args, num_examples: int, batches_per_epoch: int, parameter_counts: dict[str, int]):
@@ -404,7 +421,7 @@ def write_step_logs(accelerator, args, model, train_log, step: int, logs: dict):
 
 def train_loop(accelerator, args, model, optimizer, lr_scheduler, dataloader, sampler, compute_loss, *,
                global_step: int, steps_per_epoch: int, settings: dict, train_log=None, adapter_metadata=None,
-               save_extra=None, validate=None, validation_epochs: int | None = None):
+               save_extra=None, validate=None, validation_epochs: int | None = None, text_encoder=None):
     """The optimizer-step loop both trainers share; returns (global_step, last_validation).
 
     `compute_loss(batch)` returns the loss of one micro-batch (called inside `accelerator.accumulate`).
@@ -415,13 +432,16 @@ def train_loop(accelerator, args, model, optimizer, lr_scheduler, dataloader, sa
     calls `validate(step) -> Path`, and `last_validation` is (step, path) of the last such grid, or None.
     With `validation_epochs` (DreamBooth's `--validation_epochs`) it is also called at the end of every epoch
     whose 0-based index divides by it, as diffusers' train_dreambooth_lora.py does (after the first epoch, then
-    every N), unless that step already has its grid.
+    every N), unless that step already has its grid. `text_encoder` (--train_text_encoder) trains beside
+    `model`: accumulated, clipped and checkpointed with it.
     """
     progress_bar = tqdm(range(args.max_train_steps), initial=global_step, desc="Steps",
                         disable=not accelerator.is_local_main_process)
-    trainable = [p for p in model.parameters() if p.requires_grad]
+    models = [model] + ([text_encoder] if text_encoder is not None else [])
+    trainable = [p for m in models for p in m.parameters() if p.requires_grad]
     last_validation = None
-    model.train()
+    for m in models:
+        m.train()
     with progress_bar:  # closed before an error is printed, so the error is the last line
         for epoch in range(global_step // steps_per_epoch, args.num_train_epochs):
             if global_step >= args.max_train_steps:
@@ -432,7 +452,7 @@ def train_loop(accelerator, args, model, optimizer, lr_scheduler, dataloader, sa
                                 * accelerator.num_processes)
             step_loss = 0.0
             for batch in dataloader:
-                with accelerator.accumulate(model):
+                with accelerator.accumulate(*models):
                     loss = compute_loss(batch)
                     accelerator.backward(loss)
                     grad_norm = None
@@ -459,7 +479,7 @@ def train_loop(accelerator, args, model, optimizer, lr_scheduler, dataloader, sa
                                     state={"epoch": epoch, "data_seed": sampler.seed, "settings": settings,
                                            "args": vars(args)},
                                     total_limit=args.checkpoints_total_limit, adapter_metadata=adapter_metadata,
-                                    save_extra=save_extra)
+                                    save_extra=save_extra, text_encoder=text_encoder)
                 if validate is not None and global_step % args.validation_steps == 0:
                     last_validation = (global_step, processes.on_main(accelerator, lambda: validate(global_step)))
                 if global_step >= args.max_train_steps:
@@ -470,11 +490,13 @@ def train_loop(accelerator, args, model, optimizer, lr_scheduler, dataloader, sa
     return global_step, last_validation
 
 
-def save_final_adapter(accelerator, model, output_dir, metadata: dict, step: int) -> Path:
-    """`<output_dir>/adapter.safetensors` of the unwrapped model, its header naming the step it was trained to."""
+def save_final_adapter(accelerator, model, output_dir, metadata: dict, step: int, text_encoder=None) -> Path:
+    """`<output_dir>/adapter.safetensors` of the unwrapped model (and text encoder, --train_text_encoder), its
+    header naming the step it was trained to."""
     path = Path(output_dir, ADAPTER_FILE)
     with writing(path):
-        save_adapter(accelerator.unwrap_model(model), path, extra_metadata={**metadata, "steps": step})
+        save_adapter(accelerator.unwrap_model(model), path, extra_metadata={**metadata, "steps": step},
+                     text_encoder=accelerator.unwrap_model(text_encoder) if text_encoder is not None else None)
     return path
 
 

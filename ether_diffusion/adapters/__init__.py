@@ -7,7 +7,7 @@ and only adapter parameters require grad. We wrap modules rather than replace at
 every diffusers processor (SDPA, xformers, sliced, plain) that calls `attn.to_q(...)` goes through us.
 """
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 import torch.nn as nn
@@ -18,6 +18,9 @@ from .methods import METHODS
 
 ATTENTION_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 CONTROL_TARGETS = ATTENTION_TARGETS + ("ff.net.0.proj",)
+# The CLIP text encoder's attention projections: what diffusers' train_dreambooth_lora.py adapts with
+# --train_text_encoder.
+TEXT_ENCODER_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
 
 
 @dataclass
@@ -52,6 +55,11 @@ class AdapterConfig:
 
     def to_dict(self):
         return asdict(self)
+
+
+def text_encoder_config(cfg: AdapterConfig, targets=TEXT_ENCODER_TARGETS) -> AdapterConfig:
+    """The text encoder's adapter beside the UNet's `cfg`: the same method and settings, on `targets`."""
+    return replace(cfg, target_modules=list(targets))
 
 
 def _matches(name: str, targets) -> bool:

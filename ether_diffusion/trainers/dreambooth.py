@@ -1,7 +1,9 @@
 """DreamBooth with ETHER / ETHER+ (and the paper's baselines OFT, Naive, LoRA, plus HRA) on Stable Diffusion.
 
 An accelerate script in the style of diffusers' examples/dreambooth/train_dreambooth_lora.py, with the same
-argument names and defaults, plus --method, --n_blocks, --target_modules and --config FILE.yaml:
+argument names and defaults, plus --method, --n_blocks, --target_modules and --config FILE.yaml.
+--train_text_encoder also adapts the CLIP text encoder's attention projections (q/k/v/out_proj, as diffusers does)
+with the same method, at --text_encoder_lr; its adapter goes into the same adapter file.
 
     accelerate launch train_dreambooth.py --config configs/dreambooth/etherplus.yaml \\
         --instance_data_dir data/dreambooth/dog --instance_prompt "a photo of qwe dog" \\
@@ -56,7 +58,13 @@ def make_parser():
                    help="Precision of class-image generation (default, or `no`: fp16 on GPU, fp32 on CPU).")
     g.add_argument("--pre_compute_text_embeddings", action="store_true",
                    help="Accepted for diffusers' commands: the instance and class prompts are always encoded once, "
-                        "before training (the text encoder is not trained).")
+                        "before training, unless --train_text_encoder.")
+    g.add_argument("--train_text_encoder", action="store_true",
+                   help="Also adapt the text encoder's attention (q_proj, k_proj, v_proj, out_proj) with --method; "
+                        "saved in the adapter file and in the LoRA exports.")
+    g.add_argument("--text_encoder_lr", type=float, default=None,
+                   help="The text encoder's learning rate with --train_text_encoder (kohya's name); default: "
+                        "--learning_rate.")
     g.add_argument("--center_crop", action="store_true",
                    help="Center crop to the resolution (default: random crop) after resizing the shorter side.")
     g.add_argument("--export_merged", type=str, default=None, metavar="DIR",
@@ -81,6 +89,7 @@ def parse_args(argv=None):
     arguments.check_common_args(args, required=("pretrained_model_name_or_path", "instance_data_dir", "instance_prompt"))
     checks.at_least(args, 1, "validation_epochs")
     arguments.finish_learning_rate(args, task="dreambooth")
+    check_text_encoder_args(args)
     export.check_export_args(args)
     if args.with_prior_preservation:
         if not args.class_prompt:
@@ -92,6 +101,22 @@ def parse_args(argv=None):
     elif args.class_data_dir or args.class_prompt:
         logger.warning("--class_data_dir / --class_prompt are only used with --with_prior_preservation")
     return args
+
+
+def check_text_encoder_args(args):
+    """--text_encoder_lr and --pre_compute_text_embeddings against --train_text_encoder; the text encoder's
+    learning rate defaults to --learning_rate."""
+    if not args.train_text_encoder:
+        if args.text_encoder_lr is not None:
+            raise UserError("--text_encoder_lr is the learning rate of --train_text_encoder: add that flag, or leave "
+                            "--text_encoder_lr out")
+        return
+    if args.pre_compute_text_embeddings:
+        raise UserError("--pre_compute_text_embeddings encodes the prompts once with a frozen text encoder: not with "
+                        "--train_text_encoder (diffusers refuses the pair too)")
+    checks.positive(args, "text_encoder_lr")
+    if args.text_encoder_lr is None:
+        args.text_encoder_lr = args.learning_rate
 
 
 def prepare_class_images(args, accelerator, model_path) -> list[Path]:
@@ -143,23 +168,39 @@ def main(argv=None):
     # Frozen weights in the mixed-precision dtype; the adapter is injected afterwards, so it stays float32.
     weight_dtype = training.inject_for_training(accelerator, args, adapter_config, text_encoder, vae, unet)
 
-    # The two prompts never change: encode them once.
-    instance_embeds = training.encode_prompt(tokenizer, text_encoder, args.instance_prompt, accelerator.device)
-    class_embeds = (training.encode_prompt(tokenizer, text_encoder, args.class_prompt, accelerator.device)
-                    if args.with_prior_preservation else None)
+    def encode_prompts():
+        """(instance prompt's embeddings, class prompt's or None), in one text-encoder call (one DDP forward)."""
+        prior = args.with_prior_preservation
+        prompts = [args.instance_prompt, args.class_prompt] if prior else [args.instance_prompt]
+        embeds = training.encode_prompt(tokenizer, text_encoder, prompts, accelerator.device)
+        return embeds[:1], embeds[1:] if prior else None
+
+    # The two prompts never change: encode them once, unless the text encoder trains (then in every step).
+    fixed_embeds = None if args.train_text_encoder else encode_prompts()
 
     if args.scale_lr:
-        args.learning_rate *= args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes
-    optimizer = training.make_optimizer(args, [training.adapter_param_group(unet, adapter_config, args)])
+        scale = args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes
+        args.learning_rate *= scale
+        if args.train_text_encoder:
+            args.text_encoder_lr *= scale
+    param_groups = [training.adapter_param_group(unet, adapter_config, args)]
+    if args.train_text_encoder:
+        param_groups.append({**training.adapter_param_group(text_encoder, adapter_config, args),
+                             "lr": args.text_encoder_lr})
+    optimizer = training.make_optimizer(args, param_groups)
 
     dataset = dreambooth_data.SubjectDataset(instance_images, class_images, size=args.resolution,
                                              center_crop=args.center_crop)
     unet, optimizer, train_dataloader, sampler, lr_scheduler, steps_per_epoch = training.prepare_training(
         accelerator, args, unet, optimizer, dataset, collate_fn=dreambooth_data.collate_fn(args.with_prior_preservation))
+    # The text encoder with a trained adapter is a model of the run too (DDP syncs its gradients); None if frozen.
+    trained_text_encoder = None
+    if args.train_text_encoder:
+        text_encoder = trained_text_encoder = accelerator.prepare(text_encoder)
 
     # Resume: adapter, optimizer, scheduler, RNG; the data order is a function of (seed, epoch).
     global_step, train_log = training.start_run(accelerator, args, "dreambooth", resume_from, unet, optimizer,
-                                                lr_scheduler, sampler, adapter_config)
+                                                lr_scheduler, sampler, adapter_config, text_encoder=trained_text_encoder)
     adapter_metadata = {"instance_prompt": args.instance_prompt, "class_prompt": args.class_prompt or "",
                         "base_model": args.pretrained_model_name_or_path, "resolution": args.resolution}
 
@@ -175,6 +216,7 @@ def main(argv=None):
     def compute_loss(batch):
         latents = training.encode_latents(vae, batch["pixel_values"], weight_dtype)
         n = batch["num_instance"]
+        instance_embeds, class_embeds = fixed_embeds or encode_prompts()
         embeds = instance_embeds.expand(n, -1, -1)
         if args.with_prior_preservation:
             embeds = torch.cat([embeds, class_embeds.expand(n, -1, -1)])
@@ -189,19 +231,23 @@ def main(argv=None):
         loss = training.diffusion_loss(noise_scheduler, model_pred, target, timesteps[:n], args.snr_gamma)
         return loss + args.prior_loss_weight * F.mse_loss(model_pred_prior.float(), target_prior.float())
 
-    training.log_run_start(args, len(dataset), len(train_dataloader),
-                           {"Trainable adapter parameters": count_adapter_parameters(accelerator.unwrap_model(unet))})
+    parameter_counts = {"Trainable adapter parameters": count_adapter_parameters(accelerator.unwrap_model(unet))}
+    if trained_text_encoder is not None:
+        parameter_counts["Trainable text-encoder adapter parameters"] = count_adapter_parameters(
+            accelerator.unwrap_model(trained_text_encoder))
+    training.log_run_start(args, len(dataset), len(train_dataloader), parameter_counts)
     global_step, last_validation = training.train_loop(
         accelerator, args, unet, optimizer, lr_scheduler, train_dataloader, sampler, compute_loss,
         global_step=global_step, steps_per_epoch=steps_per_epoch, settings=settings, train_log=train_log,
         adapter_metadata=adapter_metadata,
         validate=(lambda step: validate(step, args.validation_prompt)) if args.validation_prompt else None,
-        validation_epochs=args.validation_epochs)
+        validation_epochs=args.validation_epochs, text_encoder=trained_text_encoder)
 
     # The adapter, a final grid and (optionally) a merged pipeline: the main process writes them, and a
     # failure (a full disk) stops every process with its line.
     def save_outputs():
-        adapter_file = training.save_final_adapter(accelerator, unet, args.output_dir, adapter_metadata, global_step)
+        adapter_file = training.save_final_adapter(accelerator, unet, args.output_dir, adapter_metadata, global_step,
+                                                   text_encoder=trained_text_encoder)
         final = training.save_final_grid(
             args.output_dir, global_step, last_validation,
             lambda step, **kw: validate(step, args.validation_prompt or [args.instance_prompt], **kw))
