@@ -155,6 +155,19 @@ def test_corrupt_and_truncated_images_are_named(script, subject, tmp_path, capsy
     assert f"{subject / 'half.jpg'}: cannot read image" in fails(script, base_args(subject, tmp_path / "o"), capsys)
 
 
+@pytest.mark.user_error("a 1x1 (or 7 px wide) instance photo", tool="train_dreambooth.py")
+def test_a_tiny_instance_photo_is_named_with_its_size(script, subject, tmp_path, capsys):
+    Image.new("RGB", (1, 1), "red").save(subject / "dot.png")
+    line = fails(script, base_args(subject, tmp_path / "o"), capsys)
+    assert line == (f"error: {subject / 'dot.png'} is 1x1 pixels: too small to train on (at least "
+                    f"{dreambooth_data.MIN_IMAGE_SIDE} on each side; give the photo itself)")
+    Image.new("RGB", (7, 300), "red").save(subject / "dot.png")
+    assert f"{subject / 'dot.png'} is 7x300 pixels" in fails(script, base_args(subject, tmp_path / "o"), capsys)
+    assert not (tmp_path / "o").exists()  # refused before the run starts
+    Image.new("RGB", (8, 8), "red").save(subject / "dot.png")  # small but a picture: accepted
+    dreambooth_data.check_images(dreambooth_data.list_images(subject))
+
+
 @pytest.mark.user_error("no --class_prompt, --resolution 30, --method dora, no --instance_prompt, a config typo",
                         tool="train_dreambooth.py")
 def test_bad_arguments(script, subject, tmp_path, capsys):
