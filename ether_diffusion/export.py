@@ -45,7 +45,8 @@ from .builtin import resolve_model_path
 from .checkpoints import same_folder
 from .devices import TORCH_DTYPES
 from .errors import ArgumentParser, UserError, run_cli
-from .files import atomic_path, check_not_an_input, check_output_folder, write_folder, write_text
+from .files import (atomic_path, check_file_output, check_not_an_input, check_output_folder, write_folder,
+                    write_text)
 from .pipelines import load_pipeline, model_load_errors
 
 FORMATS = ("kohya", "diffusers", "merged")
@@ -175,6 +176,7 @@ def export_lora(adapter, fmt: str, out, model: str | None = None, dtype: torch.d
     rank = lora_rank(cfg)
     model = base_model_of(meta, model, adapter, allow_other_base)
     path = lora_file_path(out, fmt)
+    check_file_output(path, "the export")
     check_export_target(path, adapter, model)
     unet = load_unet(model)
     load_adapter(unet, adapter)

@@ -237,6 +237,26 @@ def test_another_base_model_than_the_adapters_is_refused_unless_allowed(adapters
         assert export_main([str(adapter), "--format", "kohya", str(out), "--model", same]) == out
 
 
+@pytest.mark.user_error("export into a read-only folder (a LoRA file, or a merged folder)", tool="ether_diffusion.export")
+def test_an_export_into_a_read_only_folder_is_refused_before_the_model_loads(adapters, tmp_path, capsys, read_only,
+                                                                              monkeypatch):
+    import ether_diffusion.export as export_module
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("loaded the model for an export that cannot be written")
+
+    monkeypatch.setattr(export_module, "load_unet", no_model)
+    monkeypatch.setattr(export_module, "load_pipeline", no_model)
+    adapter, _ = adapters["lora-r4"]
+    shared = read_only(tmp_path / "shared")
+    for fmt, out, named in (("kohya", shared / "lora.safetensors", "the export " + str(shared / "lora.safetensors")),
+                            ("diffusers", f"{shared}/", f"the export {shared / EXPORT_FILE_NAMES['diffusers']}"),
+                            ("merged", shared / "merged", str(shared / "merged"))):
+        line = fails(export_main, [adapter, "--format", fmt, out], capsys)
+        assert line == f"error: {named}: {shared} is not writable (a read-only folder, or another user's?)"
+    assert list(shared.iterdir()) == []
+
+
 def test_a_lora_export_to_a_new_folder_written_with_a_slash_goes_inside_it(adapters, tmp_path):
     path = export_main([str(adapters["lora-r4"][0]), "--format", "diffusers", f"{tmp_path / 'newdir'}/"])
     assert path == tmp_path / "newdir" / EXPORT_FILE_NAMES["diffusers"] and path.is_file()

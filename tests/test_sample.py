@@ -159,6 +159,23 @@ def test_bad_input_is_one_line(tmp_path, capsys, extra, message):
     assert (tmp_path / "g.png").read_bytes() == b"an old grid"  # stopped before sampling
 
 
+@pytest.mark.user_error("--grid or --out_dir in a read-only folder (failed only after sampling)", tool=SAMPLE)
+def test_a_read_only_output_folder_is_named_before_sampling(tmp_path, capsys, monkeypatch, read_only):
+    import ether_diffusion.sample as sample
+
+    def no_sampling(*args, **kwargs):
+        raise AssertionError("loaded a model to sample for an output that cannot be written")
+
+    monkeypatch.setattr(sample, "load_pipeline", no_sampling)
+    shared = read_only(tmp_path / "shared")
+    line = fails(args(shared / "grid.png"), capsys)
+    assert line == (f"error: --grid {shared / 'grid.png'}: {shared} is not writable (a read-only folder, or another "
+                    "user's?)")
+    line = fails(args(tmp_path / "g.png", "--out_dir", shared / "new" / "images"), capsys)  # made below it
+    assert line == (f"error: --out_dir {shared / 'new' / 'images'}: {shared} is not writable (a read-only folder, or "
+                    "another user's?)")
+
+
 @pytest.mark.user_error("--device cuda on a machine without a GPU", tool=SAMPLE)
 def test_cuda_without_a_gpu_is_named(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
