@@ -120,14 +120,15 @@ def file_sha256(path) -> str:
 
 def base_model_of(meta: dict, model: str | None, adapter, allow_other_base: bool = False) -> str:
     """`--model` if given, else the base model the trainer recorded in the adapter file. A `--model` other than
-    the recorded one is refused unless `allow_other_base`: the adapter's update W' - W depends on W (a
-    reflection of other weights is another update), so the export would not be what was trained."""
+    the recorded one is refused unless `allow_other_base`: every method here but LoRA changes W by an update
+    that depends on W (a reflection of other weights is another update), so the export would not be what was
+    trained, and a LoRA's on another base is another model too."""
     recorded = meta.get("base_model")
     if model:
         resolve_model_path(model)  # a --model folder that does not exist is said so first
     if model and recorded and not allow_other_base and not same_model(model, recorded):
-        raise UserError(f"{adapter} was trained on {recorded}, not on --model {model}: on another base model it makes "
-                        "another update; pass --allow_other_base to export it on that model anyway")
+        raise UserError(f"{adapter} was trained on {recorded}, not on --model {model}: pass --allow_other_base to "
+                        "export it on that model anyway")
     model = model or recorded
     if not model:
         raise UserError(f"{adapter} does not name its base model: pass --model (hub id, folder or builtin:tiny-sd)")
