@@ -33,8 +33,10 @@ def adapter(tmp_path_factory):
     from diffusers import UNet2DConditionModel
 
     unet = UNet2DConditionModel.from_pretrained(resolve_model_path(TINY), subfolder="unet")
-    inject_adapters(unet, AdapterConfig(method="ether+", n_blocks=2))
+    # Seeded before the injection draws u (v = u): seeded after it, a global RNG that an earlier test left freshly
+    # seeded with 0 drew u from the same numbers as the step below, v = 2u, and the adapter was the identity.
     torch.manual_seed(0)
+    inject_adapters(unet, AdapterConfig(method="ether+", n_blocks=2))
     with torch.no_grad():
         for name, p in adapter_state_dict(unet).items():
             if name.endswith("ether_v") or name.endswith("ether_v_out"):
@@ -81,7 +83,7 @@ def test_the_adapter_changes_the_samples_and_a_seed_repeats_them(adapter, tmp_pa
     # bit-identical sums from one call to the next (the vector path can depend on memory alignment), and a
     # float on a rounding edge flips one level. Byte equality here failed once in a whole-suite run.
     assert (a - b).abs().max() <= 1
-    # measured: 7.2 levels on average from the base model, 54 from another seed
+    # measured: 7.8 levels on average from the base model, 54 from another seed
     assert (a - base).abs().float().mean() > 3 and (a - other).abs().float().mean() > 20
 
 
