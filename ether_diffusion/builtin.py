@@ -17,9 +17,9 @@ image writes, so processes that start together never read a half-written model o
 from pathlib import Path
 
 from .errors import UserError, writing
-from .files import build_folder_once
+from .files import build_folder_once, check_output_folder
 from .tiny_ade20k import write_tiny_ade20k
-from .tiny_sd import build_tiny_sd, tiny_sd_cache_dir
+from .tiny_sd import TINY_VERSION, build_tiny_sd, cache_root
 
 TINY_SD = "builtin:tiny-sd"
 TOY_SD = "builtin:toy-sd"
@@ -33,7 +33,7 @@ def resolve_model_path(name_or_path: str) -> str:
     """`builtin:tiny-sd` -> its cached folder (built on first use), `builtin:toy-sd` -> the toy world's SD
     (assembled once from the package's weights); a hub id or folder unchanged."""
     if name_or_path == TINY_SD:
-        return str(build_folder_once(tiny_sd_cache_dir(), build_tiny_sd))
+        return str(build_in_cache(f"tiny-sd-v{TINY_VERSION}", build_tiny_sd))
     if name_or_path == TOY_SD:
         from .toy.model import toy_sd_path  # the toy world loads only when a toy name is asked for
 
@@ -46,6 +46,20 @@ def resolve_model_path(name_or_path: str) -> str:
     if path.is_file():
         raise UserError(f"{name_or_path} is a file, not a diffusers model folder or hub id")
     return name_or_path
+
+
+def build_in_cache(name: str, build) -> Path:
+    """The cache's folder `name`, built once by `build(folder)` (`files.build_folder_once`). A cache where it
+    cannot be built (HOME or ETHER_DIFFUSION_CACHE naming a file, a read-only folder) is one line saying what to
+    set, before anything is built; a read-only cache that already holds it is used as it is."""
+    target = cache_root() / name
+    if not target.is_dir():
+        try:
+            check_output_folder(target, "the built-in model cache")
+        except UserError as e:
+            raise UserError(f"{e}: set ETHER_DIFFUSION_CACHE to a folder you can write") from None
+    with writing(target):
+        return build_folder_once(target, build)
 
 
 def resolve_instance_dir(value: str, output_dir) -> Path:

@@ -40,9 +40,18 @@ def list_images(folder, what: str = "instance") -> list[Path]:
     return images
 
 
+# Below one latent pixel (the VAE's factor 8) a photo shows nothing of the subject: a 1x1 file is a mistake
+# (a thumbnail or placeholder), not a photo to upscale to --resolution.
+MIN_IMAGE_SIDE = 8
+
+
 def check_images(paths):
+    """Every image decodes and is at least `MIN_IMAGE_SIDE` pixels on each side."""
     for p in paths:
-        load_rgb(p)
+        width, height = load_rgb(p).size
+        if min(width, height) < MIN_IMAGE_SIDE:
+            raise UserError(f"{p} is {width}x{height} pixels: too small to train on (at least "
+                            f"{MIN_IMAGE_SIDE} on each side; give the photo itself)")
 
 
 def check_class_dir(class_dir, instance_dir):

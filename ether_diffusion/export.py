@@ -46,9 +46,11 @@ from .adapter_file import (TEXT_ENCODER_PREFIX, config_from_metadata, load_adapt
 from .adapters import AdapterConfig, adapter_modules
 from .adapters.methods import METHODS, method_of
 from .builtin import resolve_model_path
+from .checkpoints import same_folder
 from .devices import TORCH_DTYPES
 from .errors import ArgumentParser, UserError, run_cli
-from .files import atomic_path, check_not_an_input, check_output_folder, write_folder, write_text
+from .files import (atomic_path, check_file_output, check_not_an_input, check_output_folder, write_folder,
+                    write_text)
 from .pipelines import load_pipeline, model_load_errors
 
 FORMATS = ("kohya", "diffusers", "merged")
@@ -132,12 +134,30 @@ def file_sha256(path) -> str:
     return digest.hexdigest()
 
 
-def base_model_of(meta: dict, model: str | None, adapter) -> str:
-    """`--model` if given, else the base model the trainer recorded in the adapter file."""
-    model = model or meta.get("base_model")
+def base_model_of(meta: dict, model: str | None, adapter, allow_other_base: bool = False) -> str:
+    """`--model` if given, else the base model the trainer recorded in the adapter file. A `--model` other than
+    the recorded one is refused unless `allow_other_base`: every method here but LoRA changes W by an update
+    that depends on W (a reflection of other weights is another update), so the export would not be what was
+    trained, and a LoRA's on another base is another model too."""
+    recorded = meta.get("base_model")
+    if model:
+        resolve_model_path(model)  # a --model folder that does not exist is said so first
+    if model and recorded and not allow_other_base and not same_model(model, recorded):
+        raise UserError(f"{adapter} was trained on {recorded}, not on --model {model}: pass --allow_other_base to "
+                        "export it on that model anyway")
+    model = model or recorded
     if not model:
         raise UserError(f"{adapter} does not name its base model: pass --model (hub id, folder or builtin:tiny-sd)")
     return model
+
+
+def same_model(a: str, b: str) -> bool:
+    """Whether two model names name one model: the same hub id or name, or one local folder however written
+    (absolute or relative, a trailing /, a built-in name or its cache folder)."""
+    def folder(name):
+        return resolve_model_path(name) if name.startswith("builtin:") else name
+
+    return a.rstrip("/") == b.rstrip("/") or same_folder(folder(a), folder(b))
 
 
 def load_adapted_models(model: str, adapter, meta: dict):
@@ -168,17 +188,19 @@ def check_export_target(out, adapter, model: str | None):
                                            "the base model": model if model and Path(model).is_dir() else None})
 
 
-def export_lora(adapter, fmt: str, out, model: str | None = None, dtype: torch.dtype = torch.float16) -> Path:
+def export_lora(adapter, fmt: str, out, model: str | None = None, dtype: torch.dtype = torch.float16,
+                allow_other_base: bool = False) -> Path:
     """Write the adapter file `adapter` as a `kohya` or `diffusers` LoRA file at `out` (atomically); returns
-    its path. `model` (the base model) defaults to the one the adapter file names."""
+    its path. `model` (the base model) defaults to the one the adapter file names (`base_model_of`)."""
     if fmt not in LORA_FORMATS:
         raise UserError(f"unknown LoRA format {fmt!r}; choose one of {', '.join(LORA_FORMATS)}")
     meta = read_adapter_metadata(adapter)
     cfg = config_from_metadata(meta)
     check_low_rank(cfg.method, what=f"{adapter}: --format {fmt}")  # before any model is loaded
     rank = lora_rank(cfg)
-    model = base_model_of(meta, model, adapter)
+    model = base_model_of(meta, model, adapter, allow_other_base)
     path = lora_file_path(out, fmt)
+    check_file_output(path, "the export")
     check_export_target(path, adapter, model)
     unet, text_encoder = load_adapted_models(model, adapter, meta)
     state = peft_state_dict(lora_factors(unet, rank), dtype)
@@ -226,13 +248,14 @@ def diffusers_lora_metadata(layers: dict[str, list[str]], rank: int) -> dict[str
     return {LORA_ADAPTER_METADATA_KEY: json.dumps(config, indent=2, sort_keys=True)}
 
 
-def export_merged(adapter, out, model: str | None = None, dtype: torch.dtype = torch.float32) -> Path:
+def export_merged(adapter, out, model: str | None = None, dtype: torch.dtype = torch.float32,
+                  allow_other_base: bool = False) -> Path:
     """A stock diffusers pipeline folder at `out` with the adapter folded into the UNet weights (any method),
     and into the text encoder's where the adapter has a text-encoder part.
     An older export at `out` is replaced; any other existing folder is refused."""
     check_merged_target(out)
     meta = read_adapter_metadata(adapter)
-    model = base_model_of(meta, model, adapter)
+    model = base_model_of(meta, model, adapter, allow_other_base)
     check_export_target(out, adapter, model)
     pipe = load_pipeline(model, adapter=adapter, merge=True)
     pipe.to(dtype=dtype)
@@ -247,12 +270,13 @@ def check_merged_target(out, flag: str | None = None):
         raise UserError(f"{out} exists and is not a diffusers pipeline folder: choose a new folder for the merged model")
 
 
-def export(adapter, fmt: str, out, model: str | None = None, dtype: torch.dtype | None = None) -> Path:
+def export(adapter, fmt: str, out, model: str | None = None, dtype: torch.dtype | None = None,
+           allow_other_base: bool = False) -> Path:
     """One entry for every format; `dtype` defaults to fp16 for the LoRA files (what the tools ship) and
     fp32 for a merged folder (what the trainers' --export_merged writes)."""
     if fmt == "merged":
-        return export_merged(adapter, out, model, dtype or torch.float32)
-    return export_lora(adapter, fmt, out, model, dtype or torch.float16)
+        return export_merged(adapter, out, model, dtype or torch.float32, allow_other_base)
+    return export_lora(adapter, fmt, out, model, dtype or torch.float16, allow_other_base)
 
 
 # ------------------------------------------------------------------------------------------ trainers' side
@@ -382,14 +406,18 @@ def parse_args(argv=None):
     p.add_argument("--dtype", choices=["fp16", "fp32"], default=None,
                    help="Precision of the written tensors (default: fp16 for LoRA files, fp32 for merged).")
     p.add_argument("--model", default=None,
-                   help="The base model (hub id, folder or builtin:tiny-sd); default: the one the adapter file names.")
+                   help="The base model (hub id, folder or builtin:tiny-sd); default: the one the adapter file names. "
+                        "Another model than that one is refused (see --allow_other_base).")
+    p.add_argument("--allow_other_base", action="store_true",
+                   help="Accept a --model other than the one the adapter file names (the same model in another place, "
+                        "or a deliberate transfer to another base: the update then differs from the trained one).")
     return p.parse_args(argv)
 
 
 def main(argv=None):
     args = parse_args(argv)
     path = export(args.adapter, args.format, args.out, model=args.model,
-                  dtype=TORCH_DTYPES[args.dtype] if args.dtype else None)
+                  dtype=TORCH_DTYPES[args.dtype] if args.dtype else None, allow_other_base=args.allow_other_base)
     print(f"wrote {path}")
     return path
 

@@ -81,6 +81,14 @@ def _file_in_the_way(path) -> Path | None:
     return None
 
 
+def _check_writable(folder, what: str):
+    """`folder`, or the nearest folder above it that exists (where it would be made), can be written: checked
+    before the work whose result would go there, not found out when it is written."""
+    existing = next(p for p in [Path(folder), *Path(folder).parents] if p.exists())
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"{what}: {existing} is not writable (a read-only folder, or another user's?)")
+
+
 def check_output_folder(path, flag: str | None = None):
     """`path` (the value of `flag`, if a command-line flag; None: not given) can be a folder that we create and
     write into."""
@@ -92,6 +100,16 @@ def check_output_folder(path, flag: str | None = None):
         raise UserError(f"{what} is a file, not a folder")
     if blocker is not None:
         raise UserError(f"{what}: {blocker} is a file, not a folder")
+    _check_writable(path, what)
+
+
+def check_file_output(path, what: str):
+    """The file `path` (described as `what`: a flag, "the export") can be written: no file where its folder
+    should be, and the folder writable."""
+    blocker = _file_in_the_way(Path(path).parent)
+    if blocker is not None:
+        raise UserError(f"{what} {path}: {blocker} is a file, not a folder")
+    _check_writable(Path(path).parent, f"{what} {path}")
 
 
 def check_not_an_input(out, what: str, inputs: dict):
@@ -107,16 +125,14 @@ def check_not_an_input(out, what: str, inputs: dict):
 
 
 def check_image_output(path, flag: str):
-    """`path` (the value of `flag`) can be written as an image: not a folder, an extension PIL writes, and no
-    file where its folder should be."""
+    """`path` (the value of `flag`) can be written as an image: not a folder, an extension PIL writes, and its
+    folder can be written (`check_file_output`)."""
     path = Path(path)
     if path.is_dir():
         raise UserError(f"{flag} {path} is a folder; give an image file name such as {path / 'grid.png'}")
     if Image.registered_extensions().get(path.suffix.lower()) not in Image.SAVE:
         raise UserError(f"{flag} {path}: {path.suffix or 'no extension'!r} is not an image format (use .png or .jpg)")
-    blocker = _file_in_the_way(path.parent)
-    if blocker is not None:
-        raise UserError(f"{flag} {path}: {blocker} is a file, not a folder")
+    check_file_output(path, flag)
 
 
 def umask() -> int:

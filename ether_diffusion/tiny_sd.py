@@ -114,6 +114,3 @@ def cache_root() -> Path:
     variable is set but empty, as `ETHER_DIFFUSION_CACHE= cmd` does: not the working directory)."""
     return Path(os.environ.get("ETHER_DIFFUSION_CACHE") or Path.home() / ".cache" / "ether_diffusion")
 
-
-def tiny_sd_cache_dir() -> Path:
-    return cache_root() / f"tiny-sd-v{TINY_VERSION}"

@@ -127,8 +127,23 @@ def validation_pipeline(accelerator, tokenizer, text_encoder, vae, unet, noise_s
 
 
 def encode_latents(vae, pixel_values, weight_dtype) -> torch.Tensor:
-    """Images in [-1, 1] -> scaled VAE latents (sampled from the posterior, with torch's global RNG)."""
-    return vae.encode(pixel_values.to(dtype=weight_dtype)).latent_dist.sample() * vae.config.scaling_factor
+    """Images in [-1, 1] -> scaled VAE latents (sampled from the posterior, with torch's global RNG). The VAE
+    encoder at full resolution is where a batch too large for the device runs out of memory first: that is
+    one line saying what to lower, not the allocator's message."""
+    try:
+        return vae.encode(pixel_values.to(dtype=weight_dtype)).latent_dist.sample() * vae.config.scaling_factor
+    except RuntimeError as e:  # torch.OutOfMemoryError is one; the CPU allocator raises a plain RuntimeError
+        if not is_out_of_memory(e):
+            raise
+        n, _, height, width = pixel_values.shape
+        raise UserError(f"out of memory on {vae.device} encoding a batch of {n} images of {width}x{height} px: lower "
+                        "--train_batch_size (raise --gradient_accumulation_steps to keep the batch) or --resolution, "
+                        "or use --mixed_precision fp16/bf16") from None
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    return isinstance(error, torch.OutOfMemoryError) or any(
+        text in str(error) for text in ("out of memory", "not enough memory"))
 
 
 def tracker_config(args) -> dict:

@@ -58,9 +58,15 @@ def item_seed(base_seed: int, key: str) -> int:
 
 
 def same_path(value: str | None) -> str | None:
-    """A model or dataset as the record names it: an existing local path absolute (however it was written),
-    anything else (a hub id, `builtin:tiny-sd`) as given."""
-    return str(Path(value).resolve()) if value and Path(value).exists() else value
+    """A model or dataset as the record names it: a local path absolute (however it was written: relative,
+    with a trailing /), anything else (a hub id, `builtin:tiny-sd`, a prompt) as given. A path is what exists,
+    or lies below a folder that does (a run's folder before it is made)."""
+    try:
+        if not value or not (Path(value).exists() or Path(Path(value).parts[0]).is_dir()):
+            return value
+        return str(Path(value).resolve())
+    except (OSError, ValueError):  # too long for a name (a file's text), a NUL: not a path
+        return value
 
 
 def files_sha256(paths) -> dict[str, str]:

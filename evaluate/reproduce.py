@@ -64,7 +64,7 @@ from ether_diffusion.run_folder import (RunLock, describe_holder, holder_of, kee
 from ether_diffusion.trainers import dreambooth as dreambooth_trainer, s2i as s2i_trainer
 from evaluate import dreambooth as dreambooth_eval
 from evaluate import reproduce_report, s2i as s2i_eval, selection, shards
-from evaluate.harness import write_json
+from evaluate.harness import same_path, write_json
 from evaluate.protocol import load_protocol
 
 SETTINGS = "reproduce.json"  # the settings of the whole reproduction, checked when it is run again
@@ -312,9 +312,17 @@ def _same_or_new(path: Path, value: dict, what: str):
         write_json(path, value)
         return
     for key in value:
-        if saved.get(key) != value[key]:
+        if _paths_resolved(saved.get(key)) != _paths_resolved(value[key]):
             raise UserError(f"{what} {key} = {saved.get(key)!r}, but this command asks for {value[key]!r} ({path}); "
                             "use the same settings or another --output_dir")
+
+
+def _paths_resolved(value):
+    """A setting with its paths absolute (`harness.same_path`): a rerun that writes a folder another way
+    (absolute instead of relative, a trailing /) asks for the same reproduction."""
+    if isinstance(value, list):
+        return [_paths_resolved(v) for v in value]
+    return same_path(value) if isinstance(value, str) else value
 
 
 def lock_launch(output_dir, shard, launch_id: str) -> RunLock:

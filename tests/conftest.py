@@ -1,5 +1,6 @@
 import copy
 import os
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -69,6 +70,34 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture
+def read_only(monkeypatch):
+    """`read_only(folder)` makes `folder` read-only (mode 0555, made if missing; writable again after the test).
+    Root writes there anyway, so under root `os.access`, which the commands ask before they work, also reports
+    it as a user would find it: read-only."""
+    folders = []
+
+    def make(folder):
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        folder.chmod(0o555)
+        folders.append(folder.resolve())
+        return folder
+
+    if os.geteuid() == 0:
+        access = os.access
+
+        def access_as_a_user(path, mode, *args, **kwargs):
+            if mode & os.W_OK and Path(path).resolve() in folders:
+                return False
+            return access(path, mode, *args, **kwargs)
+
+        monkeypatch.setattr(os, "access", access_as_a_user)
+    yield make
+    for folder in folders:
+        folder.chmod(0o755)
 
 
 @pytest.fixture(scope="session")

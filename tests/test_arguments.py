@@ -177,6 +177,17 @@ def test_folders_that_are_files_are_refused_before_training(dreambooth, tmp_path
     assert not out.exists()  # refused before anything was written
 
 
+@pytest.mark.user_error("a read-only --output_dir (or a new one below a read-only folder, or --export_merged there)",
+                        tool="train_dreambooth.py")
+def test_a_read_only_output_folder_is_refused_before_training(dreambooth, tmp_path, capsys, read_only):
+    shared = read_only(tmp_path / "shared")
+    for out, extra in ((shared, []), (shared / "run", []), (tmp_path / "out", ["--export_merged", shared / "merged"])):
+        line = fails(dreambooth.main, dreambooth_args(out, *extra), capsys)
+        flag, value = ("--export_merged", shared / "merged") if extra else ("--output_dir", out)
+        assert line == f"error: {flag} {value}: {shared} is not writable (a read-only folder, or another user's?)"
+    assert list(shared.iterdir()) == [] and not (tmp_path / "out").exists()  # refused before anything was written
+
+
 @pytest.mark.user_error("--prior_loss_weight nan", tool="train_dreambooth.py")
 def test_trainer_specific_floats_are_checked_too(dreambooth, tmp_path, capsys):
     line = fails(dreambooth.main, dreambooth_args(tmp_path / "out", "--with_prior_preservation", "--class_prompt", "a toy",

@@ -5,6 +5,7 @@ import hashlib
 import json
 import re
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,6 +17,7 @@ from ether_diffusion.trainers import dreambooth as dreambooth_trainer, s2i as s2
 from trainer_helpers import TINY, fails
 
 from ether_diffusion import AdapterConfig, inject_adapters, save_adapter
+from ether_diffusion.adapter_file import read_safetensors_metadata
 from ether_diffusion.adapters import adapter_parameters
 from ether_diffusion.errors import UserError
 from ether_diffusion.export import EXPORT_FILE_NAMES, export, export_lora, export_merged, finish_run
@@ -206,9 +208,53 @@ def test_an_export_never_overwrites_its_input(adapters, tmp_path, capsys):
 @pytest.mark.user_error("export --format merged into the local base model's own folder", tool="ether_diffusion.export")
 def test_a_merged_export_never_replaces_its_base_model(adapters, tiny_sd_path, tmp_path, capsys):
     base = shutil.copytree(tiny_sd_path, tmp_path / "base")
-    line = fails(export_main, [adapters["lora-r4"][0], "--format", "merged", base, "--model", base], capsys)
+    line = fails(export_main, [adapters["lora-r4"][0], "--format", "merged", base, "--model", base,
+                               "--allow_other_base"], capsys)  # the same model, copied
     assert f"the export {base} is the base model {base}, which this command reads" in line
     assert (base / "model_index.json").is_file() and not list(tmp_path.glob(".tmp-*"))
+
+
+@pytest.mark.user_error("export --model with another base of the same architecture than the adapter's",
+                        tool="ether_diffusion.export")
+def test_another_base_model_than_the_adapters_is_refused_unless_allowed(adapters, tiny_sd_path, tmp_path, capsys,
+                                                                         monkeypatch):
+    from ether_diffusion.tiny_sd import build_tiny_sd
+
+    adapter, _ = adapters["ether-n1"]  # trained on builtin:tiny-sd (its header says so)
+    other = build_tiny_sd(tmp_path / "other-sd", seed=1)  # the same architecture, other weights
+    out = tmp_path / "lora.safetensors"
+    line = fails(export_main, [adapter, "--format", "kohya", out, "--model", other], capsys)
+    assert line == (f"error: {adapter} was trained on {TINY}, not on --model {other}: pass --allow_other_base to "
+                    "export it on that model anyway")
+    with pytest.raises(UserError, match="was trained on"):
+        export_merged(adapter, tmp_path / "merged", model=str(other))
+    assert not out.exists() and not (tmp_path / "merged").exists()
+    assert export_main([str(adapter), "--format", "kohya", str(out), "--model", str(other), "--allow_other_base"]) == out
+    assert read_safetensors_metadata(out)["ether_base_model"] == str(other)
+    # the adapter's own base written another way is the same model: its cache folder, relative, with a /
+    monkeypatch.chdir(Path(tiny_sd_path).parent)
+    for same in (tiny_sd_path, f"{Path(tiny_sd_path).name}/"):
+        assert export_main([str(adapter), "--format", "kohya", str(out), "--model", same]) == out
+
+
+@pytest.mark.user_error("export into a read-only folder (a LoRA file, or a merged folder)", tool="ether_diffusion.export")
+def test_an_export_into_a_read_only_folder_is_refused_before_the_model_loads(adapters, tmp_path, capsys, read_only,
+                                                                              monkeypatch):
+    import ether_diffusion.export as export_module
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("loaded the model for an export that cannot be written")
+
+    monkeypatch.setattr(export_module, "load_unet", no_model)
+    monkeypatch.setattr(export_module, "load_pipeline", no_model)
+    adapter, _ = adapters["lora-r4"]
+    shared = read_only(tmp_path / "shared")
+    for fmt, out, named in (("kohya", shared / "lora.safetensors", "the export " + str(shared / "lora.safetensors")),
+                            ("diffusers", f"{shared}/", f"the export {shared / EXPORT_FILE_NAMES['diffusers']}"),
+                            ("merged", shared / "merged", str(shared / "merged"))):
+        line = fails(export_main, [adapter, "--format", fmt, out], capsys)
+        assert line == f"error: {named}: {shared} is not writable (a read-only folder, or another user's?)"
+    assert list(shared.iterdir()) == []
 
 
 def test_a_lora_export_to_a_new_folder_written_with_a_slash_goes_inside_it(adapters, tmp_path):

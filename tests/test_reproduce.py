@@ -285,6 +285,23 @@ def test_configs_are_found_by_method_or_refused(setup, tmp_path):
         reproduce.parse_args(base + ["--methods", "ether", "--eval_args", "--output_dir x"])
 
 
+@pytest.mark.user_error("a rerun with the same folders written as absolute paths (relative the first time)",
+                        tool="evaluate/reproduce.py")
+def test_a_rerun_with_the_folders_written_otherwise_is_the_same_reproduction(setup, tmp_path, monkeypatch):
+    monkeypatch.chdir(setup["root"])
+
+    def launch(out, dataset, configs, *extra):
+        args = reproduce.parse_args(["dreambooth", "--dataset", dataset, "--config_dir", configs, "--methods", "ether+",
+                                     "--subjects", SUBJECT, "--output_dir", out, *extra])
+        reproduce.check_settings(args, reproduce.plan_runs(args, reproduce.load_protocol(args.dataset)))
+
+    out = os.path.relpath(tmp_path / "o")  # relative to the working folder
+    launch(out, "dataset", "configs")
+    launch(f"{tmp_path / 'o'}/", str(setup["dataset"]), f"{setup['configs']}/")  # absolute, trailing /
+    with pytest.raises(UserError, match="reproduction made with max_train_steps = None, but this command asks for 3"):
+        launch(out, "dataset", "configs", "--max_train_steps", "3")  # a real change is still refused
+
+
 @pytest.mark.user_error("--stage all inside a Slurm job array", tool="evaluate/reproduce.py")
 def test_a_job_array_trains_only(setup, tmp_path, monkeypatch):
     monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "0")

@@ -1,5 +1,6 @@
 """The tiny offline SD: a normal diffusers folder, SD's module names, SD-1.5's token ids."""
 import json
+import shutil
 
 import pytest
 import torch
@@ -67,3 +68,32 @@ def test_an_empty_cache_variable_means_the_default_cache(monkeypatch, tmp_path):
     assert cache_root() == tmp_path / ".cache" / "ether_diffusion"  # not the working directory
     monkeypatch.setenv("ETHER_DIFFUSION_CACHE", str(tmp_path / "c"))
     assert cache_root() == tmp_path / "c"
+
+
+@pytest.mark.user_error("HOME or ETHER_DIFFUSION_CACHE naming a file, or a read-only cache (the built-in model cache)",
+                        tool="every command")
+def test_a_cache_that_cannot_be_written_says_what_to_set(monkeypatch, tmp_path, read_only, tiny_sd_path):
+    from ether_diffusion.tiny_sd import TINY_VERSION
+
+    a_file = tmp_path / "a-file"
+    a_file.write_text("not a folder")
+    monkeypatch.setenv("ETHER_DIFFUSION_CACHE", "")
+    monkeypatch.setenv("HOME", str(a_file))
+    with refused(f"^the built-in model cache {a_file}/.cache/ether_diffusion/tiny-sd-v{TINY_VERSION}: {a_file} is a "
+                 "file, not a folder: set ETHER_DIFFUSION_CACHE to a folder you can write$"):
+        resolve_model_path(TINY_SD)
+    monkeypatch.setenv("ETHER_DIFFUSION_CACHE", str(a_file))
+    with refused(f"^the built-in model cache {a_file}/tiny-sd-v{TINY_VERSION}: {a_file} is a file, not a folder: set "
+                 "ETHER_DIFFUSION_CACHE"):
+        resolve_model_path(TINY_SD)
+    cache = read_only(tmp_path / "shared-cache")
+    monkeypatch.setenv("ETHER_DIFFUSION_CACHE", str(cache))
+    with refused(f"^the built-in model cache {cache}/tiny-sd-v{TINY_VERSION}: {cache} is not writable \\(a read-only "
+                 "folder, or another user's\\?\\): set ETHER_DIFFUSION_CACHE to a folder you can write$"):
+        resolve_model_path(TINY_SD)
+    assert list(cache.iterdir()) == []  # nothing half-built
+    # a read-only cache that already holds the model (built by whoever shares it) is used as it is
+    cache.chmod(0o755)
+    shutil.copytree(tiny_sd_path, cache / f"tiny-sd-v{TINY_VERSION}")
+    cache.chmod(0o555)
+    assert resolve_model_path(TINY_SD) == str(cache / f"tiny-sd-v{TINY_VERSION}")

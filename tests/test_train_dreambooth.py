@@ -155,6 +155,54 @@ def test_corrupt_and_truncated_images_are_named(script, subject, tmp_path, capsy
     assert f"{subject / 'half.jpg'}: cannot read image" in fails(script, base_args(subject, tmp_path / "o"), capsys)
 
 
+@pytest.mark.user_error("a 1x1 (or 7 px wide) instance photo", tool="train_dreambooth.py")
+def test_a_tiny_instance_photo_is_named_with_its_size(script, subject, tmp_path, capsys):
+    Image.new("RGB", (1, 1), "red").save(subject / "dot.png")
+    line = fails(script, base_args(subject, tmp_path / "o"), capsys)
+    assert line == (f"error: {subject / 'dot.png'} is 1x1 pixels: too small to train on (at least "
+                    f"{dreambooth_data.MIN_IMAGE_SIDE} on each side; give the photo itself)")
+    Image.new("RGB", (7, 300), "red").save(subject / "dot.png")
+    assert f"{subject / 'dot.png'} is 7x300 pixels" in fails(script, base_args(subject, tmp_path / "o"), capsys)
+    assert not (tmp_path / "o").exists()  # refused before the run starts
+    Image.new("RGB", (8, 8), "red").save(subject / "dot.png")  # small but a picture: accepted
+    dreambooth_data.check_images(dreambooth_data.list_images(subject))
+
+
+@pytest.mark.parametrize("error", [
+    pytest.param(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (GPU 0; 79.1 GiB total)"),
+                 id="cuda", marks=pytest.mark.user_error("out of memory in the VAE encoder (a GPU's)",
+                                                         tool="train_dreambooth.py")),
+    pytest.param(RuntimeError("[enforce fail at alloc_cpu.cpp:114] . DefaultCPUAllocator: not enough memory: you "
+                              "tried to allocate 1073741824 bytes."), id="cpu",
+                 marks=pytest.mark.user_error("out of memory in the VAE encoder (the CPU's)", tool="train_dreambooth.py")),
+])
+def test_out_of_memory_in_the_vae_encoder_says_what_to_lower(script, subject, tmp_path, capsys, monkeypatch, error):
+    from diffusers import AutoencoderKL
+
+    def encode(self, x, *args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(AutoencoderKL, "encode", encode)
+    line = fails(script, [*base_args(subject, tmp_path / "o"), "--train_batch_size", 2, "--max_train_steps", 1], capsys)
+    assert line == ("error: out of memory on cpu encoding a batch of 2 images of 32x32 px: lower --train_batch_size "
+                    "(raise --gradient_accumulation_steps to keep the batch) or --resolution, or use --mixed_precision "
+                    "fp16/bf16")
+
+
+def test_other_errors_in_the_vae_encoder_are_not_taken_for_out_of_memory(monkeypatch, tiny_sd_path):
+    from diffusers import AutoencoderKL
+
+    from ether_diffusion.training import encode_latents
+
+    def encode(self, x, *args, **kwargs):
+        raise RuntimeError("expected input to have 3 channels, but got 4 channels instead")
+
+    monkeypatch.setattr(AutoencoderKL, "encode", encode)
+    vae = AutoencoderKL.from_pretrained(tiny_sd_path, subfolder="vae")
+    with pytest.raises(RuntimeError, match="expected input to have 3 channels"):
+        encode_latents(vae, torch.zeros(1, 4, 32, 32), torch.float32)
+
+
 @pytest.mark.user_error("no --class_prompt, --resolution 30, --method dora, no --instance_prompt, a config typo",
                         tool="train_dreambooth.py")
 def test_bad_arguments(script, subject, tmp_path, capsys):

@@ -3,7 +3,7 @@ diffusers folder.
 
 The package holds `weights/toy-sd/` (fp16 UNet, VAE and text encoder, configs, scheduler) written by
 `python -m ether_diffusion.toy.pretrain --export`. Two things are left out to stay small, and rebuilt here,
-exactly, into a cached float32 folder (`files.build_folder_once`, like `builtin:tiny-sd`):
+exactly, into a cached float32 folder (`builtin.build_in_cache`, like `builtin:tiny-sd`):
 - the tokenizer files: SD-1.5's CLIP BPE, written from open_clip's packaged vocabulary;
 - the text encoder's token embedding outside the ~70 rows the world's words use: 49,408 x 128 values that
   pretraining never changed. They are the seeded start `initial_token_embedding`, so the shipped file holds
@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..files import build_folder_once, read_yaml_mapping
+from ..files import read_yaml_mapping
 from ..tiny_sd import write_clip_tokenizer_files
 from . import world
 
@@ -145,10 +145,10 @@ def shipped_version() -> str:
 
 def toy_sd_path() -> Path:
     """The assembled `builtin:toy-sd` folder in the cache (built on first use)."""
-    from ..tiny_sd import cache_root
+    from ..builtin import build_in_cache
 
     if not (SHIPPED / "model_index.json").is_file():
         from ..errors import UserError
 
         raise UserError(f"builtin:toy-sd: the shipped weights are missing ({SHIPPED}); reinstall the package")
-    return build_folder_once(cache_root() / f"toy-sd-{shipped_version()}", assemble)
+    return build_in_cache(f"toy-sd-{shipped_version()}", assemble)

@@ -152,6 +152,7 @@ def main(argv=None):
     if args.with_prior_preservation:
         dreambooth_data.check_class_dir(args.class_data_dir, instance_dir)
     adapter_config = arguments.adapter_config_from_args(args)
+    model_path = resolve_model_path(args.pretrained_model_name_or_path)  # a built-in one built (a cache to write)
 
     accelerator = training.setup_accelerator(args)
     # The output folder is this run's alone (locked), and a checkpoint in it is resumed only if it is this run's.
@@ -160,7 +161,6 @@ def main(argv=None):
                                    inputs=(instance_dir, args.class_data_dir))
     repo_id = processes.on_main(accelerator, lambda: hub.create_hub_repo(args)) if args.push_to_hub else None
     # Models: frozen; the adapter must fit the UNet before class images are generated.
-    model_path = resolve_model_path(args.pretrained_model_name_or_path)
     tokenizer, text_encoder, vae, unet, noise_scheduler = training.load_models(args, model_path, adapter_config)
 
     class_images = prepare_class_images(args, accelerator, model_path) if args.with_prior_preservation else None

@@ -219,6 +219,7 @@ def main(argv=None):
     data = load_data(args)
     dataset = data.dataset
     adapter_config = arguments.adapter_config_from_args(args)
+    model_path = resolve_model_path(args.pretrained_model_name_or_path)  # a built-in one built (a cache to write)
 
     accelerator = training.setup_accelerator(args)
     # The output folder is this run's alone (locked), and a checkpoint in it is resumed only if it is this run's.
@@ -228,7 +229,6 @@ def main(argv=None):
     repo_id = processes.on_main(accelerator, lambda: hub.create_hub_repo(args)) if args.push_to_hub else None
     if resume_from is not None:
         load_control_encoder(resume_from)  # present and readable, before the model is loaded
-    model_path = resolve_model_path(args.pretrained_model_name_or_path)
     tokenizer, text_encoder, vae, unet, noise_scheduler = training.load_models(args, model_path, adapter_config)
     # Frozen weights in the mixed-precision dtype, then adapters, then the encoder: both stay float32.
     weight_dtype = training.inject_for_training(accelerator, args, adapter_config, text_encoder, vae, unet)
