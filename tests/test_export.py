@@ -245,7 +245,7 @@ def test_an_export_into_a_read_only_folder_is_refused_before_the_model_loads(ada
     def no_model(*args, **kwargs):
         raise AssertionError("loaded the model for an export that cannot be written")
 
-    monkeypatch.setattr(export_module, "load_unet", no_model)
+    monkeypatch.setattr(export_module, "load_adapted_models", no_model)
     monkeypatch.setattr(export_module, "load_pipeline", no_model)
     adapter, _ = adapters["lora-r4"]
     shared = read_only(tmp_path / "shared")
