@@ -29,9 +29,11 @@ demo: setup
 	$(PY) -m ether_diffusion.toy.judge --grid demo-output/samples/final.png --config configs/dreambooth/demo.yaml \
 		--subject star_toy
 
+# The S2I demo on the toy world: ETHER+ and the signal encoder, then the toy segmenter on the final grid.
 demo-s2i: setup
 	$(VENV)/bin/accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no \
-		train_controlnet_s2i.py --config configs/s2i/demo.yaml
+		train_controlnet_s2i.py --config configs/s2i/demo.yaml --overwrite_output_dir
+	$(PY) -m ether_diffusion.toy.judge --s2i_grid demo-output/s2i/samples/final.png
 
 user-errors-table: setup
 	USER_ERRORS_TABLE=docs/user_errors.md $(PY) -m pytest tests -m user_error -q -n $(TEST_WORKERS) --dist loadfile

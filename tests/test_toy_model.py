@@ -130,3 +130,26 @@ def test_etherplus_dreambooth_learns_a_qwe_toy(judge, tmp_path):
     beach = _judged(pipe, judge, "a qwe toy on the beach", seed=1)
     assert sum(a["scene"] == "beach" for a in beach) >= 4  # the table's runs (600 steps): 85-100% of scenes kept
     assert Image.open(out / "samples" / "final.png").size == (64, 128)
+
+
+def test_the_s2i_demo_runs_on_the_toy_world_and_its_grid_is_judged(tmp_path, caplog):
+    """`make demo-s2i`'s config, 2 steps: the toy label maps with the world's captions, a grid of the first 8
+    validation maps (map | generated | real picture) that the segmenter reads, the real column as the real
+    pictures read (docs/toy_world.md: 96.9% over the 64 maps)."""
+    import logging
+
+    from ether_diffusion.trainers import s2i
+
+    out = tmp_path / "s2i"
+    with caplog.at_level(logging.INFO):
+        train(s2i, "--config", "configs/s2i/demo.yaml", "--output_dir", out, "--max_train_steps", 2,
+              "--checkpointing_steps", 2, "--validation_steps", 2, "--num_validation_images", 1,
+              "--validation_inference_steps", 2)
+    maps = out / "toy-ade20k" / "ADEChallengeData2016" / "annotations"
+    assert (len(list((maps / "training").glob("*.png"))), len(list((maps / "validation").glob("*.png")))) == (512, 64)
+    assert f"captions from {out / 'toy-ade20k' / 'ADEChallengeData2016' / 'metadata.jsonl'}" in caplog.text
+    grid = Image.open(out / "samples" / "final.png")
+    assert grid.size == (3 * world.SIZE, 8 * world.SIZE)
+    line = toy_judge.judge_s2i_grid(grid.convert("RGB"), world.SIZE)
+    assert "8 generated pictures of 8 validation maps" in line
+    assert float(line.split("real pictures: ")[1].split("%")[0]) > 90, line

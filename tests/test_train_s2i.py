@@ -16,6 +16,7 @@ from trainer_helpers import TINY, fails, stop_and_resume, train
 from ether_diffusion import AdapterConfig, arguments, inject_adapters
 from ether_diffusion.adapters import CONTROL_TARGETS, adapter_state_dict, count_adapter_parameters
 from ether_diffusion.ade20k import ADE20KDataset, colorize
+from ether_diffusion.builtin import builtin_caption_file
 from ether_diffusion.control import ENCODER_CONFIG, ENCODER_WEIGHTS, S2IPipeline, use_control
 from ether_diffusion.grids import sample_control_grid
 from ether_diffusion.sample import use_dpm_solver
@@ -50,10 +51,15 @@ def events(folder):
 
 
 # ------------------------------------------------------------------------------------------ end to end
+# The demo's config on the tiny random model and data (fast plumbing); the toy world's own run is checked below.
+TINY_DEMO = ["--pretrained_model_name_or_path", TINY, "--train_data_dir", "builtin:tiny-ade20k",
+             "--learning_rate", "1e-3", "--encoder_learning_rate", "1e-4"]
+
+
 def test_demo_config_trains_and_its_output_loads_in_s2i_pipeline(script, tmp_path, caplog):
     out = tmp_path / "demo"
     extra = ["--max_train_steps", 4, "--validation_steps", 2, "--validation_inference_steps", 2,
-             "--checkpointing_steps", 3, "--distance_logging_steps", 2]
+             "--checkpointing_steps", 3, "--distance_logging_steps", 2, *TINY_DEMO]
     with caplog.at_level(logging.INFO):
         train(script, "--config", "configs/s2i/demo.yaml", "--output_dir", out, *extra)
     # the method and its shape, then both counts, separately, at the start
@@ -84,7 +90,8 @@ def test_demo_config_trains_and_its_output_loads_in_s2i_pipeline(script, tmp_pat
 
     # The output folder (and any checkpoint) loads with S2IPipeline.from_output and redraws the final grid.
     args = script.parse_args(["--config", "configs/s2i/demo.yaml", "--output_dir", str(out), *map(str, extra)])
-    dataset = ADE20KDataset(out / "tiny-ade20k", resolution=32)
+    args.caption_file = builtin_caption_file(args.train_data_dir, out / "tiny-ade20k")  # the trainer's captions
+    dataset = ADE20KDataset(out / "tiny-ade20k", resolution=32, caption_file=args.caption_file)
     maps, prompts, real = script.load_validation_inputs(args, dataset, out / "tiny-ade20k")
     s2i = S2IPipeline.from_output(TINY, out)
     use_dpm_solver(s2i.pipe)  # the trainer's validation scheduler
