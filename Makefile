@@ -73,6 +73,7 @@ reproduce-toy-dreambooth: $(TOY_OUT)/data/.written
 
 reproduce-toy-s2i: $(TOY_OUT)/data/.written
 	$(TOY_LAUNCH) s2i --dataset $(TOY_OUT)/data/ADEChallengeData2016 --config_dir configs/toy \
+		--caption_file $(TOY_OUT)/data/ADEChallengeData2016/metadata.jsonl \
 		--methods $(TOY_S2I_METHODS) $(if $(TOY_STEPS),--max_train_steps $(TOY_STEPS)) \
 		--select_every $(TOY_SELECT_EVERY) --select_maps 16 --output_dir $(TOY_OUT)/s2i $(TOY_ARGS) \
 		--eval_args "--segmenter ether_diffusion/toy/weights/segmenter --inception $(TOY_OUT)/stand-ins/inception \
