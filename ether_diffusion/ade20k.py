@@ -142,10 +142,15 @@ def load_control_map(path, resolution, conditioning_is_rgb=False):
 
 
 # ----------------------------------------------------------------------------------------------- dataset
+def dataset_folder(root) -> Path:
+    """The ADEChallengeData2016 folder, given it or its parent."""
+    root = Path(root)
+    return root / "ADEChallengeData2016" if (root / "ADEChallengeData2016").is_dir() else root
+
+
 def has_split(root, split: str) -> bool:
     """Whether the ADEChallengeData2016 folder `root` (or its parent) has images and annotations of `split`."""
-    root = Path(root) / "ADEChallengeData2016" if (Path(root) / "ADEChallengeData2016").is_dir() else Path(root)
-    return all((root / kind / SPLIT_DIRS[split]).is_dir() for kind in ("images", "annotations"))
+    return all((dataset_folder(root) / kind / SPLIT_DIRS[split]).is_dir() for kind in ("images", "annotations"))
 
 
 def looks_like_ade20k(root) -> bool:
@@ -198,9 +203,7 @@ class ADE20KDataset(torch.utils.data.Dataset):
 
     def __init__(self, root, split="training", resolution=512, caption_file=None, conditioning_is_rgb=False,
                  max_samples=None, center_crop=True, tokenizer=None):
-        root = Path(root)
-        if (root / "ADEChallengeData2016").is_dir():
-            root = root / "ADEChallengeData2016"
+        root = dataset_folder(root)
         if split not in SPLIT_DIRS:
             raise UserError(f"unknown split {split!r}; use one of {sorted(SPLIT_DIRS)}")
         split_dir = SPLIT_DIRS[split]

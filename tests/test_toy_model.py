@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 from trainer_helpers import train
 
+from ether_diffusion.errors import UserError
 from ether_diffusion.grids import image_grid
 from ether_diffusion.pipelines import load_pipeline
 from ether_diffusion.sample import use_dpm_solver
@@ -82,6 +83,9 @@ def test_judge_reads_an_s2i_grid_map_generated_real(tmp_path):
     assert "8 generated pictures of 4 validation maps" in line and generated == real > 80, line
     wrong = image_grid([im for e, m in zip(examples, maps) for im in (m, m, m, e.image)], rows=4, cols=4)
     assert float(toy_judge.judge_s2i_grid(wrong, world.SIZE).split("mIoU ")[1].split("%")[0]) < generated / 2
+    for side in (0, 100, 24):  # no tiles, tiles larger than the grid, a size the grid is no multiple of
+        with pytest.raises(UserError, match="grid"):
+            toy_judge.judge_s2i_grid(grid, side)
 
 def _judged(pipe, judge, prompt, count=8, seed=0):
     images = pipe(prompt, num_images_per_prompt=count, generator=torch.Generator().manual_seed(seed),

@@ -397,9 +397,9 @@ def set_low_memory(model: nn.Module, enabled: bool = True) -> int:
     return len(layers)
 
 
-def _reflect_per_sample(x, c, a, alpha, out=None):
+def _reflect_per_sample(x, c, a, alpha):
     """`x H` per sample, `x + alpha (x C^T) A`, C and A (samples, n r, in) block-diagonal (`ether.block_rows`)."""
-    return torch.baddbmm(x, torch.bmm(x, c.to(x.dtype).mT), a.to(x.dtype), alpha=alpha, out=out)
+    return torch.baddbmm(x, torch.bmm(x, c.to(x.dtype).mT), a.to(x.dtype), alpha=alpha)
 
 
 class PerSampleReflections(nn.Module):
@@ -410,13 +410,14 @@ class PerSampleReflections(nn.Module):
         super().__init__()
         self.plus = layers[0].plus
         r = 2 if self.plus else 1
-        for side, vectors in (("in", lambda layer: layer.vectors()[:r]), ("out", lambda layer: layer.vectors()[r:])):
-            if side == "out" and not self.plus:
-                break
-            sides = [block_rows(vectors(layer)) for layer in layers]
-            self.alpha = sides[0][2]
-            self.register_buffer(f"c_{side}", torch.stack([c for c, _, _ in sides]))
-            self.register_buffer(f"a_{side}", torch.stack([a for _, a, _ in sides]))
+        sides = {"in": [layer.vectors()[:r] for layer in layers]}
+        if self.plus:
+            sides["out"] = [layer.vectors()[r:] for layer in layers]
+        for side, vectors in sides.items():
+            rows = [block_rows(v) for v in vectors]  # (C, A, alpha) per adapter
+            self.alpha = rows[0][2]
+            self.register_buffer(f"c_{side}", torch.stack([c for c, _, _ in rows]))
+            self.register_buffer(f"a_{side}", torch.stack([a for _, a, _ in rows]))
 
     def forward(self, x, base, index):
         x = _reflect_per_sample(x, self.c_in[index], self.a_in[index], self.alpha)

@@ -349,10 +349,10 @@ def judge_s2i_grid(grid, side: int, segmenter=SEGMENTER) -> str:
     from ..ade20k import colors_to_labels
     from ..segmentation import SegmentationScores, UperNetSegmenter
 
-    rows = grid_tiles(grid, grid.height // side, grid.width // side) if grid.height % side == 0 else None
-    if not rows or len(rows[0]) < 3:
+    if side < 1 or grid.height < side or grid.width < 3 * side:
         raise UserError(f"a {grid.width}x{grid.height} grid is not rows of {side} px tiles map | generated | real "
                         f"picture (give --resolution)")
+    rows = grid_tiles(grid, grid.height // side, grid.width // side)  # refuses a size that is no multiple
     labels = [colors_to_labels(np.asarray(row[0]), "the grid's map column") for row in rows]
     segment = UperNetSegmenter(str(segmenter))
     generated, real = SegmentationScores(), SegmentationScores()
