@@ -84,24 +84,30 @@ def resolve_instance_dir(value: str, output_dir) -> Path:
         return build_folder_once(folder, lambda tmp: world.write_subject(tmp, name))
 
 
+def _write_toy_ade20k(folder):
+    from .toy import world  # the toy world loads only when its data is asked for
+
+    world.write_ade20k(folder, n_train=512, n_val=64)
+
+
+# value -> (its folder's name in the run's output folder, the writer); each has metadata.jsonl captions
+BUILTIN_DATA = {TINY_ADE20K: ("tiny-ade20k", lambda folder: write_tiny_ade20k(folder, n_train=8, n_val=2, size=64)),
+                TOY_ADE20K: ("toy-ade20k", _write_toy_ade20k)}
+
+
 def resolve_data_dir(value: str, output_dir) -> Path:
     """`builtin:tiny-ade20k` -> `<output_dir>/tiny-ade20k` and `builtin:toy-ade20k` -> `<output_dir>/toy-ade20k`,
     written there once; a folder unchanged."""
-    if value == TINY_ADE20K:
-        folder = Path(output_dir, "tiny-ade20k")
+    if value in BUILTIN_DATA:
+        name, write = BUILTIN_DATA[value]
+        folder = Path(output_dir, name)
         with writing(folder):
-            return build_folder_once(folder, lambda tmp: write_tiny_ade20k(tmp, n_train=8, n_val=2, size=64))
-    if value == TOY_ADE20K:
-        from .toy import world
-
-        folder = Path(output_dir, "toy-ade20k")
-        with writing(folder):
-            return build_folder_once(folder, lambda tmp: world.write_ade20k(tmp, n_train=512, n_val=64))
+            return build_folder_once(folder, write)
     if value.startswith("builtin:"):
-        raise UserError(f"--train_data_dir {value}: unknown built-in dataset (choose {TINY_ADE20K} or {TOY_ADE20K})")
+        raise UserError(f"--train_data_dir {value}: unknown built-in dataset (choose {' or '.join(BUILTIN_DATA)})")
     return Path(value)
 
 
 def builtin_caption_file(value: str, data_dir) -> str | None:
     """The captions a built-in dataset comes with (its `metadata.jsonl`); None for a folder of the user's."""
-    return str(Path(data_dir, "ADEChallengeData2016", "metadata.jsonl")) if value in (TINY_ADE20K, TOY_ADE20K) else None
+    return str(Path(data_dir, "ADEChallengeData2016", "metadata.jsonl")) if value in BUILTIN_DATA else None
