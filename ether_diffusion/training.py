@@ -397,8 +397,8 @@ def start_run(accelerator, args, project: str, resume_from, model, optimizer, lr
 
 
 def log_method(args):
-    """The run's first log line: what trains, how big, where and how fast (the trainable count follows in
-    `log_run_start`, once the model is loaded)."""
+    """The run's first log line (each trainer's first call): what trains, how big, where and how fast (the
+    trainable count follows in `log_run_start`, once the model is loaded)."""
     cfg = adapter_config_from_args(args)
     shape = METHODS[cfg.method].shape(cfg) if cfg else "no adapter"
     logger.info(f"  Method = {args.method} ({shape}), targets = {','.join(args.target_modules)}, "
@@ -411,7 +411,6 @@ def log_method(args):
 def log_run_start(args, num_examples: int, batches_per_epoch: int, parameter_counts: dict[str, int]):
     logger.info("***** Running training *****")
     logger.info(f"  Num examples = {num_examples}, batches per epoch = {batches_per_epoch}")
-    log_method(args)
     for what, count in parameter_counts.items():
         logger.info(f"  {what} = {count:,}")
     logger.info(f"  Batch size per device = {args.train_batch_size}, accumulation = {args.gradient_accumulation_steps}")
