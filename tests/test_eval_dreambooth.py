@@ -59,17 +59,19 @@ def _csv(path):
 
 @pytest.fixture(scope="module")
 def two_process_run(setup):
-    """`torchrun --nproc_per_node 2` with ACCELERATE_USE_CPU=1: two gloo processes share the jobs."""
+    """`torchrun --nproc_per_node 2` with ACCELERATE_USE_CPU=1: two gloo processes share the jobs, both subjects'
+    adapters in each batch (--subjects_per_batch 2)."""
     output_dir = setup["root"] / "out"
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
-               "evaluate.dreambooth", *_args(setup, output_dir, extra=["--adapters", str(setup["adapters"])])]
+               "evaluate.dreambooth", *_args(setup, output_dir, extra=["--adapters", str(setup["adapters"]),
+                                                                       "--subjects_per_batch", "2"])]
     result = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     return output_dir, result
 
 
-def test_two_processes_cover_every_job_exactly_once(two_process_run):
+def test_two_processes_cover_every_job_exactly_once(two_process_run, setup, tmp_path):
     output_dir, result = two_process_run
     log = _log(output_dir)
     jobs = sorted((entry["subject"], entry["prompt_index"]) for entry in log)
@@ -82,6 +84,9 @@ def test_two_processes_cover_every_job_exactly_once(two_process_run):
             assert [p.name for p in images] == ["00.png", "01.png"]
             assert Image.open(images[0]).size == (32, 32)
     assert "0 of 4 jobs already done; generating 4 on 2 process(es)" in result.stdout
+    # the images one subject at a time on one process gives
+    dreambooth.main(_args(setup, tmp_path / "one", extra=["--adapters", str(setup["adapters"]), "--skip_metrics"]))
+    _same_images(output_dir, tmp_path / "one")
 
 
 def test_reports(two_process_run):
@@ -317,21 +322,6 @@ def test_subjects_in_one_batch_give_the_one_at_a_time_images_and_metrics(setup, 
     log = _log(output_dir)
     assert len(log) == len(SUBJECTS) * len(PROMPTS) + 1 and (log[-1]["subject"], log[-1]["prompt_index"]) == ("dog", 1)
     _same_images(output_dir, reference_dir)
-
-
-def test_subjects_in_one_batch_still_shard_over_processes(setup, distinct_adapters, one_at_a_time):
-    output_dir = setup["root"] / "batched-two-processes"
-    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               "-m", "evaluate.dreambooth",
-               *_args(setup, output_dir, extra=["--adapters", str(distinct_adapters), "--subjects_per_batch", "2",
-                                                "--skip_metrics"])]
-    result = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    log = _log(output_dir)
-    assert sorted((e["subject"], e["prompt_index"]) for e in log) == sorted((s, p) for s in SUBJECTS for p in PROMPTS)
-    assert {e["process"] for e in log} == {0, 1}
-    _same_images(output_dir, one_at_a_time[0])
 
 
 @pytest.mark.user_error("--subjects_per_batch with adapters of different methods", tool=TOOL)

@@ -130,15 +130,16 @@ def test_report_has_the_papers_rows_and_ours(one_go):
 
 
 def test_stop_in_the_middle_and_restart_gives_the_same_report(setup, one_go):
+    """Stopped and restarted on one process (plain python): the same report as the one go on two."""
     reference, _ = one_go
     out = setup["root"] / "stopped"
-    process = subprocess.Popen(command(setup, out), cwd=REPO, env=ENV, stdout=subprocess.DEVNULL,
+    process = subprocess.Popen(command(setup, out, processes=1), cwd=REPO, env=ENV, stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.monotonic() + 600
     while not list(out.glob("runs/*/*/done.json")) and time.monotonic() < deadline and process.poll() is None:
         time.sleep(0.5)
-    # every process of the launch: torchrun starts its workers in sessions of their own, so killing its
-    # process group leaves them running; the trainers die with their worker (PR_SET_PDEATHSIG)
+    # SIGKILL to every process naming the folder: the driver and its trainer (which would die with the driver
+    # anyway: PR_SET_PDEATHSIG)
     for pid in processes_naming(out):
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
@@ -150,7 +151,7 @@ def test_stop_in_the_middle_and_restart_gives_the_same_report(setup, one_go):
     finished = {name for name, run_dir in runs_of(out).items() if (run_dir / "done.json").is_file()}
     assert finished and not (out / "report.json").exists()  # stopped in the middle
 
-    run(command(setup, out))
+    run(command(setup, out, processes=1))
     for name in ("report.json", "report.md", "per_subject.csv", f"grids/{SUBJECT}.png"):
         assert (out / name).read_bytes() == (reference / name).read_bytes(), name
     for name, run_dir in runs_of(out).items():

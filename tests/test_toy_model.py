@@ -22,9 +22,9 @@ from ether_diffusion.toy import world
 from ether_diffusion.trainers import dreambooth
 
 
-STEPS = 300
+STEPS = 60
 SUBJECT = "heart_toy"
-PARTS_GAIN = 0.2  # of the subject's five parts, on 8 pictures (measured: 0.22 -> 0.63 in 300 steps)
+PARTS_GAIN = 0.2  # of the subject's five parts, on 8 pictures (measured: 0.22 -> 0.68 in 60 steps, and in 100)
 
 
 @pytest.fixture(scope="module")
@@ -99,11 +99,11 @@ def test_base_model_follows_prompts(judge):
     prompts = [("red", "ball", "beach"), ("blue", "box", "snow"), ("yellow", "tent", "grass"),
                ("green", "bottle", "night"), ("purple", "ball", "room")]
     for colour, kind, scene in prompts:
-        for answer in _judged(pipe, judge, f"a photo of a {colour} {kind} {world.SCENES[scene]}"):
+        for answer in _judged(pipe, judge, f"a photo of a {colour} {kind} {world.SCENES[scene]}", count=4):
             right["kind"] += answer["kind"] == kind
             right["colour"] += answer["colour"] == colour
             right["scene"] += answer["scene"] == scene
-    assert all(value >= 0.7 * 8 * len(prompts) for value in right.values()), right
+    assert all(value >= 0.7 * 4 * len(prompts) for value in right.values()), right  # measured: 97-100%
     toys = _judged(pipe, judge, "a photo of toy")
     assert sum(a["kind"] == "toy" for a in toys) >= 6
     assert sum(a["subject"] == "star_toy" for a in _judged(pipe, judge, "a photo of qwe toy")) <= 2
@@ -116,14 +116,15 @@ def _parts(pipe, judge, subject):
 
 
 def test_etherplus_dreambooth_learns_a_qwe_toy(judge, tmp_path):
-    # The toy config's rate (the sweep's choice), fewer steps and class images than the table's runs. The
-    # subject is heart_toy, whose look ETHER+ learns most clearly here (docs/toy_world.md: parts 23% -> 62%
-    # in 600 steps); "qwe toy" names whichever subject the run learns.
+    # `make demo`'s protocol for the UNet (batch 8, rate 0.6, prior weight 0.5), far fewer steps and class
+    # images. The subject is heart_toy, whose look ETHER+ learns most clearly here; "qwe toy" names whichever
+    # subject the run learns.
     out = tmp_path / "run"
     train(dreambooth, "--config", "configs/toy/dreambooth-etherplus.yaml",
           "--instance_data_dir", f"builtin:toy-subject/{SUBJECT}", "--output_dir", out, "--num_class_images", 8,
+          "--train_batch_size", 8, "--learning_rate", 0.6, "--prior_loss_weight", 0.5,
           "--max_train_steps", STEPS, "--checkpointing_steps", STEPS, "--validation_steps", STEPS,
-          "--num_validation_images", 2)
+          "--num_validation_images", 2, "--validation_inference_steps", 5)
     log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
     assert len(log) == STEPS
     base = use_dpm_solver(load_pipeline("builtin:toy-sd"))
@@ -132,7 +133,7 @@ def test_etherplus_dreambooth_learns_a_qwe_toy(judge, tmp_path):
     print(f"subject's parts: base {before:.2f}, after {STEPS} steps {after:.2f}")
     assert after >= before + PARTS_GAIN, (before, after)
     beach = _judged(pipe, judge, "a qwe toy on the beach", seed=1)
-    assert sum(a["scene"] == "beach" for a in beach) >= 4  # the table's runs (600 steps): 85-100% of scenes kept
+    assert sum(a["scene"] == "beach" for a in beach) >= 4  # measured: 7 and 8 of 8
     assert Image.open(out / "samples" / "final.png").size == (64, 128)
 
 

@@ -3,7 +3,9 @@ the code that splits data and saves checkpoints (`training`, `checkpoints`); it 
 
 - the processes agree: at every checkpoint they compare their trained parameters (`checkpoints.save_checkpoint`
   stops on a difference), and one adapter, one log and one checkpoint folder per step are written;
-- stop-and-resume is bit-exact with an uneven split (3 images on 2 processes);
+- stop-and-resume is bit-exact with an uneven split (3 images on 2 processes), the text encoder trained too
+  (DDP keeps its adapter equal on both processes; with prior preservation both prompts go through one
+  text-encoder call per step);
 - a diverged step stops both processes with the error, nothing of that step written;
 - a two-process checkpoint is not resumed on one process.
 """
@@ -26,7 +28,13 @@ def dreambooth_args(subject, *extra, method=("--method", "ether+", "--n_blocks",
     return ["--pretrained_model_name_or_path", TINY, "--instance_data_dir", subject, "--instance_prompt",
             "a photo of qwe toy", "--resolution", 32, "--train_batch_size", 1, "--max_train_steps", 5,
             "--checkpointing_steps", 3, "--learning_rate", "1e-2", "--lr_scheduler", "linear", "--lr_warmup_steps", 1,
-            "--seed", 3, *method, "--report_to", "none", *extra]
+            "--seed", 3, *method, "--report_to", "none", "--num_validation_images", 1,
+            "--validation_inference_steps", 1, *extra]
+
+
+# the stop-and-resume runs: the text encoder trained too, with prior preservation
+TEXT_ENCODER_AND_PRIOR = ("--train_text_encoder", "--with_prior_preservation", "--class_prompt", "a photo of toy",
+                          "--num_class_images", 2, "--class_inference_steps", 2)
 
 
 def same_tensors(a, b) -> bool:
@@ -42,18 +50,21 @@ def subject(tmp_path_factory):
 @pytest.fixture(scope="module")
 def dreambooth_runs(subject, tmp_path_factory):
     """5 steps on 2 processes (2 steps per epoch), and the same run stopped after step 3 (mid-epoch) and resumed."""
-    return stop_and_resume("train_dreambooth.py", dreambooth_args(subject), tmp_path_factory.mktemp("dreambooth"),
-                           stop_at=3, run=torchrun)
+    return stop_and_resume("train_dreambooth.py", dreambooth_args(subject, *TEXT_ENCODER_AND_PRIOR),
+                           tmp_path_factory.mktemp("dreambooth"), stop_at=3, run=torchrun)
 
 
 def test_dreambooth_on_two_processes_resumes_bit_exactly(dreambooth_runs):
     full, resumed = dreambooth_runs
     assert same_tensors(full / "adapter.safetensors", resumed / "adapter.safetensors")
-    assert not same_tensors(full / "adapter.safetensors", full / "checkpoint-3" / "adapter.safetensors")  # it trained
+    trained, before = load_file(str(full / "adapter.safetensors")), load_file(str(full / "checkpoint-3" / "adapter.safetensors"))
+    for part in ("unet", "text_encoder"):  # both parts trained on from step 3
+        keys = [k for k in trained if k.startswith("text_encoder.") == (part == "text_encoder")]
+        assert keys and any(not torch.equal(trained[k], before[k]) for k in keys), part
     for out in (full, resumed):  # one of everything, written by the main process only
         assert [json.loads(line)["step"] for line in (out / "train_log.jsonl").read_text().splitlines()] == [1, 2, 3, 4, 5]
         assert sorted(p.name for p in out.iterdir()) == ["README.md", "adapter.safetensors", "checkpoint-3",
-                                                          "run_files.json", "samples", "train_log.jsonl"]
+                                                          "class-images", "run_files.json", "samples", "train_log.jsonl"]
     checkpoint = full / "checkpoint-3"
     assert {"rng-0.pt", "rng-1.pt"} <= {p.name for p in checkpoint.iterdir()}  # each process's random state
     assert checkpoints.read_state(checkpoint)["settings"]["num_processes"] == 2
@@ -65,7 +76,7 @@ def test_a_two_process_checkpoint_is_not_resumed_on_one_process(dreambooth_runs,
     out = tmp_path / "o"
     shutil.copytree(full / "checkpoint-3", out / "checkpoint-3")
     line = fails(dreambooth_trainer.main, dreambooth_args(
-        subject, "--output_dir", out, "--resume_from_checkpoint", "latest"), capsys)
+        subject, *TEXT_ENCODER_AND_PRIOR, "--output_dir", out, "--resume_from_checkpoint", "latest"), capsys)
     assert (f"{out / 'checkpoint-3'} was saved by 2 processes but this run has 1: resume with 2 (each process's random "
             "state and share of the data are in the checkpoint)") in line
 
