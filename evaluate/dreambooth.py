@@ -48,26 +48,20 @@ GENERATION_LOG = "generation_log.jsonl"
 def parse_args(argv=None):
     parser = ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dataset", required=True, help="DreamBooth dataset folder (<subject>/*.jpg + prompts_and_classes.txt)")
-    parser.add_argument("--pretrained_model_name_or_path", "--model", default=None,
-                        help="base model: hub id, local folder or builtin:tiny-sd (needed unless --skip_generation)")
+    harness.add_common_args(parser)
     adapters = parser.add_mutually_exclusive_group()
     adapters.add_argument("--adapters", help="folder with one adapter per subject: DIR/<subject>/adapter.safetensors")
     adapters.add_argument("--manifest", help="CSV with columns subject,prompt_index,adapter (one adapter per job)")
     parser.add_argument("--adapter_file", default=ADAPTER_FILE,
                         help="the file name in each --adapters subject folder: an adapter file, or a LoRA exported from "
                              "it (e.g. lora_kohya.safetensors, written by the trainers' --export_lora kohya)")
-    parser.add_argument("--output_dir", required=True)
     parser.add_argument("--token", default="qwe", help="the identifier used in training")
     parser.add_argument("--images_per_prompt", type=int, default=4)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--num_inference_steps", type=int, default=50)
-    parser.add_argument("--guidance_scale", type=float, default=7.5)
     parser.add_argument("--resolution", type=int, default=None, help="default: the model's own (512 for SD-1.5)")
     parser.add_argument("--subjects_per_batch", type=int, default=1,
                         help="generate the jobs of this many adapters (subjects) in one batch, each sample through its "
                              "own adapter (ether_diffusion.adapter_batch): the same images, fewer, larger batches; "
                              "needs adapter files of one method and setting")
-    parser.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default="no", help="dtype for generation")
     parser.add_argument("--subjects", default=None, help="comma-separated subset of subjects (default: all)")
     parser.add_argument("--prompts", default=None, help="comma-separated subset of prompt indices (default: all 25)")
     parser.add_argument("--dino", default=DEFAULT_DINO, help="ViT hub id or local folder")
@@ -76,11 +70,7 @@ def parse_args(argv=None):
     parser.add_argument("--lpips_resolution", type=int, default=512, help="images are resized to this square size for LPIPS")
     parser.add_argument("--clip_t_with_token", action="store_true",
                         help="score CLIP-T against the prompt with the identifier (default: without it)")
-    parser.add_argument("--skip_generation", action="store_true", help="only score the images already in --output_dir")
-    parser.add_argument("--skip_metrics", action="store_true", help="only generate")
-    args = parser.parse_args(argv)
-
-    harness.check_common_args(args)
+    args = harness.parse_args(parser, argv)
     checks.at_least(args, 1, "images_per_prompt", "subjects_per_batch")
     checks.at_least(args, 32, "lpips_resolution")  # the smallest input LPIPS' AlexNet trunk accepts
     if not args.skip_generation:

@@ -1,6 +1,6 @@
-"""What both evaluators share, each keeping its own protocol: the generate-then-score skeleton, the split
-of pending work over processes, per-item seeds, the record of what made the images, number formatting and
-the paper's rows in the reports."""
+"""What both evaluators share, each keeping its own protocol: the arguments they take alike and their checks,
+the generate-then-score skeleton, the split of pending work over processes, per-item seeds, the record of what
+made the images, number formatting and the paper's rows in the reports."""
 import json
 import math
 import zlib
@@ -25,12 +25,29 @@ def fmt(value, scale=1.0, digits=4) -> str:
     return "" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value * scale:.{digits}f}"
 
 
-def check_common_args(args):
-    """The checks both evaluators' shared arguments need, before any file is read or model loaded."""
+def add_common_args(parser):
+    """The arguments both evaluators take alike: the base model, where the images go, how they are sampled and
+    which half of the run to do. Each evaluator adds its own (data, adapters, metrics, --resolution's default)."""
+    parser.add_argument("--pretrained_model_name_or_path", "--model", default=None,
+                        help="base model: hub id, local folder or builtin:tiny-sd (needed unless --skip_generation)")
+    parser.add_argument("--output_dir", required=True)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--num_inference_steps", type=int, default=50)
+    parser.add_argument("--guidance_scale", type=float, default=7.5)
+    parser.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default="no", help="dtype for generation")
+    parser.add_argument("--skip_generation", action="store_true", help="only score the images already in --output_dir")
+    parser.add_argument("--skip_metrics", action="store_true", help="only generate")
+
+
+def parse_args(parser, argv):
+    """`parser.parse_args(argv)`, then the checks the common arguments (and --resolution) need, before any file is
+    read or model loaded."""
+    args = parser.parse_args(argv)
     check_output_folder(args.output_dir, "--output_dir")
     checks.at_least(args, 1, "num_inference_steps")
     checks.resolution(args, "resolution")
     checks.seed(args, "seed")
+    return args
 
 
 def without_nan(metrics: dict, reasons: dict) -> tuple[dict, dict]:

@@ -47,25 +47,16 @@ def parse_args(argv=None):
     parser.add_argument("--dataset", required=True, help="ADEChallengeData2016 folder (or its parent)")
     parser.add_argument("--caption_file", default=None, help="metadata.jsonl captions; default: class-name captions")
     parser.add_argument("--conditioning_is_rgb", action="store_true", help="annotations are palette-coloured maps")
-    parser.add_argument("--pretrained_model_name_or_path", "--model", default=None,
-                        help="base model: hub id, local folder or builtin:tiny-sd (needed unless --skip_generation)")
+    harness.add_common_args(parser)
     parser.add_argument("--control_dir", default=None,
                         help="S2I training output folder or checkpoint (control_encoder.* and, unless encoder-only, adapter.safetensors)")
-    parser.add_argument("--output_dir", required=True)
     parser.add_argument("--limit", type=int, default=None, help="use the first N validation pairs (default: all)")
     parser.add_argument("--resolution", type=int, default=512)
     parser.add_argument("--batch_size", type=int, default=4, help="maps per pipeline call")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--num_inference_steps", type=int, default=50)
-    parser.add_argument("--guidance_scale", type=float, default=7.5)
-    parser.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default="no", help="dtype for generation")
     parser.add_argument("--segmenter", default=DEFAULT_SEGMENTER, help="UperNet hub id or local folder (150 ADE20K classes)")
     parser.add_argument("--inception", default=DEFAULT_INCEPTION,
                         help="FID features: inception-v3-compat, a torch-fidelity weights file, or a local stand-in folder")
-    parser.add_argument("--skip_generation", action="store_true", help="only score the images already in --output_dir")
-    parser.add_argument("--skip_metrics", action="store_true", help="only generate")
-    args = parser.parse_args(argv)
-    harness.check_common_args(args)
+    args = harness.parse_args(parser, argv)
     checks.at_least(args, 1, "limit", "batch_size")
     if not args.skip_generation and (args.pretrained_model_name_or_path is None or args.control_dir is None):
         raise UserError("--pretrained_model_name_or_path and --control_dir are needed to generate "

@@ -33,7 +33,7 @@ def setup(tmp_path_factory, _tiny_unet):
 
     root = tmp_path_factory.mktemp("db_eval")
     unet = copy.deepcopy(_tiny_unet)
-    inject_adapters(unet, AdapterConfig(method="ether+", n_blocks=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    inject_adapters(unet, AdapterConfig(method="ether+", n_blocks=4))
     for subject in SUBJECTS:
         save_adapter(unet, root / "adapters" / subject / "adapter.safetensors")
     return {"root": root, "adapters": root / "adapters", "backbones": write_tiny_backbones(root / "backbones")}
@@ -194,23 +194,16 @@ bad = functools.partial(case, tool=TOOL)
 
 
 @pytest.mark.parametrize("extra, message", [
-    bad(["--num_inference_steps", "0"], "--num_inference_steps must be at least 1, got 0", "--num_inference_steps 0"),
-    bad(["--resolution", "30"], "--resolution 30 is not a positive multiple of 8", "--resolution 30"),
-    bad(["--output_dir", "{tmp}/a-file"], "--output_dir {tmp}/a-file is a file, not a folder", "--output_dir naming a file"),
     bad(["--images_per_prompt", "0"], "--images_per_prompt must be at least 1, got 0", "--images_per_prompt 0"),
     bad(["--lpips_resolution", "16"], "--lpips_resolution must be at least 32, got 16",
         "--lpips_resolution below what LPIPS accepts"),
-    bad(["--seed", "-1"], "--seed must be in [0, 2**32), got -1", "a negative --seed"),
-    bad(["--guidance_scale", "nan"], "--guidance_scale must be a finite number, got nan", "--guidance_scale nan"),
     bad(["--subjects", ","], "--subjects ',' names no subject", "--subjects that names none"),
     bad(["--prompts", ","], "--prompts ',' names no prompt index", "--prompts that names none"),
 ])
-def test_bad_numbers_and_paths_are_one_line(setup, tmp_path, capsys, extra, message):
-    (tmp_path / "a-file").write_text("x")
-    argv = _args(setup, tmp_path / "out", extra=["--adapters", str(setup["adapters"])])
-    argv += [e.format(tmp=tmp_path) for e in extra]  # the later flag wins
+def test_bad_numbers_and_lists_are_one_line(setup, tmp_path, capsys, extra, message):
+    argv = _args(setup, tmp_path / "out", extra=["--adapters", str(setup["adapters"]), *extra])  # the later flag wins
     assert _run_cli(argv) == 2
-    assert _line(capsys) == f"error: {message.format(tmp=tmp_path)}"
+    assert _line(capsys) == f"error: {message}"
     assert not (tmp_path / "out").exists()
 
 

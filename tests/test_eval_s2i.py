@@ -21,15 +21,22 @@ TINY_FACTOR = 4  # tiny SD: 32 px images, 8x8 latents
 TOOL = "evaluate/s2i.py"
 
 
+def write_control_dir(tiny_unet, folder):
+    """A training-output-like folder: an ETHER adapter (drawn from torch's global generator) on a copy of the tiny
+    UNet, and its control encoder."""
+    unet = copy.deepcopy(tiny_unet)
+    inject_adapters(unet, AdapterConfig(method="ether", n_blocks=4))
+    save_adapter(unet, folder / "adapter.safetensors")
+    save_control_encoder(make_control_encoder(unet, TINY_FACTOR), folder)
+    return folder
+
+
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory, _tiny_unet):
-    """A training-output-like folder (adapter + control encoder), 4 validation maps and the stand-ins."""
+    """A training output folder, 4 validation maps and the stand-in backbones."""
     root = tmp_path_factory.mktemp("s2i_eval")
-    unet = copy.deepcopy(_tiny_unet)
-    inject_adapters(unet, AdapterConfig(method="ether", n_blocks=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
-    save_adapter(unet, root / "control" / "adapter.safetensors")
-    save_control_encoder(make_control_encoder(unet, TINY_FACTOR), root / "control")
-    return {"root": root, "control": root / "control", "dataset": write_tiny_ade20k(root / "ade", n_train=1, n_val=4, size=48),
+    return {"root": root, "control": write_control_dir(_tiny_unet, root / "control"),
+            "dataset": write_tiny_ade20k(root / "ade", n_train=1, n_val=4, size=48),
             "backbones": write_tiny_backbones(root / "backbones")}
 
 
@@ -110,19 +117,13 @@ bad = functools.partial(case, tool=TOOL)
 
 
 @pytest.mark.parametrize("extra, message", [
-    bad(["--num_inference_steps", "0"], "--num_inference_steps must be at least 1, got 0", "--num_inference_steps 0"),
-    bad(["--resolution", "30"], "--resolution 30 is not a positive multiple of 8", "--resolution 30"),
-    bad(["--output_dir", "{tmp}/a-file"], "--output_dir {tmp}/a-file is a file, not a folder", "--output_dir naming a file"),
     bad(["--batch_size", "0"], "--batch_size must be at least 1, got 0", "--batch_size 0"),
-    bad(["--seed", "4294967296"], "--seed must be in [0, 2**32), got 4294967296", "a --seed beyond 2**32"),
-    bad(["--guidance_scale", "inf"], "--guidance_scale must be a finite number, got inf", "--guidance_scale inf"),
     bad(["--limit", "99999999999999999999"], "--limit 99999999999999999999 is too large (at most 9223372036854775807)",
         "an integer beyond 64 bits"),
 ])
-def test_bad_numbers_and_paths_are_one_line(setup, tmp_path, capsys, extra, message):
-    (tmp_path / "a-file").write_text("x")
-    argv = _args(setup, tmp_path / "out") + [e.format(tmp=tmp_path) for e in extra]  # the later flag wins
-    assert _cli(argv, capsys) == f"error: {message.format(tmp=tmp_path)}"
+def test_bad_numbers_are_one_line(setup, tmp_path, capsys, extra, message):
+    argv = _args(setup, tmp_path / "out") + extra  # the later flag wins
+    assert _cli(argv, capsys) == f"error: {message}"
     assert not (tmp_path / "out").exists()
 
 
@@ -190,12 +191,8 @@ def test_another_control_dir_makes_its_own_images_and_scores(run, setup, tmp_pat
     output_dir = tmp_path / "out"
     shutil.copytree(run[0], output_dir)
     before = {p.name: p.read_bytes() for p in (output_dir / "images").iterdir()}
-    other = tmp_path / "other"
-    unet = copy.deepcopy(_tiny_unet)
     torch.manual_seed(5)  # another ETHER draw than the fixture's: another model
-    inject_adapters(unet, AdapterConfig(method="ether", n_blocks=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
-    save_adapter(unet, other / "adapter.safetensors")
-    save_control_encoder(make_control_encoder(unet, TINY_FACTOR), other)
+    other = write_control_dir(_tiny_unet, tmp_path / "other")
     report = s2i.main(_args(setup, output_dir, extra=["--control_dir", str(other)]))
     assert "0 of 3 images already done; generating 3" in capsys.readouterr().out
     after = {p.name: p.read_bytes() for p in (output_dir / "images").iterdir()}

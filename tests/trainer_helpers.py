@@ -15,6 +15,7 @@ from ether_diffusion.errors import ArgumentParser, run_cli
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = "builtin:tiny-sd"
+TRAINERS = "train_dreambooth.py, train_controlnet_s2i.py"  # the tool column of docs/user_errors.md for both
 
 
 def launch(script: str, *args, timeout=300):
@@ -91,6 +92,13 @@ def make_parser():
     arguments.add_validation_args(p)
     arguments.add_logging_args(p)
     return p
+
+
+def trainer_args(*extra):
+    """What the trainers check before any file is read: the parse and `check_common_args`."""
+    args = arguments.parse_args(make_parser(), ["--pretrained_model_name_or_path", "m", *map(str, extra)])
+    arguments.check_common_args(args)
+    return args
 
 
 class TinyBlock(nn.Module):
