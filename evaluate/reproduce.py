@@ -25,8 +25,9 @@ method's config file (`--config_dir DIR`: `DIR/<method>.yaml` or `DIR/<task>-<me
    `--select_maps` validation maps) and the best by `--select_by` is kept (default: DINO + CLIP-T, subject
    and prompt fidelity with equal weight; S2I: mIoU), recorded in the run's `selection.json`. `done.json`,
    written last, makes a run done.
-3. Evaluate the selected adapters with `evaluate/dreambooth.py` (a manifest per subject; generation split by
-   subject over the processes, then one scoring per method) or `evaluate/s2i.py` (one per method).
+3. Evaluate the selected adapters with `evaluate/dreambooth.py` (generation: `--subjects_per_batch` subjects of
+   a method in one batch, each through its own adapter, these groups split over the processes; then one
+   scoring per method) or `evaluate/s2i.py` (one per method).
 4. Report (`evaluate/reproduce_report.py`): `report.md` and `report.json` with our rows beside the paper's,
    parameter counts, selected steps, `per_subject.csv` (DreamBooth) and `grids/`; every failed run named with
    its error line.
@@ -53,6 +54,7 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ether_diffusion import adapter_batch
 from ether_diffusion.adapter_file import ADAPTER_FILE
 from ether_diffusion.adapters.methods import METHODS
 from ether_diffusion.arguments import NO_ADAPTER
@@ -76,7 +78,7 @@ EVAL_DIR, RUNS_DIR = "eval", "runs"
 POLL_SECONDS = 1  # reading a few small records: cheap
 LOCKS = "locks"  # one lock file per process of the launches working in the folder
 # Flags the driver sets itself in every evaluator call: not accepted in --eval_args.
-DRIVER_EVAL_FLAGS = ("--dataset", "--pretrained_model_name_or_path", "--model", "--adapters", "--manifest",
+DRIVER_EVAL_FLAGS = ("--dataset", "--pretrained_model_name_or_path", "--model", "--adapters", "--manifest", "--subjects_per_batch",
                      "--output_dir", "--subjects", "--skip_generation", "--skip_metrics", "--token", "--control_dir",
                      "--caption_file")
 
@@ -103,6 +105,9 @@ def parse_args(argv=None):
         if task == "dreambooth":
             g.add_argument("--subjects", type=_comma_list, default=None, help="comma-separated subjects (default: all)")
             g.add_argument("--token", default="qwe", help='the identifier: instance prompts are "a photo of qwe <class>"')
+            g.add_argument("--subjects_per_batch", type=int, default=4,
+                           help="evaluation images: K subjects of a method in one batch, each through its own adapter "
+                                "(the same images as 1; memory grows with K: docs/adapter_batch.md)")
         g.add_argument("--output_dir", required=True)
         g.add_argument("--lr_multipliers", type=_float_list, default=[1.0],
                        help="train every method at these multiples of its config's learning rate (e.g. 0.1,1,10,100)")
@@ -137,6 +142,8 @@ def parse_args(argv=None):
         raise UserError(f"--lr_multipliers must be positive, got {args.lr_multipliers}")
     if args.task == "dreambooth" and args.select_images < 1:
         raise UserError(f"--select_images must be at least 1, got {args.select_images}")
+    if args.task == "dreambooth" and args.subjects_per_batch < 1:
+        raise UserError(f"--subjects_per_batch must be at least 1, got {args.subjects_per_batch}")
     if args.task == "s2i" and args.select_maps < 1:
         raise UserError(f"--select_maps must be at least 1, got {args.select_maps}")
     metrics = dreambooth_eval.METRICS if args.task == "dreambooth" else ("miou", "accuracy", "fid")
@@ -452,13 +459,15 @@ def selection_prompts(args, protocol, subject: str) -> list[int]:
     return prompts
 
 
-def write_manifest(path: Path, subject: str, prompts, adapter: Path) -> Path:
-    """The evaluator's manifest: one adapter for every prompt of the subject (paths relative to the file)."""
+def write_manifest(path: Path, entries) -> Path:
+    """The evaluator's manifest: for each (subject, prompts, adapter) of `entries`, the adapter for every prompt of
+    the subject (paths relative to the file)."""
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
     writer.writerow(["subject", "prompt_index", "adapter"])
-    relative = os.path.relpath(adapter, path.parent)
-    writer.writerows([subject, p, relative] for p in prompts)
+    for subject, prompts, adapter in entries:
+        relative = os.path.relpath(adapter, path.parent)
+        writer.writerows([subject, p, relative] for p in prompts)
     return write_text(path, out.getvalue())
 
 
@@ -467,7 +476,7 @@ def score_candidate(args, run: Run, protocol, step: int, folder: Path) -> dict:
     out = run.folder / selection.SCORES_DIR / f"step-{step}"
     if args.task == "dreambooth":
         prompts = selection_prompts(args, protocol, run.subject)
-        manifest = write_manifest(out / "manifest.csv", run.subject, prompts, folder / ADAPTER_FILE)
+        manifest = write_manifest(out / "manifest.csv", [(run.subject, prompts, folder / ADAPTER_FILE)])
         argv = eval_common(args, run) + ["--manifest", str(manifest), "--output_dir", str(out), "--subjects",
                                          run.subject, "--prompts", ",".join(map(str, prompts)),
                                          "--images_per_prompt", str(args.select_images)]
@@ -599,42 +608,67 @@ def task_finished(record: Path, inputs, launch_id: str) -> bool:
     return is_complete(record, inputs) or bool(failed and failed.get("launch") == launch_id)
 
 
-def run_task(record: Path, inputs, stale: list[Path], work, what: str, launch_id: str) -> bool:
-    """`work()` (an evaluator call) unless `record` is complete for `inputs`; `stale` folders are removed
-    first when the record names other inputs. Returns whether it is complete."""
-    if is_complete(record, inputs):
+def run_task(records, work, what: str, launch_id: str) -> bool:
+    """`work()` (one evaluator call) for `records`, a list of (record, inputs, stale folders): unless every record
+    is complete for its inputs. A record's stale folders are removed first when it names other inputs. Returns
+    whether they are complete."""
+    pending = [(record, inputs, stale) for record, inputs, stale in records if not is_complete(record, inputs)]
+    for record, inputs, stale in pending:
+        saved = read_json(record)
+        if saved is None or saved.get("inputs") != inputs:
+            for folder in stale:
+                shutil.rmtree(folder, ignore_errors=True)
+        failure_path(record).unlink(missing_ok=True)
+        write_json(record, {"inputs": inputs, "complete": False})
+    if not pending:
         return True
-    saved = read_json(record)
-    if saved is None or saved.get("inputs") != inputs:
-        for folder in stale:
-            shutil.rmtree(folder, ignore_errors=True)
-    failure_path(record).unlink(missing_ok=True)
-    write_json(record, {"inputs": inputs, "complete": False})
     try:
         result = work()
     except Exception as e:  # noqa: BLE001 - recorded with its line (the log has the rest); the others go on
-        write_json(failure_path(record), {"error": describe_error(e), "launch": launch_id})
+        for record, _, _ in pending:
+            write_json(failure_path(record), {"error": describe_error(e), "launch": launch_id})
         print(f"FAILED {what}: {describe_error(e)}", flush=True)
         return False
-    write_json(record, {"inputs": inputs, "complete": True, "metrics": (result or {}).get("metrics")})
+    for record, inputs, _ in pending:
+        write_json(record, {"inputs": inputs, "complete": True, "metrics": (result or {}).get("metrics")})
     return True
 
 
-def generate(args, run: Run, protocol, launch_id: str) -> bool:
-    """DreamBooth: the subject's evaluation images with the run's selected adapter (`--skip_metrics`)."""
-    out = eval_folder(args, run.variant)
-    done = done_record(run)
-    manifest = out / "manifests" / f"{run.subject}.csv"
+def generation_groups(args, runs: list[Run]) -> list[list[Run]]:
+    """The done runs of each variant, `--subjects_per_batch` at a time: one evaluator call each."""
+    by_variant = {}
+    for run in done_runs(runs):
+        by_variant.setdefault(run.variant, []).append(run)
+    return [group[i:i + args.subjects_per_batch] for group in by_variant.values()
+            for i in range(0, len(group), args.subjects_per_batch)]
+
+
+def generate(args, group: list[Run], protocol, launch_id: str) -> bool:
+    """DreamBooth: the evaluation images of runs of one variant (`--skip_metrics`), each subject with its run's
+    selected adapter, those not generated yet in one batch (`--subjects_per_batch`), or one at a time where
+    their adapter files cannot share a batch (a text-encoder part)."""
+    out = eval_folder(args, group[0].variant)
+    tasks = [(generation_record(args, run), done_record(run), [out / run.subject]) for run in group]
+    todo = [run for run, (record, done, _) in zip(group, tasks) if not is_complete(record, done)]
+    adapters = {run.subject: run.folder / done_record(run)["selected"] / ADAPTER_FILE for run in todo}
+    subjects = ",".join(adapters)
 
     def work():
-        write_manifest(manifest, run.subject, range(len(protocol.prompts_for(run.subject))),
-                       run.folder / done["selected"] / ADAPTER_FILE)
-        argv = eval_common(args, run) + ["--manifest", str(manifest), "--output_dir", str(out),
-                                         "--subjects", run.subject, "--skip_metrics"]
+        manifest = write_manifest(out / "manifests" / f"{todo[0].subject}.csv",
+                                  [(run.subject, range(len(protocol.prompts_for(run.subject))), adapters[run.subject])
+                                   for run in todo])
+        per_batch = len(todo)
+        if per_batch > 1:
+            try:
+                adapter_batch.check_batchable(adapters.values())
+            except UserError as e:
+                print(f"{group[0].variant.name}: one subject per batch: {first_line(e)}", flush=True)
+                per_batch = 1
+        argv = eval_common(args, group[0]) + ["--manifest", str(manifest), "--output_dir", str(out), "--subjects",
+                                              subjects, "--skip_metrics", "--subjects_per_batch", str(per_batch)]
         return call_logged(dreambooth_eval.main, argv, out / "eval.log")
 
-    return run_task(generation_record(args, run), done, [out / run.subject], work, f"generation for {run.name}",
-                    launch_id)
+    return run_task(tasks, work, f"generation for {group[0].variant.name}: {subjects}", launch_id)
 
 
 def scoring_inputs(args, variant: Variant, runs: list[Run]) -> list[dict]:
@@ -671,7 +705,7 @@ def score(args, variant: Variant, runs: list[Run], launch_id: str) -> bool:
         argv = eval_common(args, first) + ["--control_dir", str(first.folder / inputs[0]["selected"]),
                                            "--output_dir", str(out)]
         main, stale = s2i_eval.main, [out / "images"]
-    return run_task(record, inputs, stale, lambda: call_logged(main, argv, out / "eval.log"),
+    return run_task([(record, inputs, stale)], lambda: call_logged(main, argv, out / "eval.log"),
                     f"evaluation of {variant.name}", launch_id)
 
 
@@ -702,8 +736,8 @@ def evaluate_stage(args, runs, variant_list, shard, protocol, launch_id) -> None
     the process whose turn it is; the first process waits for all and writes the report."""
     if args.task == "dreambooth":
         generation = done_runs(runs)
-        for run in shard.mine(generation):
-            generate(args, run, protocol, launch_id)
+        for group in shard.mine(generation_groups(args, runs)):
+            generate(args, group, protocol, launch_id)
     for variant in shard.mine(variant_list):
         if args.task == "dreambooth":
             wait_until(lambda: [r.name for r in generation if r.variant == variant and not task_finished(

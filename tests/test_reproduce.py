@@ -7,6 +7,7 @@ import contextlib
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -14,7 +15,9 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 from PIL import Image
 from reproduce_helpers import ENV, run, runs_of, trainer_starts
 from trainer_helpers import REPO
@@ -24,6 +27,7 @@ from ether_diffusion.errors import UserError
 from ether_diffusion.toy import world
 from evaluate import reproduce, selection, shards
 from evaluate.paper_tables import TABLE_2
+from evaluate.protocol import load_protocol
 from evaluate.tiny_backbones import write_tiny_backbones
 
 SUBJECTS = ("star_toy", "heart_toy")  # two of the toy world's subjects, class "toy", in the dataset
@@ -157,6 +161,67 @@ def test_stop_in_the_middle_and_restart_gives_the_same_report(setup, one_go):
     for name, run_dir in runs_of(out).items():
         if name in finished:
             assert trainer_starts(run_dir) == 1, name  # finished work is not redone
+
+
+def moved_adapter(path: Path, seed: int, text_encoder: bool = False):
+    """Rewrite an adapter file with its tensors moved (another subject's adapter, as training would make it), and
+    with a text-encoder part (`--train_text_encoder`) if asked."""
+    from safetensors import safe_open
+
+    from ether_diffusion import inject_adapters, save_adapter
+    from ether_diffusion.adapters import adapter_config_of, adapter_parameters, text_encoder_config
+    from ether_diffusion.pipelines import load_pipeline
+
+    with safe_open(str(path), framework="pt") as f:
+        metadata = f.metadata()
+    pipe = load_pipeline("builtin:toy-sd", adapter=path)
+    if text_encoder:
+        inject_adapters(pipe.text_encoder, text_encoder_config(adapter_config_of(pipe.unet)))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for model in (pipe.unet, pipe.text_encoder) if text_encoder else (pipe.unet,):
+            for p in adapter_parameters(model):
+                p.add_(0.3 * torch.randn(p.shape, generator=g))
+    save_adapter(pipe.unet, path, extra_metadata=metadata, text_encoder=pipe.text_encoder if text_encoder else None)
+
+
+def test_a_methods_subjects_are_generated_in_one_batch_as_one_at_a_time(setup, one_go, tmp_path, capsys):
+    """--subjects_per_batch (default 4): the done runs of a method are generated in one evaluator call, both subjects
+    in each batch, each through its own adapter: the images of one subject at a time. Adapter files that cannot
+    share a batch (a text-encoder part) are generated one subject at a time, said in a line."""
+    trained = runs_of(one_go[0])[f"ether+/{SUBJECT}"]
+
+    def generate(out, *extra, text_encoder=False):
+        argv = command(setup, out, processes=1, methods="ether+", extra=["--subjects", ",".join(SUBJECTS), *extra])[3:]
+        args = reproduce.parse_args(argv)
+        protocol = load_protocol(args.dataset)
+        runs = reproduce.plan_runs(args, protocol)
+        for i, run in enumerate(runs):  # both done, with the trained run's selected adapter moved per subject
+            shutil.copytree(trained, run.folder)
+            moved_adapter(run.folder / reproduce.done_record(run)["selected"] / "adapter.safetensors", i, text_encoder)
+        groups = reproduce.generation_groups(args, runs)
+        assert all(reproduce.generate(args, group, protocol, "launch") for group in groups)
+        assert all(reproduce.is_complete(reproduce.generation_record(args, run), reproduce.done_record(run)) for run in runs)
+        return [[run.subject for run in group] for group in groups], (out / "eval" / "ether+" / "eval.log").read_text()
+
+    groups, log = generate(tmp_path / "batched")
+    assert groups == [list(SUBJECTS)] and log.count("--subjects_per_batch 2") == 1
+    groups, log = generate(tmp_path / "one", "--subjects_per_batch", "1")
+    assert groups == [[subject] for subject in SUBJECTS] and log.count("--subjects_per_batch 1") == 2
+    images = sorted(p.relative_to(tmp_path / "one") for p in (tmp_path / "one" / "eval").rglob("*/[0-9]/*.png"))
+    assert len(images) == len(SUBJECTS) * 2  # two prompts (--prompts 0,1), one image each
+    for image in images:
+        a, b = (np.asarray(Image.open(root / image), dtype=np.int16) for root in (tmp_path / "batched", tmp_path / "one"))
+        assert np.abs(a - b).max() <= 1, image
+    star, heart = (np.asarray(Image.open(tmp_path / "one" / "eval" / "ether+" / s / "0" / "00.png"), dtype=np.int16)
+                   for s in SUBJECTS)
+    assert np.abs(star - heart).max() > 10  # the subjects' adapters differ
+
+    capsys.readouterr()
+    groups, log = generate(tmp_path / "text_encoder", text_encoder=True)
+    said = capsys.readouterr().out
+    assert groups == [list(SUBJECTS)] and "--subjects_per_batch 1" in log and "--subjects_per_batch 2" not in log
+    assert "ether+: one subject per batch: " in said and "holds a text-encoder adapter" in said, said
 
 
 def processes_naming(path: Path) -> list[int]:
