@@ -16,8 +16,12 @@
     OMP_NUM_THREADS=1 python -m benchmarks.adapter_batch            # everything (about 20 minutes on one core)
     OMP_NUM_THREADS=1 python -m benchmarks.adapter_batch --quick    # fewer rounds, 5 prompts per subject
 
+    OMP_NUM_THREADS=2 python -m benchmarks.adapter_batch --sections 3   # the evaluation on both cores of a
+                                                                        # 2-core machine, judged by wall time
+
 Times are CPU time of the one thread (`time.thread_time`), so other work on a shared machine moves them less
-than wall time; the evaluation section prints both.
+than wall time; the evaluation section prints both, and with several threads judges by wall time (run it on
+a quiet machine).
 """
 import argparse
 import contextlib
@@ -175,9 +179,12 @@ def bench_evaluation(prompts_per_subject, folder):
         results[k] = (time.perf_counter() - wall, time.thread_time() - cpu)
         name = "one subject at a time" if k == 1 else f"--subjects_per_batch {k}"
         print(f"| {name} | {results[k][0]:.0f} | {results[k][1]:.0f} | {results[1][1] / results[k][1]:.2f} |")
-    speedup = results[1][1] / results[4][1]
-    print(f"\nSpeed-up of K=4 (CPU time): {speedup:.2f}x, wall {results[1][0] / results[4][0]:.2f}x "
-          f"(goal >= {GOAL_EVAL}x: {'met' if speedup >= GOAL_EVAL else 'NOT met'})")
+    # One thread: its CPU time (other work on the machine moves it less). Several: wall time on a quiet machine
+    # (the main thread's CPU time leaves out the other threads' work).
+    clock = "CPU time" if torch.get_num_threads() == 1 else f"wall time, {torch.get_num_threads()} threads"
+    speedup = results[1][1] / results[4][1] if torch.get_num_threads() == 1 else results[1][0] / results[4][0]
+    print(f"\nSpeed-up of K=4 ({clock}): {speedup:.2f}x; CPU {results[1][1] / results[4][1]:.2f}x, wall "
+          f"{results[1][0] / results[4][0]:.2f}x (goal >= {GOAL_EVAL}x: {'met' if speedup >= GOAL_EVAL else 'NOT met'})")
 
 
 # ---------------------------------------------------------------------------------------------- 4. memory with K

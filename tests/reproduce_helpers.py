@@ -1,5 +1,5 @@
-"""What the tests of `evaluate.reproduce` share: a launch of the driver as a user runs it, and what its folder
-says about the runs in it."""
+"""What the tests of `evaluate.reproduce` share: a launch of the driver as a user runs it (or the driver in the
+test's process), and what its folder says about the runs in it."""
 import os
 import subprocess
 from pathlib import Path
@@ -14,6 +14,18 @@ def run(cmd, check=True):
     if check:
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result
+
+
+def drive(argv) -> int:
+    """`python -m evaluate.reproduce ARGV` in this process: its exit code. (Its trainers are processes of their
+    own either way; a new driver process would spend seconds importing what this one has.)"""
+    from ether_diffusion.errors import run_cli
+    from evaluate import reproduce
+
+    try:
+        return run_cli(reproduce.main, [str(a) for a in argv])
+    except SystemExit as e:  # the traceback, and the driver's lock with it, go at the end of this block
+        return e.code
 
 
 def runs_of(out: Path) -> dict[str, Path]:

@@ -4,6 +4,7 @@ trained exactly once as its own single process, a stop in the middle and a resta
 go, the paper's rows are the paper's numbers. The pieces (selection, sharding, config lookup) on their own. S2I:
 test_reproduce_s2i.py."""
 import contextlib
+import fcntl
 import json
 import os
 import re
@@ -12,6 +13,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -19,8 +21,8 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from reproduce_helpers import ENV, run, runs_of, trainer_starts
-from trainer_helpers import REPO
+from reproduce_helpers import ENV, drive, run, runs_of, trainer_starts
+from trainer_helpers import REPO, hold_in_a_child
 
 from ether_diffusion.adapters.methods import METHODS
 from ether_diffusion.errors import UserError
@@ -155,7 +157,7 @@ def test_stop_in_the_middle_and_restart_gives_the_same_report(setup, one_go):
     finished = {name for name, run_dir in runs_of(out).items() if (run_dir / "done.json").is_file()}
     assert finished and not (out / "report.json").exists()  # stopped in the middle
 
-    run(command(setup, out, processes=1))
+    assert drive(command(setup, out, processes=1)[3:]) == 0  # the restart, in this process
     for name in ("report.json", "report.md", "per_subject.csv", f"grids/{SUBJECT}.png"):
         assert (out / name).read_bytes() == (reference / name).read_bytes(), name
     for name, run_dir in runs_of(out).items():
@@ -240,19 +242,15 @@ def processes_naming(path: Path) -> list[int]:
 def test_a_second_launch_on_a_folder_in_use_is_refused(tmp_path):
     """A process of another launch holds its lock in the folder (as the workers of a torchrun killed with
     SIGKILL do): a new launch stops at once with its pid; once it is gone, its lock file is stale."""
-    holder = subprocess.Popen([sys.executable, "-c", (
-        "import sys, time; from evaluate import reproduce, shards; "
-        f"lock = reproduce.lock_launch({str(tmp_path)!r}, shards.shard_from_environment({{}}), 'old'); "
-        "print('locked', flush=True); time.sleep(60)")], cwd=REPO, stdout=subprocess.PIPE, text=True)
+    holder = hold_in_a_child(reproduce.lock_launch, tmp_path, shards.shard_from_environment({}), "old")
     try:
-        assert holder.stdout.readline().strip() == "locked"
         second = shards.shard_from_environment({"RANK": "1", "WORLD_SIZE": "2"})
         with pytest.raises(UserError, match=f"is in use by a process of another reproduction launch \\(pid {holder.pid} "):
             reproduce.lock_launch(tmp_path, second, "new")
         reproduce.lock_launch(tmp_path, second, "old").release()  # a process of the same launch is welcome
     finally:
         holder.kill()
-        holder.wait()
+        holder.join()
     assert reproduce.lock_launch(tmp_path, shards.shard_from_environment({}), "new").file is not None
 
 
@@ -260,25 +258,35 @@ def test_a_killed_launchs_text_in_a_lock_just_taken_over_is_not_taken_for_a_hold
     """The restart after a kill: one process of the new launch has locked its file but not yet replaced the
     killed process's text in it; another process of the new launch waits for the text instead of refusing
     (the stop-and-restart test failed so, now and then)."""
-    ended = subprocess.Popen([sys.executable, "-c", "pass"])
-    ended.wait()  # a pid no process has any more
+    ended = hold_in_a_child(lambda: None)
+    ended.kill()
+    ended.join()  # a pid no process has any more
     locks = tmp_path / "locks"
     locks.mkdir()
     old = json.dumps({"pid": ended.pid, "host": socket.gethostname(), "started": "2026-01-01T00:00:00",
                       "command": "killed", "about": "launch old"})
     (locks / "process-1.lock").write_text(old + "\n")
-    taker = subprocess.Popen([sys.executable, "-c", (
-        "import fcntl, json, os, socket, sys, time; f = open(sys.argv[1], 'a+'); fcntl.flock(f, fcntl.LOCK_EX); "
-        "print('locked', flush=True); time.sleep(1); f.seek(0); f.truncate(); "
-        "f.write(json.dumps({'pid': os.getpid(), 'host': socket.gethostname(), 'started': 'now', 'command': 'new', "
-        "'about': 'launch new'})); f.flush(); time.sleep(30)"), str(locks / "process-1.lock")],
-        stdout=subprocess.PIPE, text=True)
+
+    def take_over(path):  # locks the file at once, writes its own text a second later
+        f = open(path, "a+")
+        fcntl.flock(f, fcntl.LOCK_EX)
+        threading.Timer(1, write_text_of_the_new_launch, (f,)).start()
+        return f
+
+    taker = hold_in_a_child(take_over, locks / "process-1.lock")
     try:
-        assert taker.stdout.readline().strip() == "locked"
         reproduce.lock_launch(tmp_path, shards.shard_from_environment({"RANK": "0", "WORLD_SIZE": "2"}), "new").release()
     finally:
         taker.kill()
-        taker.wait()
+        taker.join()
+
+
+def write_text_of_the_new_launch(f):
+    f.seek(0)
+    f.truncate()
+    f.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": "now", "command": "new",
+                        "about": "launch new"}))
+    f.flush()
 
 
 # ------------------------------------------------------------------------------------------ the pieces

@@ -1,11 +1,10 @@
-"""evaluate/reproduce.py on S2I (Table 3, on the tiny SD) on one process: a failed run is named and the exit
+"""evaluate/reproduce.py on S2I (Table 3, on the tiny SD), the driver in the test's process: a failed run is named and the exit
 code says so, a rerun retries it and leaves the finished one alone, other settings in the same folder are
 refused. DreamBooth and the pieces: test_reproduce.py."""
 import json
-import sys
 
 import pytest
-from reproduce_helpers import run, trainer_starts
+from reproduce_helpers import drive, trainer_starts
 
 from ether_diffusion.errors import UserError
 from ether_diffusion.tiny_ade20k import write_tiny_ade20k
@@ -27,7 +26,7 @@ report_to: none
 """
 
 
-def test_s2i_a_failed_run_is_named_and_the_exit_code_says_so(tmp_path):
+def test_s2i_a_failed_run_is_named_and_the_exit_code_says_so(tmp_path, capsys):
     """Table 3 on one process: encoder-only trains, is selected and evaluated; the ETHER config asks for blocks
     the tiny SD's widths cannot hold, so its trainer fails; the report names it and the exit code is 1."""
     configs = tmp_path / "configs"
@@ -37,12 +36,12 @@ def test_s2i_a_failed_run_is_named_and_the_exit_code_says_so(tmp_path):
     dataset = write_tiny_ade20k(tmp_path / "ade", n_train=2, n_val=2, size=48)
     b = write_tiny_backbones(tmp_path / "backbones")
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "evaluate.reproduce", "s2i", "--dataset", str(dataset), "--config_dir", str(configs),
-           "--methods", "none,ether", "--output_dir", str(out), "--select_every", "1", "--select_maps", "1",
-           "--eval_args", f"--segmenter {b['upernet']} --inception {b['inception']} --limit 2 --num_inference_steps 1"]
-    result = run(cmd, check=False)
-    assert result.returncode == 1, result.stdout[-2000:] + result.stderr[-2000:]
-    assert "FAILED ether (train): layer " in result.stdout and "is not divisible by n_blocks=7" in result.stdout
+    argv = ["s2i", "--dataset", str(dataset), "--config_dir", str(configs),
+            "--methods", "none,ether", "--output_dir", str(out), "--select_every", "1", "--select_maps", "1",
+            "--eval_args", f"--segmenter {b['upernet']} --inception {b['inception']} --limit 2 --num_inference_steps 1"]
+    code, said = drive(argv), capsys.readouterr().out
+    assert code == 1, said[-3000:]
+    assert "FAILED ether (train): layer " in said and "is not divisible by n_blocks=7" in said
     md = (out / "report.md").read_text()
     assert "## Failed" in md and "- ether (train): layer " in md
     # the paper's Table 3, our encoder-only row under its "Encoder-only" row, with the encoder's size
@@ -59,9 +58,9 @@ def test_s2i_a_failed_run_is_named_and_the_exit_code_says_so(tmp_path):
     assert [c["step"] for c in record["candidates"]] == [1, 2] and record["criterion"] == "miou"
     assert record["subset"] == "the first 1 validation maps"
     # run again: the failed run is tried again (and fails again), the done one is left alone
-    assert run(cmd, check=False).returncode == 1
+    assert drive(argv) == 1
     assert trainer_starts(out / "runs/ether") == 2 and trainer_starts(out / "runs/none") == 1
     # the same folder with other settings is refused, naming the setting
-    args = reproduce.parse_args(cmd[3:-2] + ["--select_maps", "2", *cmd[-2:]])
+    args = reproduce.parse_args(argv[:-2] + ["--select_maps", "2", *argv[-2:]])
     with pytest.raises(UserError, match="holds a reproduction made with select_maps = 1, but this command asks for 2"):
         reproduce.check_settings(args, reproduce.plan_runs(args, None))

@@ -20,7 +20,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from ether_diffusion.trainers import dreambooth as dreambooth_trainer
-from trainer_helpers import REPO, TINY, fails
+from trainer_helpers import REPO, TINY, fails, hold_in_a_child
 
 import user_errors
 from ether_diffusion import checkpoints, divergence, dreambooth_data, run_folder, training
@@ -117,28 +117,16 @@ def test_check_step_names_what_diverged(tmp_path, loss, grad_norm, param, scaler
 
 
 # ------------------------------------------------------------------------------------------ one run per folder
-HOLD_LOCK = ("import sys; from ether_diffusion import run_folder; run_folder.lock_output_dir(sys.argv[1]); "
-             "print('locked', flush=True); sys.stdin.read()")
-
-
-def hold_lock(out) -> subprocess.Popen:
-    """Another process that holds `out`'s run lock, as a trainer does while it trains."""
-    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(out)], cwd=REPO, stdin=subprocess.PIPE,
-                              stdout=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert holder.stdout.readline().strip() == "locked"
-    return holder
-
-
 @pytest.mark.user_error("a second trainer on the --output_dir of a running one", tool=TOOL)
 def test_a_second_trainer_on_a_folder_in_use_is_refused_naming_the_holder(script, subject, tmp_path, capsys):
     out = tmp_path / "o"
     out.mkdir()
-    holder = hold_lock(out)
+    holder = hold_in_a_child(run_folder.lock_output_dir, out)
     try:
         line = fails(script.main, argv(subject, out), capsys)
     finally:
         holder.kill()
-        holder.wait()
+        holder.join()
     assert (f"{out} is in use by another training run (pid {holder.pid} on host {socket.gethostname()}, started "
             in line) and line.endswith("wait for it to finish, stop it, or use another --output_dir")
     assert sorted(p.name for p in out.iterdir()) == ["run.lock"]  # the holder's, untouched
@@ -148,9 +136,9 @@ def test_a_second_trainer_on_a_folder_in_use_is_refused_naming_the_holder(script
 def test_the_lock_of_a_killed_run_is_taken_over(script, subject, tmp_path, caplog):
     out = tmp_path / "o"
     out.mkdir()
-    holder = hold_lock(out)
+    holder = hold_in_a_child(run_folder.lock_output_dir, out)
     holder.kill()  # SIGKILL: no clean-up ran; the file stays, the kernel dropped the lock
-    holder.wait()
+    holder.join()
     assert json.loads((out / "run.lock").read_text())["pid"] == holder.pid
     with caplog.at_level(logging.WARNING, logger="ether_diffusion.run_folder"):
         train(script, subject, out, steps=2)

@@ -1,9 +1,11 @@
 """What the trainer tests share: a real `accelerate launch`, the in-process bad-input check, the trainers'
 whole argument parser and a two-layer model."""
+import multiprocessing
 import os
 import shutil
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -67,6 +69,24 @@ def stop_and_resume(script, common, root: Path, stop_at: int = 4, run=launch) ->
     (stopped / "train_log.jsonl").write_text("\n".join(lines[:stop_at + 1]) + "\n")
     run(script, *common, "--output_dir", stopped, "--resume_from_checkpoint", "latest")
     return full, stopped
+
+
+def hold_in_a_child(hold, *args) -> multiprocessing.Process:
+    """A forked child process that calls `hold(*args)` (takes a lock, as a running trainer or launch holds it)
+    and then sleeps until it is killed; returned once `hold` has returned. Forked, it starts in milliseconds
+    with this process's imports, where a new interpreter would spend seconds importing torch."""
+    fork = multiprocessing.get_context("fork")
+    ready = fork.Event()
+
+    def body():
+        held = hold(*args)  # noqa: F841 - kept until the child is killed
+        ready.set()
+        threading.Event().wait()
+
+    child = fork.Process(target=body, daemon=True)
+    child.start()
+    assert ready.wait(60), "the child did not take its lock"
+    return child
 
 
 def fails(main, argv, capsys) -> str:
