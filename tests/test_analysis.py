@@ -157,12 +157,11 @@ def test_dense_h_reference_computes_the_same_layer():
 def test_flop_table_on_tiny_unet(tiny_unet, unet_inputs):
     # On `meta`: FlopCounterMode needs shapes only, so nothing is computed.
     inputs = [t.to("meta") for t in unet_inputs]
-    rows = analysis.flop_table(lambda: copy.deepcopy(tiny_unet).to("meta"), inputs, n_values=(1, 4, 32),
+    rows = analysis.flop_table(lambda: copy.deepcopy(tiny_unet).to("meta"), inputs, n_values=(1, 32),
                                methods=("ether", "ether+", "ether (dense H)", "lora"))
     by = {(r["method"], r["n"]): r for r in rows}
-    assert len(rows) == 3 * 3 + 1 and by[("lora", None)]["essential_reflection_flops"] == 0
+    assert len(rows) == 3 * 2 + 1 and by[("lora", None)]["essential_reflection_flops"] == 0
     # essential reflection arithmetic does not depend on n; the dense-H step cost falls with n
-    assert len({by[("ether", n)]["essential_reflection_flops"] for n in (1, 4, 32)}) == 1
+    assert by[("ether", 1)]["essential_reflection_flops"] == by[("ether", 32)]["essential_reflection_flops"]
     assert by[("ether+", 1)]["essential_reflection_flops"] > by[("ether", 1)]["essential_reflection_flops"] > 0
-    dense = [by[("ether (dense H)", n)]["flops"] for n in (1, 4, 32)]
-    assert dense[0] > dense[1] > dense[2]
+    assert by[("ether (dense H)", 1)]["flops"] > by[("ether (dense H)", 32)]["flops"]
