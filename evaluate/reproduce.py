@@ -54,7 +54,7 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ether_diffusion import adapter_batch
+from ether_diffusion import adapter_batch, checks
 from ether_diffusion.adapter_file import ADAPTER_FILE
 from ether_diffusion.adapters.methods import METHODS
 from ether_diffusion.arguments import NO_ADAPTER
@@ -136,16 +136,10 @@ def parse_args(argv=None):
 
     if args.select_every < 0:
         raise UserError(f"--select_every must be 0 (keep the final adapter) or positive, got {args.select_every}")
-    if args.max_train_steps is not None and args.max_train_steps < 1:
-        raise UserError(f"--max_train_steps must be at least 1, got {args.max_train_steps}")
+    checks.at_least(args, 1, "max_train_steps", *(("select_images", "subjects_per_batch") if args.task == "dreambooth"
+                                                  else ("select_maps",)))
     if min(args.lr_multipliers) <= 0:
         raise UserError(f"--lr_multipliers must be positive, got {args.lr_multipliers}")
-    if args.task == "dreambooth" and args.select_images < 1:
-        raise UserError(f"--select_images must be at least 1, got {args.select_images}")
-    if args.task == "dreambooth" and args.subjects_per_batch < 1:
-        raise UserError(f"--subjects_per_batch must be at least 1, got {args.subjects_per_batch}")
-    if args.task == "s2i" and args.select_maps < 1:
-        raise UserError(f"--select_maps must be at least 1, got {args.select_maps}")
     metrics = dreambooth_eval.METRICS if args.task == "dreambooth" else ("miou", "accuracy", "fid")
     args.criterion = selection.Criterion.parse(args.select_by, metrics)
     args.train_args, args.eval_args = _split(args.train_args, "--train_args"), _split(args.eval_args, "--eval_args")
@@ -613,6 +607,8 @@ def run_task(records, work, what: str, launch_id: str) -> bool:
     is complete for its inputs. A record's stale folders are removed first when it names other inputs. Returns
     whether they are complete."""
     pending = [(record, inputs, stale) for record, inputs, stale in records if not is_complete(record, inputs)]
+    if not pending:
+        return True
     for record, inputs, stale in pending:
         saved = read_json(record)
         if saved is None or saved.get("inputs") != inputs:
@@ -620,8 +616,6 @@ def run_task(records, work, what: str, launch_id: str) -> bool:
                 shutil.rmtree(folder, ignore_errors=True)
         failure_path(record).unlink(missing_ok=True)
         write_json(record, {"inputs": inputs, "complete": False})
-    if not pending:
-        return True
     try:
         result = work()
     except Exception as e:  # noqa: BLE001 - recorded with its line (the log has the rest); the others go on
@@ -648,8 +642,10 @@ def generate(args, group: list[Run], protocol, launch_id: str) -> bool:
     selected adapter, those not generated yet in one batch (`--subjects_per_batch`), or one at a time where
     their adapter files cannot share a batch (a text-encoder part)."""
     out = eval_folder(args, group[0].variant)
-    tasks = [(generation_record(args, run), done_record(run), [out / run.subject]) for run in group]
-    todo = [run for run, (record, done, _) in zip(group, tasks) if not is_complete(record, done)]
+    todo = [run for run in group if not is_complete(generation_record(args, run), done_record(run))]
+    if not todo:
+        return True
+    tasks = [(generation_record(args, run), done_record(run), [out / run.subject]) for run in todo]
     adapters = {run.subject: run.folder / done_record(run)["selected"] / ADAPTER_FILE for run in todo}
     subjects = ",".join(adapters)
 

@@ -325,6 +325,13 @@ def test_criterion_and_selection(tmp_path):
     assert scored == [2, 4, 6, 7] and one["criterion"] == "the final output (one candidate)"
 
 
+@pytest.mark.parametrize("task, flag", [("dreambooth", "--select_images"), ("dreambooth", "--subjects_per_batch"),
+                                        ("dreambooth", "--max_train_steps"), ("s2i", "--select_maps")])
+def test_counts_below_one_are_refused_naming_the_flag(task, flag):
+    with pytest.raises(UserError, match=f"^{flag} must be at least 1, got 0$"):
+        reproduce.parse_args([task, "--dataset", "d", "--methods", "ether", "--output_dir", "o", flag, "0"])
+
+
 def test_shards_from_the_launchers_environment():
     torchrun = shards.shard_from_environment({"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2"})
     assert (torchrun.index, torchrun.count, torchrun.local_rank, torchrun.in_array) == (3, 4, 1, False)
