@@ -36,6 +36,7 @@ from .pipelines import load_pipeline
 ENCODER_WEIGHTS = "control_encoder.safetensors"
 ENCODER_CONFIG = "control_encoder.json"
 ADE20K_CONDITIONING = "ade20k-palette"  # ADE20K label maps in the palette's colours (the default task)
+IMAGE_CONDITIONING = "image"  # any conditioning picture: ControlNet-style data (`control_data`)
 # ControlNet's channels; its three stride-2 stages match SD's VAE factor 8.
 CONTROLNET_CHANNELS = (16, 32, 96, 256)
 
@@ -160,7 +161,7 @@ def use_control(unet, control):
 # ------------------------------------------------------------------------------------------- files
 def save_control_encoder(encoder, output_dir, conditioning: str = ADE20K_CONDITIONING) -> Path:
     """`control_encoder.safetensors` (float32) + `control_encoder.json` (its channels and VAE factor, and
-    what it reads unless ADE20K maps: `"conditioning": "image"` for ControlNet-style data)."""
+    what it reads unless ADE20K maps: `IMAGE_CONDITIONING` for ControlNet-style data)."""
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().float().cpu().contiguous() for k, v in encoder.state_dict().items()}
@@ -178,7 +179,7 @@ def save_control_encoder(encoder, output_dir, conditioning: str = ADE20K_CONDITI
 def control_conditioning(output_dir) -> str:
     """What the encoder saved in `output_dir` reads: `ADE20K_CONDITIONING` (palette-coloured maps; also for
     folders written before this was recorded, or unreadable ones, which `load_control_encoder` reports) or
-    "image" (any conditioning picture: ControlNet-style data)."""
+    `IMAGE_CONDITIONING` (any conditioning picture: ControlNet-style data)."""
     try:
         return json.loads(Path(output_dir, ENCODER_CONFIG).read_text()).get("conditioning", ADE20K_CONDITIONING)
     except (OSError, ValueError, AttributeError):

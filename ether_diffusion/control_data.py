@@ -41,7 +41,6 @@ from .files import load_rgb, open_image, to_rgb
 
 logger = logging.getLogger(__name__)
 
-CONDITIONING = "image"  # what control_encoder.json and the adapter's metadata record for such a run
 METADATA_FILES = ("metadata.jsonl", "metadata.csv", "metadata.parquet")
 SAVED_MARKERS = ("dataset_dict.json", "state.json")  # what Dataset(Dict).save_to_disk writes first
 # the ADE20K path's flags, and what ControlNet-style data has instead

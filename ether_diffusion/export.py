@@ -47,6 +47,7 @@ from .adapters import AdapterConfig, adapter_modules
 from .adapters.methods import METHODS, method_of
 from .builtin import resolve_model_path
 from .checkpoints import same_folder
+from .control import IMAGE_CONDITIONING
 from .devices import TORCH_DTYPES
 from .errors import ArgumentParser, UserError, run_cli
 from .files import (atomic_path, check_file_output, check_not_an_input, check_output_folder, write_folder,
@@ -345,9 +346,12 @@ def write_model_card(output_dir, adapter_file, exports: dict[str, Path] | None =
                          library_name="diffusers",
                          tags=["stable-diffusion", "text-to-image", "diffusers", "diffusers-training", "ether-diffusion",
                                method.replace("+", "-plus"), *(["lora"] if exports else [])])
-    # S2I: what the encoder reads (ControlNet-style data: "image"; ADE20K maps otherwise)
-    task = ("DreamBooth" if not s2i else "Conditioning image to image (ControlNet-style data) with a signal encoder"
-            if meta.get("conditioning") == "image" else "Semantic map to image (ADE20K) with a ControlNet-style signal encoder")
+    if not s2i:
+        task = "DreamBooth"
+    elif meta.get("conditioning") == IMAGE_CONDITIONING:
+        task = "Conditioning image to image (ControlNet-style data) with a signal encoder"
+    else:
+        task = "Semantic map to image (ADE20K) with a ControlNet-style signal encoder"
     lines = ["---", data.to_yaml(), "---", "", f"# {title} adapter for {base}", "",
              f"{task}, trained with ether-diffusion for {meta.get('steps', '?')} steps: {adapter_summary(meta)}.", ""]
     if prompt:

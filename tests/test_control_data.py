@@ -17,7 +17,7 @@ from trainer_helpers import TINY, fails, stop_and_resume, train
 from user_errors import refused
 
 from ether_diffusion import control_data, packages, training
-from ether_diffusion.control import (ENCODER_CONFIG, ENCODER_WEIGHTS, S2IPipeline, control_conditioning,
+from ether_diffusion.control import (ENCODER_CONFIG, ENCODER_WEIGHTS, IMAGE_CONDITIONING, S2IPipeline, control_conditioning,
                                      make_control_encoder, save_control_encoder)
 from ether_diffusion.errors import UserError
 from ether_diffusion.tiny_ade20k import write_tiny_ade20k
@@ -123,9 +123,9 @@ def test_the_fill50k_readme_command_trains_end_to_end(layout, tmp_path, validati
 
     # the encoder trained, records what it reads, and the adapter says the same
     assert load_file(out / ENCODER_WEIGHTS)["conv_out.weight"].abs().max() > 0
-    assert control_conditioning(out) == control_data.CONDITIONING
+    assert control_conditioning(out) == IMAGE_CONDITIONING
     with safe_open(str(out / "adapter.safetensors"), framework="pt") as f:
-        assert f.metadata()["conditioning"] == control_data.CONDITIONING
+        assert f.metadata()["conditioning"] == IMAGE_CONDITIONING
     assert "Conditioning image to image (ControlNet-style data)" in (out / "README.md").read_text()
     assert [json.loads(line)["step"] for line in (out / "train_log.jsonl").read_text().splitlines()] == [1, 2]
     # TensorBoard under the trackers' project, diffusers' default name
@@ -343,7 +343,7 @@ def test_proportion_empty_prompts_is_a_proportion(fill, tmp_path, capsys):
 def test_the_ade20k_evaluator_refuses_a_control_data_run(tiny_unet, tmp_path):
     from evaluate import s2i as evaluate_s2i
 
-    save_control_encoder(make_control_encoder(tiny_unet, 4), tmp_path / "run", control_data.CONDITIONING)
+    save_control_encoder(make_control_encoder(tiny_unet, 4), tmp_path / "run", IMAGE_CONDITIONING)
     assert json.loads((tmp_path / "run" / ENCODER_CONFIG).read_text())["conditioning"] == "image"
     argv = ["--dataset", str(tmp_path / "ade"), "--pretrained_model_name_or_path", TINY, "--control_dir",
             str(tmp_path / "run"), "--output_dir", str(tmp_path / "eval")]

@@ -42,9 +42,9 @@ from .. import (arguments, checkpoints, checks, control_data, diffusers_flags, e
 from ..adapters import CONTROL_TARGETS, count_adapter_parameters
 from ..ade20k import ADE20KDataset, has_split, load_control_map
 from ..builtin import builtin_caption_file, resolve_data_dir, resolve_model_path
-from ..control import (ADE20K_CONDITIONING, ENCODER_CONFIG, ENCODER_WEIGHTS, S2IPipeline, attach_control_encoder,
-                       encoder_config, load_control_encoder, make_control_encoder, save_control_encoder, use_control,
-                       vae_scale_factor)
+from ..control import (ADE20K_CONDITIONING, ENCODER_CONFIG, ENCODER_WEIGHTS, IMAGE_CONDITIONING, S2IPipeline,
+                       attach_control_encoder, encoder_config, load_control_encoder, make_control_encoder,
+                       save_control_encoder, use_control, vae_scale_factor)
 from ..crop import resize_and_crop
 from ..errors import UserError, run_cli, writing
 from ..files import load_rgb
@@ -165,7 +165,7 @@ class TrainingData(NamedTuple):
     validation_prompts: list[str]
     validation_real: list | None  # the rows' real pictures (the grid's last column), when the data has them
     inputs: tuple  # the files and folders the run reads (kept if they lie in output_dir)
-    conditioning: str  # what the encoder reads: control.ADE20K_CONDITIONING or control_data.CONDITIONING
+    conditioning: str  # what the encoder reads: control.ADE20K_CONDITIONING or control.IMAGE_CONDITIONING
     caption_source: str
 
 
@@ -176,7 +176,7 @@ def load_data(args) -> TrainingData:
         dataset = control_data.ControlDataset.from_args(args)
         controls, prompts, real = control_data.validation_inputs(args, dataset)
         inputs = (dataset.root, *(args.validation_image or ()))
-        conditioning, captions = control_data.CONDITIONING, f"captions from column {args.caption_column!r}"
+        conditioning, captions = IMAGE_CONDITIONING, f"captions from column {args.caption_column!r}"
     else:  # the layout and caption file when the dataset is built, then every map (labels, colours, sizes)
         data_dir = resolve_data_dir(args.train_data_dir, args.output_dir)
         if args.caption_file is None:  # a built-in dataset's own captions
