@@ -86,6 +86,9 @@ def test_judge_reads_an_s2i_grid_map_generated_real(tmp_path):
     for side in (0, 100, 24):  # no tiles, tiles larger than the grid, a size the grid is no multiple of
         with pytest.raises(UserError, match="grid"):
             toy_judge.judge_s2i_grid(grid, side)
+    black = Image.new("RGB", (3 * world.SIZE, world.SIZE))  # no map in its map column: no mIoU to give
+    with pytest.raises(UserError, match="map column holds no labelled pixel"):
+        toy_judge.judge_s2i_grid(black, world.SIZE)
 
 def _judged(pipe, judge, prompt, count=8, seed=0):
     images = pipe(prompt, num_images_per_prompt=count, generator=torch.Generator().manual_seed(seed),

@@ -354,12 +354,16 @@ def judge_s2i_grid(grid, side: int, segmenter=SEGMENTER) -> str:
                         f"picture (give --resolution)")
     rows = grid_tiles(grid, grid.height // side, grid.width // side)  # refuses a size that is no multiple
     labels = [colors_to_labels(np.asarray(row[0]), "the grid's map column") for row in rows]
+    if not any((target > 0).any() for target in labels):  # all "other" (black): mIoU would be nan
+        raise UserError("the grid's map column holds no labelled pixel: give an S2I trainer's grid "
+                        "(rows: map | generated | real picture)")
     segment = UperNetSegmenter(str(segmenter))
     generated, real = SegmentationScores(), SegmentationScores()
     for row, target in zip(rows, labels):
-        for predicted in segment(row[1:-1]):
+        *pictures, real_picture = segment(row[1:])  # the generated pictures and the real one, in one call
+        for predicted in pictures:
             generated.update(predicted, target)
-        real.update(segment([row[-1]])[0], target)
+        real.update(real_picture, target)
     g, r = generated.compute(), real.compute()
     return (f"the segmenter saw: mIoU {100 * g['miou']:.1f}% and accuracy {100 * g['accuracy']:.1f}% on the "
             f"{len(rows) * (len(rows[0]) - 2)} generated pictures of {len(rows)} validation maps; the maps' real "
