@@ -122,6 +122,10 @@ def add_training_args(parser, task: str, train_batch_size: int = 4):
     g.add_argument("--snr_gamma", type=float, default=None,
                    help="Min-SNR loss weighting (Hang et al. 2023) with this gamma, as diffusers' examples do; 5.0 is "
                         "the recommended value. Default: plain MSE.")
+    g.add_argument("--x0_loss_max_weight", type=float, default=None,
+                   help="Weight each example's loss by 1/SNR, which makes it the error of the clean latents the "
+                        "prediction implies, at most this value: the noisiest timesteps, where the layout is "
+                        "decided, count most (the toy S2I protocol uses 20). Default: plain MSE.")
     g.add_argument("--noise_offset", type=float, default=0.0,
                    help="Offset noise of this scale (a per-channel constant added to the noise), as diffusers' "
                         "train_text_to_image.py does.")
@@ -263,7 +267,10 @@ def check_common_args(args, required=("pretrained_model_name_or_path",)):
     checks.at_least(args, 1, *[n for n in ("validation_steps", "num_validation_images", "validation_inference_steps")
                                if hasattr(args, n)])
     checks.seed(args, "seed")
-    checks.positive(args, "learning_rate", "adam_epsilon", "max_grad_norm", "lr_power", "lora_alpha", "snr_gamma")
+    checks.positive(args, "learning_rate", "adam_epsilon", "max_grad_norm", "lr_power", "lora_alpha", "snr_gamma",
+                    "x0_loss_max_weight")
+    if args.snr_gamma is not None and args.x0_loss_max_weight is not None:
+        raise UserError("--snr_gamma and --x0_loss_max_weight are two loss weightings: give one of them")
     checks.fraction_below_one(args, "adam_beta1", "adam_beta2")
     checks.not_negative(args, "adam_weight_decay", "lr_warmup_steps", "dataloader_num_workers", "distance_logging_steps",
                         "noise_offset")

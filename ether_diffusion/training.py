@@ -293,15 +293,23 @@ def noisy_latents_and_target(noise_scheduler, latents, noise_offset: float = 0.0
     return noisy, timesteps, diffusion_target(noise_scheduler, latents, noise, timesteps)
 
 
-def diffusion_loss(noise_scheduler, model_pred, target, timesteps, snr_gamma: float | None = None) -> torch.Tensor:
-    """MSE of the prediction; with `snr_gamma` (`--snr_gamma`) each example weighted by Min-SNR
-    (min(SNR, gamma) / SNR, +1 for v-prediction), as diffusers' examples do (arXiv 2303.09556, section 3.4)."""
-    if snr_gamma is None:
+def diffusion_loss(noise_scheduler, model_pred, target, timesteps, snr_gamma: float | None = None,
+                   x0_max_weight: float | None = None) -> torch.Tensor:
+    """MSE of the prediction, each example weighted (at most one of the two; default: plain MSE):
+    - `snr_gamma` (`--snr_gamma`): Min-SNR, min(SNR, gamma) / SNR (+1 for v-prediction), as diffusers' examples
+      do (arXiv 2303.09556, section 3.4): the cleanest timesteps count less;
+    - `x0_max_weight` (`--x0_loss_max_weight`): 1 / SNR (1 / (SNR + 1) for v-prediction), the factor that turns
+      the prediction's error into the error of the clean latents it implies, at most `x0_max_weight`. The noisiest
+      timesteps, where a picture's layout is decided, then count most: their noise error is tiny, so plain MSE
+      hardly trains what a control signal must steer (docs/toy_world.md, `make demo-s2i`)."""
+    if snr_gamma is None and x0_max_weight is None:
         return F.mse_loss(model_pred.float(), target.float())
     snr = compute_snr(noise_scheduler, timesteps)
-    weights = snr.clamp(max=snr_gamma) / snr
-    if noise_scheduler.config.prediction_type == "v_prediction":
-        weights = weights + 1
+    v_prediction = noise_scheduler.config.prediction_type == "v_prediction"
+    if snr_gamma is not None:
+        weights = snr.clamp(max=snr_gamma) / snr + (1 if v_prediction else 0)
+    else:
+        weights = (1 / (snr + 1 if v_prediction else snr)).clamp(max=x0_max_weight)
     loss = F.mse_loss(model_pred.float(), target.float(), reduction="none")
     return (loss.mean(dim=list(range(1, loss.ndim))) * weights).mean()
 

@@ -142,6 +142,9 @@ def test_the_lora_readme_command_without_wandb_fails_at_once(tmp_path, capsys, m
     (["--hub_token", "t"], "--hub_token is only used with --push_to_hub"),
     (["--offset_noise", "--noise_offset", "0.2"], "--offset_noise is --noise_offset 0.1: give one of them"),
     (["--snr_gamma", "0"], "--snr_gamma must be positive, got 0.0"),
+    (["--x0_loss_max_weight", "0"], "--x0_loss_max_weight must be positive, got 0.0"),
+    (["--snr_gamma", "5", "--x0_loss_max_weight", "20"],
+     "--snr_gamma and --x0_loss_max_weight are two loss weightings: give one of them"),
 ])
 def test_hub_and_noise_settings_that_would_do_nothing_or_conflict(argv, message, tmp_path):
     with pytest.raises(UserError, match=f"^{re.escape(message)}$"):
@@ -220,7 +223,9 @@ def test_the_readme_prior_preservation_command_trains_and_pushes(tmp_path, fake_
 
 
 def test_train_dreambooth_py_loss_and_optimizer_flags_are_used(tmp_path, monkeypatch):
-    zero_grads = []
+    zero_grads, weightings = [], set()
+    loss = training.diffusion_loss
+    monkeypatch.setattr(training, "diffusion_loss", lambda *a: weightings.add(a[4:]) or loss(*a))
     real = torch.optim.AdamW.zero_grad
     monkeypatch.setattr(torch.optim.AdamW, "zero_grad",
                         lambda self, set_to_none=True: zero_grads.append(set_to_none) or real(self, set_to_none))
@@ -231,6 +236,7 @@ def test_train_dreambooth_py_loss_and_optimizer_flags_are_used(tmp_path, monkeyp
           "--pre_compute_text_embeddings", "--report_to", "none", "--num_validation_images", 1,
           "--validation_inference_steps", 1, "--validation_scheduler", "DDPMScheduler")
     assert zero_grads == [True, True]
+    assert weightings == {(5.0, None)}  # (snr_gamma, x0_max_weight)
     assert all(json.loads(line)["loss"] > 0 for line in (out / "train_log.jsonl").read_text().splitlines())
 
 
@@ -261,6 +267,22 @@ def test_min_snr_weights_each_example_as_diffusers_compute_snr_says():
     scheduler.register_to_config(prediction_type="v_prediction")
     torch.testing.assert_close(training.diffusion_loss(scheduler, pred, target, timesteps, 5.0),
                                (per_example * (torch.minimum(snr, torch.full_like(snr, 5.0)) / snr + 1)).mean())
+
+
+def test_x0_weighting_is_one_over_snr_capped():
+    scheduler = DDPMScheduler(num_train_timesteps=1000)
+    g = torch.Generator().manual_seed(0)
+    pred, target = torch.randn(3, 4, 8, 8, generator=g), torch.randn(3, 4, 8, 8, generator=g)
+    timesteps = torch.tensor([5, 500, 990])  # 1/SNR far below, near and far above 20
+    per_example = ((pred - target) ** 2).mean(dim=(1, 2, 3))
+    snr = compute_snr(scheduler, timesteps)
+    assert 1 / snr[0] < 1 < 1 / snr[1] < 20 < 1 / snr[2]
+    weights = torch.stack([1 / snr[0], 1 / snr[1], torch.tensor(20.0)])
+    torch.testing.assert_close(training.diffusion_loss(scheduler, pred, target, timesteps, x0_max_weight=20.0),
+                               (per_example * weights).mean())
+    scheduler.register_to_config(prediction_type="v_prediction")  # the clean latents' error is v's times 1/(SNR+1)
+    torch.testing.assert_close(training.diffusion_loss(scheduler, pred, target, timesteps, x0_max_weight=20.0),
+                               (per_example * (1 / (snr + 1)).clamp(max=20.0)).mean())
 
 
 def test_noise_offset_adds_one_constant_per_image_and_channel():

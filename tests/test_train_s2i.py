@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from ether_diffusion.trainers import s2i as s2i_trainer
 from trainer_helpers import TINY, fails, stop_and_resume, train
 
-from ether_diffusion import AdapterConfig, arguments, inject_adapters
+from ether_diffusion import AdapterConfig, arguments, inject_adapters, training
 from ether_diffusion.adapters import CONTROL_TARGETS, adapter_state_dict, count_adapter_parameters
 from ether_diffusion.ade20k import ADE20KDataset, colorize
 from ether_diffusion.builtin import builtin_caption_file
@@ -56,8 +56,10 @@ TINY_DEMO = ["--pretrained_model_name_or_path", TINY, "--train_data_dir", "built
              "--learning_rate", "1e-3", "--encoder_learning_rate", "1e-4"]
 
 
-def test_demo_config_trains_and_its_output_loads_in_s2i_pipeline(script, tmp_path, caplog):
+def test_demo_config_trains_and_its_output_loads_in_s2i_pipeline(script, tmp_path, caplog, monkeypatch):
     out = tmp_path / "demo"
+    weightings, loss = set(), training.diffusion_loss
+    monkeypatch.setattr(training, "diffusion_loss", lambda *a: weightings.add(a[4:]) or loss(*a))
     extra = ["--max_train_steps", 4, "--validation_steps", 2, "--validation_inference_steps", 2,
              "--checkpointing_steps", 3, "--distance_logging_steps", 2, *TINY_DEMO]
     with caplog.at_level(logging.INFO):
@@ -66,6 +68,7 @@ def test_demo_config_trains_and_its_output_loads_in_s2i_pipeline(script, tmp_pat
     assert "Method = ether+ (n = 1 blocks), targets = to_q,to_k,to_v,to_out.0,ff.net.0.proj" in caplog.text
     assert "Trainable adapter parameters = 7,872" in caplog.text
     assert "Control encoder parameters (trained fully) = 72,080" in caplog.text
+    assert weightings == {(None, 20.0)}  # the config's x0_loss_max_weight reaches the loss
     # builtin:tiny-ade20k was written into the output folder
     assert len(list((out / "tiny-ade20k/ADEChallengeData2016/annotations/training").glob("*.png"))) == 8
     # grids: the folder's 2 validation maps (no validation_maps in the config) x (map | 2 images | real) of 32 px

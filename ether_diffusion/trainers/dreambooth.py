@@ -223,12 +223,14 @@ def main(argv=None):
         noisy_latents, timesteps, target = training.noisy_latents_and_target(noise_scheduler, latents, args.noise_offset)
         model_pred = unet(noisy_latents, timesteps, embeds).sample
         if not args.with_prior_preservation:
-            return training.diffusion_loss(noise_scheduler, model_pred, target, timesteps, args.snr_gamma)
-        # instances first, class images second (see dreambooth_data.collate_fn); as in diffusers, Min-SNR weights
-        # the instance loss only
+            return training.diffusion_loss(noise_scheduler, model_pred, target, timesteps, args.snr_gamma,
+                                           args.x0_loss_max_weight)
+        # instances first, class images second (see dreambooth_data.collate_fn); as in diffusers, a loss weighting
+        # (--snr_gamma, --x0_loss_max_weight) weights the instance loss only
         model_pred, model_pred_prior = model_pred.chunk(2)
         target, target_prior = target.chunk(2)
-        loss = training.diffusion_loss(noise_scheduler, model_pred, target, timesteps[:n], args.snr_gamma)
+        loss = training.diffusion_loss(noise_scheduler, model_pred, target, timesteps[:n], args.snr_gamma,
+                                       args.x0_loss_max_weight)
         return loss + args.prior_loss_weight * F.mse_loss(model_pred_prior.float(), target_prior.float())
 
     parameter_counts = {"Trainable adapter parameters": count_adapter_parameters(accelerator.unwrap_model(unet))}

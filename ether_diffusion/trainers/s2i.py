@@ -265,7 +265,8 @@ def main(argv=None):
         noisy_latents, timesteps, target = training.noisy_latents_and_target(noise_scheduler, latents, args.noise_offset)
         with use_control(unet, batch["conditioning_pixel_values"]):
             model_pred = unet(noisy_latents, timesteps, embeds).sample
-        return training.diffusion_loss(noise_scheduler, model_pred, target, timesteps, args.snr_gamma)
+        return training.diffusion_loss(noise_scheduler, model_pred, target, timesteps, args.snr_gamma,
+                                       args.x0_loss_max_weight)
 
     logger.info(f"  Captions: {data.caption_source}")
     logger.info(f"  Encoder learning rate = {args.encoder_learning_rate:g}")
