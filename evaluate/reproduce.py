@@ -642,11 +642,11 @@ def generate(args, group: list[Run], protocol, launch_id: str) -> bool:
     selected adapter, those not generated yet in one batch (`--subjects_per_batch`), or one at a time where
     their adapter files cannot share a batch (a text-encoder part)."""
     out = eval_folder(args, group[0].variant)
-    todo = [run for run in group if not is_complete(generation_record(args, run), done_record(run))]
+    done = {run.subject: done_record(run) for run in group}  # one run per subject in a variant's group
+    todo = [run for run in group if not is_complete(generation_record(args, run), done[run.subject])]
     if not todo:
         return True
-    tasks = [(generation_record(args, run), done_record(run), [out / run.subject]) for run in todo]
-    adapters = {run.subject: run.folder / done_record(run)["selected"] / ADAPTER_FILE for run in todo}
+    adapters = {run.subject: run.folder / done[run.subject]["selected"] / ADAPTER_FILE for run in todo}
     subjects = ",".join(adapters)
 
     def work():
@@ -664,6 +664,7 @@ def generate(args, group: list[Run], protocol, launch_id: str) -> bool:
                                               subjects, "--skip_metrics", "--subjects_per_batch", str(per_batch)]
         return call_logged(dreambooth_eval.main, argv, out / "eval.log")
 
+    tasks = [(generation_record(args, run), done[run.subject], [out / run.subject]) for run in todo]
     return run_task(tasks, work, f"generation for {group[0].variant.name}: {subjects}", launch_id)
 
 
