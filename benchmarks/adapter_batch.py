@@ -181,8 +181,9 @@ def bench_evaluation(prompts_per_subject, folder):
         print(f"| {name} | {results[k][0]:.0f} | {results[k][1]:.0f} | {results[1][1] / results[k][1]:.2f} |")
     # One thread: its CPU time (other work on the machine moves it less). Several: wall time on a quiet machine
     # (the main thread's CPU time leaves out the other threads' work).
-    clock = "CPU time" if torch.get_num_threads() == 1 else f"wall time, {torch.get_num_threads()} threads"
-    speedup = results[1][1] / results[4][1] if torch.get_num_threads() == 1 else results[1][0] / results[4][0]
+    threads = torch.get_num_threads()
+    clock = "CPU time" if threads == 1 else f"wall time, {threads} threads"
+    speedup = results[1][1] / results[4][1] if threads == 1 else results[1][0] / results[4][0]
     print(f"\nSpeed-up of K=4 ({clock}): {speedup:.2f}x; CPU {results[1][1] / results[4][1]:.2f}x, wall "
           f"{results[1][0] / results[4][0]:.2f}x (goal >= {GOAL_EVAL}x: {'met' if speedup >= GOAL_EVAL else 'NOT met'})")
 
