@@ -17,8 +17,8 @@ from trainer_helpers import TINY, fails, stop_and_resume, train
 from user_errors import refused
 
 from ether_diffusion import control_data, packages, training
-from ether_diffusion.control import (ENCODER_CONFIG, ENCODER_WEIGHTS, IMAGE_CONDITIONING, S2IPipeline, control_conditioning,
-                                     make_control_encoder, save_control_encoder)
+from ether_diffusion.control import (ENCODER_CONFIG, ENCODER_WEIGHTS, IMAGE_CONDITIONING, S2IPipeline,
+                                     control_conditioning, make_control_encoder, save_control_encoder)
 from ether_diffusion.errors import UserError
 from ether_diffusion.tiny_ade20k import write_tiny_ade20k
 from ether_diffusion.trainers import s2i

@@ -14,7 +14,7 @@ from diffusers import DDPMScheduler
 from diffusers.training_utils import compute_snr
 from dreambooth_photos import COPY
 from safetensors import safe_open
-from trainer_helpers import REPO, TINY, fails, train
+from trainer_helpers import REPO, TINY, fails, record_loss_weightings, train
 
 from ether_diffusion import arguments, diffusers_flags, hub, packages, training
 from ether_diffusion.builtin import resolve_model_path
@@ -223,9 +223,7 @@ def test_the_readme_prior_preservation_command_trains_and_pushes(tmp_path, fake_
 
 
 def test_train_dreambooth_py_loss_and_optimizer_flags_are_used(tmp_path, monkeypatch):
-    zero_grads, weightings = [], set()
-    loss = training.diffusion_loss
-    monkeypatch.setattr(training, "diffusion_loss", lambda *a: weightings.add(a[4:]) or loss(*a))
+    zero_grads, weightings = [], record_loss_weightings(monkeypatch)
     real = torch.optim.AdamW.zero_grad
     monkeypatch.setattr(torch.optim.AdamW, "zero_grad",
                         lambda self, set_to_none=True: zero_grads.append(set_to_none) or real(self, set_to_none))

@@ -242,15 +242,11 @@ def processes_naming(path: Path) -> list[int]:
 def test_a_second_launch_on_a_folder_in_use_is_refused(tmp_path):
     """A process of another launch holds its lock in the folder (as the workers of a torchrun killed with
     SIGKILL do): a new launch stops at once with its pid; once it is gone, its lock file is stale."""
-    holder = hold_in_a_child(reproduce.lock_launch, tmp_path, shards.shard_from_environment({}), "old")
-    try:
+    with hold_in_a_child(reproduce.lock_launch, tmp_path, shards.shard_from_environment({}), "old") as holder:
         second = shards.shard_from_environment({"RANK": "1", "WORLD_SIZE": "2"})
         with pytest.raises(UserError, match=f"is in use by a process of another reproduction launch \\(pid {holder.pid} "):
             reproduce.lock_launch(tmp_path, second, "new")
         reproduce.lock_launch(tmp_path, second, "old").release()  # a process of the same launch is welcome
-    finally:
-        holder.kill()
-        holder.join()
     assert reproduce.lock_launch(tmp_path, shards.shard_from_environment({}), "new").file is not None
 
 
@@ -258,9 +254,8 @@ def test_a_killed_launchs_text_in_a_lock_just_taken_over_is_not_taken_for_a_hold
     """The restart after a kill: one process of the new launch has locked its file but not yet replaced the
     killed process's text in it; another process of the new launch waits for the text instead of refusing
     (the stop-and-restart test failed so, now and then)."""
-    ended = hold_in_a_child(lambda: None)
-    ended.kill()
-    ended.join()  # a pid no process has any more
+    with hold_in_a_child(lambda: None) as ended:
+        pass  # then killed: a pid no process has any more
     locks = tmp_path / "locks"
     locks.mkdir()
     old = json.dumps({"pid": ended.pid, "host": socket.gethostname(), "started": "2026-01-01T00:00:00",
@@ -273,12 +268,8 @@ def test_a_killed_launchs_text_in_a_lock_just_taken_over_is_not_taken_for_a_hold
         threading.Timer(1, write_text_of_the_new_launch, (f,)).start()
         return f
 
-    taker = hold_in_a_child(take_over, locks / "process-1.lock")
-    try:
+    with hold_in_a_child(take_over, locks / "process-1.lock"):
         reproduce.lock_launch(tmp_path, shards.shard_from_environment({"RANK": "0", "WORLD_SIZE": "2"}), "new").release()
-    finally:
-        taker.kill()
-        taker.join()
 
 
 def write_text_of_the_new_launch(f):

@@ -121,12 +121,8 @@ def test_check_step_names_what_diverged(tmp_path, loss, grad_norm, param, scaler
 def test_a_second_trainer_on_a_folder_in_use_is_refused_naming_the_holder(script, subject, tmp_path, capsys):
     out = tmp_path / "o"
     out.mkdir()
-    holder = hold_in_a_child(run_folder.lock_output_dir, out)
-    try:
+    with hold_in_a_child(run_folder.lock_output_dir, out) as holder:
         line = fails(script.main, argv(subject, out), capsys)
-    finally:
-        holder.kill()
-        holder.join()
     assert (f"{out} is in use by another training run (pid {holder.pid} on host {socket.gethostname()}, started "
             in line) and line.endswith("wait for it to finish, stop it, or use another --output_dir")
     assert sorted(p.name for p in out.iterdir()) == ["run.lock"]  # the holder's, untouched
@@ -136,9 +132,8 @@ def test_a_second_trainer_on_a_folder_in_use_is_refused_naming_the_holder(script
 def test_the_lock_of_a_killed_run_is_taken_over(script, subject, tmp_path, caplog):
     out = tmp_path / "o"
     out.mkdir()
-    holder = hold_in_a_child(run_folder.lock_output_dir, out)
-    holder.kill()  # SIGKILL: no clean-up ran; the file stays, the kernel dropped the lock
-    holder.join()
+    with hold_in_a_child(run_folder.lock_output_dir, out) as holder:
+        pass  # then SIGKILL: no clean-up ran; the file stays, the kernel dropped the lock
     assert json.loads((out / "run.lock").read_text())["pid"] == holder.pid
     with caplog.at_level(logging.WARNING, logger="ether_diffusion.run_folder"):
         train(script, subject, out, steps=2)

@@ -11,9 +11,9 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 from ether_diffusion.trainers import s2i as s2i_trainer
-from trainer_helpers import TINY, fails, stop_and_resume, train
+from trainer_helpers import TINY, fails, record_loss_weightings, stop_and_resume, train
 
-from ether_diffusion import AdapterConfig, arguments, inject_adapters, training
+from ether_diffusion import AdapterConfig, arguments, inject_adapters
 from ether_diffusion.adapters import CONTROL_TARGETS, adapter_state_dict, count_adapter_parameters
 from ether_diffusion.ade20k import ADE20KDataset, colorize
 from ether_diffusion.builtin import builtin_caption_file
@@ -58,8 +58,7 @@ TINY_DEMO = ["--pretrained_model_name_or_path", TINY, "--train_data_dir", "built
 
 def test_demo_config_trains_and_its_output_loads_in_s2i_pipeline(script, tmp_path, caplog, monkeypatch):
     out = tmp_path / "demo"
-    weightings, loss = set(), training.diffusion_loss
-    monkeypatch.setattr(training, "diffusion_loss", lambda *a: weightings.add(a[4:]) or loss(*a))
+    weightings = record_loss_weightings(monkeypatch)
     extra = ["--max_train_steps", 4, "--validation_steps", 2, "--validation_inference_steps", 2,
              "--checkpointing_steps", 3, "--distance_logging_steps", 2, *TINY_DEMO]
     with caplog.at_level(logging.INFO):

@@ -1,5 +1,6 @@
 """What the trainer tests share: a real `accelerate launch`, the in-process bad-input check, the trainers'
 whole argument parser and a two-layer model."""
+import contextlib
 import multiprocessing
 import os
 import shutil
@@ -71,10 +72,12 @@ def stop_and_resume(script, common, root: Path, stop_at: int = 4, run=launch) ->
     return full, stopped
 
 
-def hold_in_a_child(hold, *args) -> multiprocessing.Process:
+@contextlib.contextmanager
+def hold_in_a_child(hold, *args):
     """A forked child process that calls `hold(*args)` (takes a lock, as a running trainer or launch holds it)
-    and then sleeps until it is killed; returned once `hold` has returned. Forked, it starts in milliseconds
-    with this process's imports, where a new interpreter would spend seconds importing torch."""
+    and then sleeps; the block runs once `hold` has returned, and the child is killed (SIGKILL: no clean-up, as a
+    `kill -9`) when the block ends. Forked, it starts in milliseconds with this process's imports, where a new
+    interpreter would spend seconds importing torch."""
     fork = multiprocessing.get_context("fork")
     ready = fork.Event()
 
@@ -85,8 +88,21 @@ def hold_in_a_child(hold, *args) -> multiprocessing.Process:
 
     child = fork.Process(target=body, daemon=True)
     child.start()
-    assert ready.wait(60), "the child did not take its lock"
-    return child
+    try:
+        assert ready.wait(60), "the child did not take its lock"
+        yield child
+    finally:
+        child.kill()
+        child.join()
+
+
+def record_loss_weightings(monkeypatch) -> set:
+    """The (snr_gamma, x0_max_weight) pairs `training.diffusion_loss` is called with from now on."""
+    from ether_diffusion import training
+
+    weightings, loss = set(), training.diffusion_loss
+    monkeypatch.setattr(training, "diffusion_loss", lambda *a: weightings.add(a[4:]) or loss(*a))
+    return weightings
 
 
 def fails(main, argv, capsys) -> str:
