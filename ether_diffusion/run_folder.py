@@ -205,7 +205,7 @@ def describe_stop(output_dir) -> str:
 
 
 @atexit.register
-def _release_all():  # a run that stopped with an error is over too: its lock file should not look stale
+def release_all():  # at exit (atexit): a run that stopped with an error is over too: its lock file should not look stale
     for folder in list(_held):
         release_output_dir(folder)
 

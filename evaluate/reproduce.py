@@ -813,7 +813,15 @@ def main(argv=None):
         raise UserError("in a Slurm job array use --stage train, then --stage evaluate in one job after the array "
                         "(see docs/reproduce.md)")
     launch_id = shards.agree_on_launch_id(shard)
-    lock = lock_launch(args.output_dir, shard, launch_id)  # noqa: F841 - held until this process ends
+    lock = lock_launch(args.output_dir, shard, launch_id)
+    try:
+        return run_launch(args, shard, launch_id)
+    finally:
+        lock.release()
+
+
+def run_launch(args, shard, launch_id: str) -> int:
+    """This process's part of the reproduction (its lock held): train, evaluate, report; the exit code."""
     threads = shards.run_as_single_process(shard)
     signal.signal(signal.SIGTERM, stop_on_sigterm)
 

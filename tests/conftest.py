@@ -31,8 +31,9 @@ def pytest_runtest_makereport(item, call):
 
 # The files that take longest, longest first: `make test` (pytest -n 2 --dist loadfile) hands files to its workers
 # in collection order, so these start first and overlap, instead of one of them ending the run alone.
-SLOWEST_FIRST = ("test_toy_model.py", "test_reproduce.py", "test_reproduce_s2i.py", "test_two_processes.py",
-                 "test_methods.py", "test_eval_dreambooth.py", "test_runs.py", "test_train_dreambooth.py")
+SLOWEST_FIRST = ("test_toy_model.py", "test_reproduce.py", "test_eval_dreambooth.py", "test_export.py",
+                 "test_text_encoder.py", "test_train_dreambooth.py", "test_adapter_batch.py", "test_runs.py",
+                 "test_methods.py", "test_analysis.py")
 
 
 def pytest_collection_modifyitems(items):

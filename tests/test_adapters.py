@@ -1,13 +1,13 @@
 """The adapters against float64 dense references, their properties, injection, merging and training."""
 import copy
 import os
-import subprocess
 import sys
 
 import pytest
 import torch
 import torch.nn as nn
 
+import forked
 from ether_diffusion import AdapterConfig, inject_adapters, merge_adapters
 from ether_diffusion.adapters import (CONTROL_TARGETS, METHODS, adapter_modules, adapter_parameters,
                                       count_adapter_parameters)
@@ -286,8 +286,8 @@ def grads(threads):
 one, two = grads(1), grads(2)
 print(float((one - two).abs().max() / one.abs().max()))
 """
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                            env={**os.environ, "OMP_NUM_THREADS": "2"})
+    result = forked.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                        env={**os.environ, "OMP_NUM_THREADS": "2"})
     assert result.returncode == 0, result.stderr[-2000:]
     assert "SLASWP" not in result.stdout + result.stderr
     assert float(result.stdout.split()[-1]) < 1e-5

@@ -4,14 +4,13 @@ import functools
 import json
 import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from PIL import Image
 
+import forked
 from dreambooth_photos import COPY
 from user_errors import case, record
 from ether_diffusion import AdapterConfig, inject_adapters, save_adapter
@@ -59,14 +58,12 @@ def _csv(path):
 
 @pytest.fixture(scope="module")
 def two_process_run(setup):
-    """`torchrun --nproc_per_node 2` with ACCELERATE_USE_CPU=1: two gloo processes share the jobs, both subjects'
-    adapters in each batch (--subjects_per_batch 2)."""
+    """`torchrun --nproc_per_node 2` with ACCELERATE_USE_CPU=1 (its workers forked: tests/forked.py): two gloo
+    processes share the jobs, both subjects' adapters in each batch (--subjects_per_batch 2)."""
     output_dir = setup["root"] / "out"
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
-               "evaluate.dreambooth", *_args(setup, output_dir, extra=["--adapters", str(setup["adapters"]),
-                                                                       "--subjects_per_batch", "2"])]
-    result = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
+    result = forked.torchrun(["-m", "evaluate.dreambooth", *_args(setup, output_dir, extra=[
+        "--adapters", str(setup["adapters"]), "--subjects_per_batch", "2"])], 2, env, cwd=REPO)
     assert result.returncode == 0, result.stderr[-3000:]
     return output_dir, result
 

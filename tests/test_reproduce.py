@@ -1,5 +1,6 @@
 """evaluate/reproduce.py. DreamBooth: a toy-world subject (of two in the dataset) x 2 methods on `builtin:toy-sd` with stand-in
-backbones, on two processes (`ACCELERATE_USE_CPU=1 torchrun --nproc_per_node 2`, one thread each): every run
+backbones, on two processes (`ACCELERATE_USE_CPU=1 torchrun --nproc_per_node 2`, one thread each, its workers and
+their trainers forked from this process: tests/forked.py): every run
 trained exactly once as its own single process, a stop in the middle and a restart give the same report as one
 go, the paper's rows are the paper's numbers. The pieces (selection, sharding, config lookup) on their own. S2I:
 test_reproduce_s2i.py."""
@@ -11,8 +12,6 @@ import re
 import shutil
 import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -21,8 +20,8 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from reproduce_helpers import ENV, drive, run, runs_of, trainer_starts
-from trainer_helpers import REPO, hold_in_a_child
+from reproduce_helpers import drive, launch, runs_of, start, trainer_starts
+from trainer_helpers import hold_in_a_child
 
 from ether_diffusion.adapters.methods import METHODS
 from ether_diffusion.errors import UserError
@@ -66,19 +65,17 @@ def setup(tmp_path_factory):
     return {"root": root, "dataset": dataset, "configs": configs, "eval_args": eval_args}
 
 
-def command(setup, out, processes=2, methods="ether+,lora", extra=()):
-    launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes)]
-                if processes > 1 else [sys.executable])
-    return [*launcher, "-m", "evaluate.reproduce", "dreambooth", "--dataset", str(setup["dataset"]),
-            "--config_dir", str(setup["configs"]), "--methods", methods, "--subjects", SUBJECT,
-            "--output_dir", str(out), "--select_every", "1", "--select_prompts", "0", "--select_images", "1",
-            "--eval_args", setup["eval_args"], *extra]
+def command(setup, out, methods="ether+,lora", extra=()):
+    """The driver's arguments (after `python -m evaluate.reproduce`)."""
+    return ["dreambooth", "--dataset", str(setup["dataset"]), "--config_dir", str(setup["configs"]), "--methods",
+            methods, "--subjects", SUBJECT, "--output_dir", str(out), "--select_every", "1", "--select_prompts", "0",
+            "--select_images", "1", "--eval_args", setup["eval_args"], *extra]
 
 
 @pytest.fixture(scope="module")
 def one_go(setup):
     out = setup["root"] / "one_go"
-    return out, run(command(setup, out))
+    return out, launch(command(setup, out), processes=2)
 
 
 def test_every_run_is_trained_exactly_once_on_its_own(one_go):
@@ -139,25 +136,21 @@ def test_stop_in_the_middle_and_restart_gives_the_same_report(setup, one_go):
     """Stopped and restarted on one process (plain python): the same report as the one go on two."""
     reference, _ = one_go
     out = setup["root"] / "stopped"
-    process = subprocess.Popen(command(setup, out, processes=1), cwd=REPO, env=ENV, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL, start_new_session=True)
+    process = start(command(setup, out))
     deadline = time.monotonic() + 600
     while not list(out.glob("runs/*/*/done.json")) and time.monotonic() < deadline and process.poll() is None:
         time.sleep(0.5)
-    # SIGKILL to every process naming the folder: the driver and its trainer (which would die with the driver
-    # anyway: PR_SET_PDEATHSIG)
-    for pid in processes_naming(out):
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)  # the launch's session: the driver and its trainer
     process.wait()
     deadline = time.monotonic() + 60
-    while processes_naming(out) and time.monotonic() < deadline:
+    while live_processes_in_session(process.pid) and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert not processes_naming(out)
+    assert not live_processes_in_session(process.pid)
     finished = {name for name, run_dir in runs_of(out).items() if (run_dir / "done.json").is_file()}
     assert finished and not (out / "report.json").exists()  # stopped in the middle
 
-    assert drive(command(setup, out, processes=1)[3:]) == 0  # the restart, in this process
+    assert drive(command(setup, out)) == 0  # the restart, in this process
     for name in ("report.json", "report.md", "per_subject.csv", f"grids/{SUBJECT}.png"):
         assert (out / name).read_bytes() == (reference / name).read_bytes(), name
     for name, run_dir in runs_of(out).items():
@@ -194,7 +187,7 @@ def test_a_methods_subjects_are_generated_in_one_batch_as_one_at_a_time(setup, o
     trained = runs_of(one_go[0])[f"ether+/{SUBJECT}"]
 
     def generate(out, *extra, text_encoder=False):
-        argv = command(setup, out, processes=1, methods="ether+", extra=["--subjects", ",".join(SUBJECTS), *extra])[3:]
+        argv = command(setup, out, methods="ether+", extra=["--subjects", ",".join(SUBJECTS), *extra])
         args = reproduce.parse_args(argv)
         protocol = load_protocol(args.dataset)
         runs = reproduce.plan_runs(args, protocol)
@@ -226,16 +219,14 @@ def test_a_methods_subjects_are_generated_in_one_batch_as_one_at_a_time(setup, o
     assert "ether+: one subject per batch: " in said and "holds a text-encoder adapter" in said, said
 
 
-def processes_naming(path: Path) -> list[int]:
-    """The pids of the live processes whose command line names `path` (the driver's, its workers', the
-    trainers'), this one excluded."""
+def live_processes_in_session(session: int) -> list[int]:
+    """The pids of the live processes (not zombies) of a session."""
     pids = []
     for proc in Path("/proc").iterdir():
-        if proc.name.isdigit() and int(proc.name) != os.getpid():
-            with contextlib.suppress(OSError):
-                names_it = str(path).encode() in (proc / "cmdline").read_bytes()
-                if names_it and b"(zombie)" not in (proc / "stat").read_bytes():
-                    pids.append(int(proc.name))
+        with contextlib.suppress(OSError, IndexError):
+            fields = (proc / "stat").read_text().rsplit(")", 1)[1].split()  # state, ppid, pgrp, session, ...
+            if proc.name.isdigit() and int(fields[3]) == session and fields[0] != "Z":
+                pids.append(int(proc.name))
     return pids
 
 

@@ -20,6 +20,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from ether_diffusion.trainers import dreambooth as dreambooth_trainer
+from forked import ForkedPopen
 from trainer_helpers import REPO, TINY, fails, hold_in_a_child
 
 import user_errors
@@ -398,12 +399,11 @@ def test_no_whole_checkpoint_is_an_error_naming_the_damaged_files(script, subjec
 def test_an_interrupt_is_one_line_with_the_step_and_the_command_that_resumes(subject, tmp_path, signum):
     out = tmp_path / "o"
     command = [sys.executable, "train_dreambooth.py", *argv(subject, out, steps=40, every=2)]
-    # SIGINT's default disposition in the trainer, whatever this process inherited: a suite started in the
-    # background of a non-interactive shell (`make test &`, some CI runners) ignores SIGINT, its children inherit
-    # that, and Python then leaves Ctrl-C ignored (the trainer ran to its end: this test failed now and then)
-    proc = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"},
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    # forked, the trainer has a new interpreter's Ctrl-C handling whatever this process has: a suite started in
+    # the background of a non-interactive shell (`make test &`, some CI runners) ignores SIGINT, and a child
+    # that inherited that would run to its end
+    proc = ForkedPopen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                       env={**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"})
     while not checkpoints.list_checkpoints(out) and proc.poll() is None:
         time.sleep(0.05)
     proc.send_signal(signum)

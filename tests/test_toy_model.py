@@ -22,9 +22,9 @@ from ether_diffusion.toy import world
 from ether_diffusion.trainers import dreambooth
 
 
-STEPS = 60
+STEPS = 30
 SUBJECT = "heart_toy"
-PARTS_GAIN = 0.2  # of the subject's five parts, on 8 pictures (measured: 0.22 -> 0.68 in 60 steps, and in 100)
+PARTS_GAIN = 0.2  # of the subject's five parts, on 8 pictures (measured: 0.22 -> 0.75 in 30 steps)
 
 
 @pytest.fixture(scope="module")
@@ -90,31 +90,34 @@ def test_judge_reads_an_s2i_grid_map_generated_real(tmp_path):
     with pytest.raises(UserError, match="map column holds no labelled pixel"):
         toy_judge.judge_s2i_grid(black, world.SIZE)
 
-def _judged(pipe, judge, prompt, count=8, seed=0):
-    images = pipe(prompt, num_images_per_prompt=count, generator=torch.Generator().manual_seed(seed),
+def _judged(pipe, judge, prompts, count=8, seed=0):
+    """The judge's answers on `count` samples of each prompt, per prompt. One pipeline call for all: on this small
+    UNet a call costs about the same at batch 8 and at batch 80."""
+    images = pipe(prompts, num_images_per_prompt=count, generator=torch.Generator().manual_seed(seed),
                   num_inference_steps=20, height=32, width=32).images
-    return judge(images)
+    answers = judge(images)
+    return [answers[i * count:(i + 1) * count] for i in range(len(prompts))]
 
 
 def test_base_model_follows_prompts(judge):
     pipe = use_dpm_solver(load_pipeline("builtin:toy-sd"))
     right = {"kind": 0, "colour": 0, "scene": 0}
-    prompts = [("red", "ball", "beach"), ("blue", "box", "snow"), ("yellow", "tent", "grass"),
-               ("green", "bottle", "night"), ("purple", "ball", "room")]
-    for colour, kind, scene in prompts:
-        for answer in _judged(pipe, judge, f"a photo of a {colour} {kind} {world.SCENES[scene]}", count=4):
+    asked = [("red", "ball", "beach"), ("blue", "box", "snow"), ("yellow", "tent", "grass"),
+             ("green", "bottle", "night"), ("purple", "ball", "room")]
+    prompts = [f"a photo of a {colour} {kind} {world.SCENES[scene]}" for colour, kind, scene in asked]
+    *answered, toys, qwe = _judged(pipe, judge, [*prompts, "a photo of toy", "a photo of qwe toy"], count=4)
+    for (colour, kind, scene), answers in zip(asked, answered):
+        for answer in answers:
             right["kind"] += answer["kind"] == kind
             right["colour"] += answer["colour"] == colour
             right["scene"] += answer["scene"] == scene
-    assert all(value >= 0.7 * 4 * len(prompts) for value in right.values()), right  # measured: 97-100%
-    toys = _judged(pipe, judge, "a photo of toy")
-    assert sum(a["kind"] == "toy" for a in toys) >= 6
-    assert sum(a["subject"] == "star_toy" for a in _judged(pipe, judge, "a photo of qwe toy")) <= 2
+    assert all(value >= 0.7 * 4 * len(asked) for value in right.values()), right  # measured: 97-100%
+    assert sum(a["kind"] == "toy" for a in toys) >= 3
+    assert sum(a["subject"] == "star_toy" for a in qwe) <= 1
 
 
-def _parts(pipe, judge, subject):
-    """How much of the subject's look "a photo of qwe toy" shows, by the judge (0..1)."""
-    answers = _judged(pipe, judge, "a photo of qwe toy")
+def _parts(answers, subject):
+    """How much of the subject's look the answers show, by the judge (0..1)."""
     return sum(toy_judge.parts_right(a, subject) for a in answers) / len(answers)
 
 
@@ -132,10 +135,11 @@ def test_etherplus_dreambooth_learns_a_qwe_toy(judge, tmp_path):
     assert len(log) == STEPS
     base = use_dpm_solver(load_pipeline("builtin:toy-sd"))
     pipe = use_dpm_solver(load_pipeline("builtin:toy-sd", adapter=out / "adapter.safetensors", merge=True))
-    before, after = _parts(base, judge, SUBJECT), _parts(pipe, judge, SUBJECT)
+    [base_answers] = _judged(base, judge, ["a photo of qwe toy"])
+    answers, beach = _judged(pipe, judge, ["a photo of qwe toy", "a qwe toy on the beach"])
+    before, after = _parts(base_answers, SUBJECT), _parts(answers, SUBJECT)
     print(f"subject's parts: base {before:.2f}, after {STEPS} steps {after:.2f}")
     assert after >= before + PARTS_GAIN, (before, after)
-    beach = _judged(pipe, judge, "a qwe toy on the beach", seed=1)
     assert sum(a["scene"] == "beach" for a in beach) >= 4  # measured: 7 and 8 of 8
     assert Image.open(out / "samples" / "final.png").size == (64, 128)
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch.nn as nn
 
+import forked
 import user_errors
 from ether_diffusion import arguments
 from ether_diffusion.errors import ArgumentParser, run_cli
@@ -34,22 +35,22 @@ def launch(script: str, *args, timeout=300):
 
 
 def torchrun(script: str, *args, processes: int = 2, timeout=600, check: bool = True):
-    """`torchrun --nproc_per_node 2 <script> ...` on CPU (ACCELERATE_USE_CPU=1), one thread per process;
-    returns the finished process (which must have succeeded, with `check`)."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes), script,
-           *map(str, args)]
+    """`torchrun --nproc_per_node 2 <script> ...` on CPU (ACCELERATE_USE_CPU=1), one thread per process, its
+    workers forked from this process (`forked.torchrun`); returns the finished launch (which must have
+    succeeded, with `check`)."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    proc = forked.torchrun([script, *args], processes, env, cwd=REPO, timeout=timeout)
     assert proc.returncode == 0 or not check, proc.stderr[-4000:]
     return proc
 
 
 def train(trainer, *args):
     """A trainer's `main` in this process (no launch: seconds cheaper than `launch`), as `accelerate launch`
-    with one process runs it; accelerate's process-wide state is reset afterwards, so the next run may choose
-    another precision."""
+    with one process runs it; accelerate's process-wide state is reset before and after (a test that ran a
+    trainer's main otherwise may have left it), so each run may choose its precision."""
     from accelerate.state import AcceleratorState
 
+    AcceleratorState._reset_state(reset_partial_state=True)
     try:
         return trainer.main([str(a) for a in args])
     finally:

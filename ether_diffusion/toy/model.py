@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..files import read_yaml_mapping
-from ..tiny_sd import write_clip_tokenizer_files
+from ..tiny_sd import save_clip_tokenizer, write_clip_tokenizer_files
 from . import world
 
 BUILTIN_TOY = "builtin:toy-sd"
@@ -127,8 +127,11 @@ def assemble(folder: Path, shipped: Path = SHIPPED):
             embedding[tensors.pop(SHIPPED_IDS)] = tensors.pop(SHIPPED_ROWS)
             tensors[EMBEDDING] = embedding
         save_file(tensors, str(folder / part / weights), metadata={"format": "pt"})
-    clip_tokenizer(folder / "tokenizer").save_pretrained(folder / "tokenizer")
+    save_clip_tokenizer(clip_tokenizer(folder / "tokenizer"), folder / "tokenizer")
     return folder
+
+
+ASSEMBLY_VERSION = 2  # bump when `assemble` writes the folder otherwise, so stale caches are rebuilt
 
 
 def shipped_version() -> str:
@@ -151,4 +154,4 @@ def toy_sd_path() -> Path:
         from ..errors import UserError
 
         raise UserError(f"builtin:toy-sd: the shipped weights are missing ({SHIPPED}); reinstall the package")
-    return build_in_cache(f"toy-sd-{shipped_version()}", assemble)
+    return build_in_cache(f"toy-sd-{ASSEMBLY_VERSION}-{shipped_version()}", assemble)
