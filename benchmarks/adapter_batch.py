@@ -38,6 +38,7 @@ import torch.nn as nn
 from benchmarks.adapter_overhead import LAYER_SHAPES, machine_line, time_interleaved
 
 from ether_diffusion import AdapterConfig, inject_adapters, load_adapter, save_adapter
+from ether_diffusion.adapter_file import ADAPTER_FILE
 from ether_diffusion.adapter_batch import adapter_batch_of, generate, load_adapters
 from ether_diffusion.adapters import adapter_state_dict
 
@@ -158,7 +159,7 @@ def bench_evaluation(prompts_per_subject, folder):
     dataset = world.write_subjects(folder / "subjects", subjects)
     for subject, path in zip(subjects, toy_adapter_files(len(subjects), folder / "eval").values()):
         (folder / "adapters" / subject).mkdir(parents=True, exist_ok=True)
-        path.rename(folder / "adapters" / subject / "adapter.safetensors")
+        path.rename(folder / "adapters" / subject / ADAPTER_FILE)
     prompts_per_subject = prompts_per_subject or len(world.PROMPT_TEMPLATES)
     full = prompts_per_subject == len(world.PROMPT_TEMPLATES)
     label = "the whole toy protocol" if full else \

@@ -123,9 +123,8 @@ def add_training_args(parser, task: str, train_batch_size: int = 4):
                    help="Min-SNR loss weighting (Hang et al. 2023) with this gamma, as diffusers' examples do; 5.0 is "
                         "the recommended value. Default: plain MSE.")
     g.add_argument("--x0_loss_max_weight", type=float, default=None,
-                   help="Weight each example's loss by 1/SNR, which makes it the error of the clean latents the "
-                        "prediction implies, at most this value: the noisiest timesteps, where the layout is "
-                        "decided, count most (the toy S2I protocol uses 20). Default: plain MSE.")
+                   help="Weight each example's loss by 1/SNR (the error of the clean latents it implies), at most "
+                        "this: the noisiest steps, which lay out the picture, count most. Default: plain MSE.")
     g.add_argument("--noise_offset", type=float, default=0.0,
                    help="Offset noise of this scale (a per-channel constant added to the noise), as diffusers' "
                         "train_text_to_image.py does.")
