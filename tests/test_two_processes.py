@@ -1,5 +1,6 @@
-"""Two-process training (`torchrun --nproc_per_node 2` on CPU, one thread per process). Both trainers share
-the code that splits data and saves checkpoints (`training`, `checkpoints`); it runs here through DreamBooth:
+"""Two-process training (`torchrun --nproc_per_node 2` on CPU, one thread per process, its workers forked:
+tests/forked.py). Both trainers share the code that splits data and saves checkpoints (`training`,
+`checkpoints`); it runs here through DreamBooth:
 
 - the processes agree: at every checkpoint they compare their trained parameters (`checkpoints.save_checkpoint`
   stops on a difference), and one adapter, one log and one checkpoint folder per step are written;
