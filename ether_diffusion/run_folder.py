@@ -49,6 +49,8 @@ SAMPLES_DIR = "samples"
 CHECKPOINT_ENTRY_RE = re.compile(r"^checkpoint-\d+(\.tmp|\.old)?$")
 
 _held: dict[Path, "RunLock"] = {}  # this process's locks by folder, released at exit (a kill releases them too)
+# A forked child (a DataLoader worker, a test's fork) holds none of them: its exit must not release the parent's.
+os.register_at_fork(after_in_child=_held.clear)
 
 
 # ------------------------------------------------------------------------------------------- the lock
@@ -205,7 +207,7 @@ def describe_stop(output_dir) -> str:
 
 
 @atexit.register
-def release_all():  # at exit (atexit): a run that stopped with an error is over too: its lock file should not look stale
+def release_all():  # at exit: a run that stopped with an error is over too, its lock file should not look stale
     for folder in list(_held):
         release_output_dir(folder)
 

@@ -1,5 +1,6 @@
-"""`ForkedPopen`: `subprocess.Popen` for the project's own Python commands, started as a fork of the test's
-process instead of a new interpreter.
+"""The tests' forks of their own process: `ForkedPopen`, `subprocess.Popen` for the project's own Python commands,
+started as a fork instead of a new interpreter; `hold_in_a_child`, a child that holds a lock as a running
+trainer or launch holds it.
 
 A new interpreter spends about 8 s importing torch and diffusers before a tiny trainer takes its first step; a
 fork starts in milliseconds with this process's imports. The child runs the command as `python` would run it
@@ -10,8 +11,10 @@ processes the same way, with the environment torchrun gives its workers.
 One test still starts a real launcher, so the entry point is proven as users start it: `accelerate launch
 train_dreambooth.py --config configs/dreambooth/demo.yaml` (test_train_dreambooth.py).
 """
+import contextlib
 import io
 import logging
+import multiprocessing
 import os
 import runpy
 import signal
@@ -19,6 +22,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import traceback
 
@@ -131,9 +135,6 @@ def _as_a_new_interpreter(cwd, env, start_new_session):
     if env is not None:
         os.environ.clear()
         os.environ.update(env)
-    from ether_diffusion import run_folder
-
-    run_folder._held.clear()  # a new interpreter holds no run's lock: the test's own stay the test's
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     # logging: no pytest capture handler on the root logger; library handlers write to the new stderr
@@ -222,3 +223,27 @@ def torchrun(args, processes: int, env: dict, cwd=None, timeout=600, preexec_fn=
     err.seek(0)
     return subprocess.CompletedProcess(args, code, out.read().decode(errors="replace"),
                                        err.read().decode(errors="replace"))
+
+
+@contextlib.contextmanager
+def hold_in_a_child(hold, *args):
+    """A forked child process that calls `hold(*args)` (takes a lock, as a running trainer or launch holds it)
+    and then sleeps; the block runs once `hold` has returned, and the child is killed (SIGKILL: no clean-up, as a
+    `kill -9`) when the block ends. Forked, it starts in milliseconds with this process's imports, where a new
+    interpreter would spend seconds importing torch."""
+    fork = multiprocessing.get_context("fork")
+    ready = fork.Event()
+
+    def body():
+        held = hold(*args)  # noqa: F841 - kept until the child is killed
+        ready.set()
+        threading.Event().wait()
+
+    child = fork.Process(target=body, daemon=True)
+    child.start()
+    try:
+        assert ready.wait(60), "the child did not take its lock"
+        yield child
+    finally:
+        child.kill()
+        child.join()

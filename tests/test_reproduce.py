@@ -21,7 +21,7 @@ import pytest
 import torch
 from PIL import Image
 from reproduce_helpers import drive, launch, runs_of, start, trainer_starts
-from trainer_helpers import hold_in_a_child
+from forked import hold_in_a_child
 
 from ether_diffusion.adapters.methods import METHODS
 from ether_diffusion.errors import UserError

@@ -20,8 +20,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from ether_diffusion.trainers import dreambooth as dreambooth_trainer
-from forked import ForkedPopen
-from trainer_helpers import REPO, TINY, fails, hold_in_a_child
+from forked import ForkedPopen, hold_in_a_child
+from trainer_helpers import REPO, TINY, fails
 
 import user_errors
 from ether_diffusion import checkpoints, divergence, dreambooth_data, run_folder, training

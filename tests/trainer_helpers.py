@@ -1,12 +1,9 @@
 """What the trainer tests share: a real `accelerate launch`, the in-process bad-input check, the trainers'
 whole argument parser and a two-layer model."""
-import contextlib
-import multiprocessing
 import os
 import shutil
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import pytest
@@ -71,30 +68,6 @@ def stop_and_resume(script, common, root: Path, stop_at: int = 4, run=launch) ->
     (stopped / "train_log.jsonl").write_text("\n".join(lines[:stop_at + 1]) + "\n")
     run(script, *common, "--output_dir", stopped, "--resume_from_checkpoint", "latest")
     return full, stopped
-
-
-@contextlib.contextmanager
-def hold_in_a_child(hold, *args):
-    """A forked child process that calls `hold(*args)` (takes a lock, as a running trainer or launch holds it)
-    and then sleeps; the block runs once `hold` has returned, and the child is killed (SIGKILL: no clean-up, as a
-    `kill -9`) when the block ends. Forked, it starts in milliseconds with this process's imports, where a new
-    interpreter would spend seconds importing torch."""
-    fork = multiprocessing.get_context("fork")
-    ready = fork.Event()
-
-    def body():
-        held = hold(*args)  # noqa: F841 - kept until the child is killed
-        ready.set()
-        threading.Event().wait()
-
-    child = fork.Process(target=body, daemon=True)
-    child.start()
-    try:
-        assert ready.wait(60), "the child did not take its lock"
-        yield child
-    finally:
-        child.kill()
-        child.join()
 
 
 def record_loss_weightings(monkeypatch) -> set:

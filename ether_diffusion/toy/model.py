@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..files import read_yaml_mapping
-from ..tiny_sd import save_clip_tokenizer, write_clip_tokenizer_files
+from ..tiny_sd import clip_tokenizer, without_tokenizer_json
 from . import world
 
 BUILTIN_TOY = "builtin:toy-sd"
@@ -37,16 +37,6 @@ def text_encoder_config(sizes: dict) -> dict:
     """A CLIPTextConfig's arguments: SD-1.5's vocabulary and special tokens, the toy's sizes and context."""
     return dict(vocab_size=49408, max_position_embeddings=CONTEXT_LENGTH, bos_token_id=49406, eos_token_id=49407,
                 pad_token_id=49407, hidden_act="quick_gelu", **sizes)
-
-
-def clip_tokenizer(folder: Path):
-    """SD-1.5's tokenizer (CLIP BPE written from open_clip's vocabulary) with the toy's context length."""
-    from transformers import CLIPTokenizer
-
-    vocab, merges = write_clip_tokenizer_files(folder)
-    tokenizer = CLIPTokenizer(str(vocab), str(merges), pad_token="<|endoftext|>")
-    tokenizer.model_max_length = CONTEXT_LENGTH
-    return tokenizer
 
 
 def initial_token_embedding(config) -> torch.Tensor:
@@ -127,7 +117,8 @@ def assemble(folder: Path, shipped: Path = SHIPPED):
             embedding[tensors.pop(SHIPPED_IDS)] = tensors.pop(SHIPPED_ROWS)
             tensors[EMBEDDING] = embedding
         save_file(tensors, str(folder / part / weights), metadata={"format": "pt"})
-    save_clip_tokenizer(clip_tokenizer(folder / "tokenizer"), folder / "tokenizer")
+    clip_tokenizer(folder / "tokenizer", CONTEXT_LENGTH).save_pretrained(folder / "tokenizer")
+    without_tokenizer_json(folder / "tokenizer")
     return folder
 
 

@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 
 from ..errors import ArgumentParser, UserError, run_cli
 from ..files import read_yaml_mapping
-from ..tiny_sd import SD_SCHEDULER
+from ..tiny_sd import SD_SCHEDULER, clip_tokenizer
 from . import model as toy_model
 from . import world
 from .steps import mix, pictures, step_generator, train_steps
@@ -167,7 +167,7 @@ def train_unet(config: dict, output_dir: Path, log):
 
     c, seed, size = config["unet"], config["seed"], config["size"]
     vae = AutoencoderKL.from_pretrained(output_dir / "vae").eval()
-    tokenizer = toy_model.clip_tokenizer(output_dir / "tokenizer-files")
+    tokenizer = clip_tokenizer(output_dir / "tokenizer-files", toy_model.CONTEXT_LENGTH)
     torch.manual_seed(seed)
     unet, text_encoder = build_unet(config), build_text_encoder(config)
     ema = build_unet(config)
